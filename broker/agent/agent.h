@@ -1,0 +1,142 @@
+// The node agent's core: its own identity (attest once, then keep and renew the SVID), the
+// entries the broker assigned to this node, and the workload SVIDs it holds for them.
+//
+// Everything workloads see is published as an immutable Snapshot; readers take a shared_ptr
+// and never block writers. Streams wait on WaitForChange and push a new snapshot at once when
+// entries change or SVIDs rotate.
+//
+// Thread-safety: all public methods may be called concurrently.
+#ifndef MANDATE_BROKER_AGENT_AGENT_H_
+#define MANDATE_BROKER_AGENT_AGENT_H_
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "attestors/node/node_attestor.h"
+#include "broker/agent/broker_client.h"
+#include "broker/common/crypto/keys.h"
+#include "broker/common/crypto/x509.h"
+#include "broker/common/spiffe/selector.h"
+#include "broker/common/spiffe/spiffe_id.h"
+#include "broker/common/util/clock.h"
+
+namespace mandate::agent {
+
+struct AssignedEntry {
+  std::string id;
+  std::string spiffe_id;
+  spiffe::SelectorSet selectors;
+  int64_t x509_ttl_seconds = 0;
+  int64_t jwt_ttl_seconds = 0;
+};
+
+// An X509-SVID held for one entry: the key was generated here and never left the node except
+// to the workload the entry matches.
+struct HeldX509Svid {
+  std::string entry_id;
+  std::string spiffe_id;
+  std::string chain_der;  // concatenated DER, leaf first
+  std::string key_pkcs8_der;
+  int64_t not_before = 0;
+  int64_t not_after = 0;
+};
+
+struct Snapshot {
+  uint64_t generation = 0;
+  std::string trust_domain;  // name, e.g. "example.org"
+  std::vector<AssignedEntry> entries;
+  std::map<std::string, std::shared_ptr<const HeldX509Svid>> svids;  // by entry id
+  std::string bundle_der;  // concatenated DER CA certificates
+  std::string jwt_bundle;  // JWKS
+  bool serving = false;    // false until the first sync and after eviction
+};
+
+struct AgentOptions {
+  std::string data_dir;
+  std::string broker_address;
+  std::string trust_bundle_pem;
+  spiffe::TrustDomain trust_domain;
+  size_t jwt_cache_capacity = 4096;
+};
+
+class Agent {
+ public:
+  static absl::StatusOr<std::unique_ptr<Agent>> Create(AgentOptions options, const Clock& clock);
+  ~Agent();
+
+  // Establishes the node identity: reuses the SVID kept in the data dir when still valid,
+  // otherwise attests with `attestor` (which may be null when none was configured).
+  absl::Status EstablishIdentity(attestors::AgentNodeAttestor* attestor);
+  // Starts the sync and rotation threads.
+  void Start();
+  void Stop();
+
+  const std::string& node_id() const { return node_id_; }
+  std::shared_ptr<const Snapshot> Current() const;
+  // Blocks until the snapshot generation differs from `seen` or `timeout` passes.
+  std::shared_ptr<const Snapshot> WaitForChange(uint64_t seen,
+                                                std::chrono::milliseconds timeout) const;
+
+  // Entries of `snapshot` whose selectors are all among `caller`.
+  static std::vector<const AssignedEntry*> Match(const Snapshot& snapshot,
+                                                 const spiffe::SelectorSet& caller);
+
+  // A JWT-SVID for `entry` and `audiences`, from the cache while more than half its lifetime
+  // remains, else freshly minted by the broker.
+  absl::StatusOr<MintedJwt> JwtSvid(const AssignedEntry& entry,
+                                    const std::vector<std::string>& audiences);
+
+ private:
+  Agent(AgentOptions options, const Clock& clock);
+  absl::Status LoadStoredIdentity();
+  absl::Status AdoptIdentity(std::vector<crypto::Certificate> chain, crypto::PrivateKey key,
+                             bool persist);
+  absl::Status RenewIdentity();
+  void SyncLoop();
+  void RotationLoop();
+  void ApplySync(const mandate::node::v1::SyncResponse& response);
+  // Signs SVIDs for entries of `next` that have none or whose SVID is past half life.
+  void RefreshSvids(Snapshot& next, bool only_due);
+  void Publish(std::shared_ptr<Snapshot> next);
+  void StopServing(const std::string& reason);
+
+  const AgentOptions options_;
+  const Clock& clock_;
+  BrokerClient broker_;
+  std::string node_id_;
+
+  mutable std::mutex identity_mu_;
+  int64_t identity_not_before_ = 0;  // GUARDED_BY(identity_mu_)
+  int64_t identity_not_after_ = 0;   // GUARDED_BY(identity_mu_)
+
+  mutable std::mutex mu_;
+  mutable std::condition_variable changed_;
+  std::shared_ptr<const Snapshot> current_;  // GUARDED_BY(mu_)
+  // Serialises snapshot rebuilds (sync and rotation) so neither loses the other's update.
+  std::mutex update_mu_;
+
+  struct CachedJwt {
+    MintedJwt jwt;
+    int64_t issued_at = 0;
+  };
+  std::mutex jwt_mu_;
+  std::map<std::string, CachedJwt> jwt_cache_;  // GUARDED_BY(jwt_mu_)
+
+  std::atomic<bool> stop_{false};
+  std::mutex wake_mu_;
+  std::condition_variable wake_;
+  std::thread sync_thread_;
+  std::thread rotation_thread_;
+};
+
+}  // namespace mandate::agent
+
+#endif  // MANDATE_BROKER_AGENT_AGENT_H_

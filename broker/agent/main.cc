@@ -1,0 +1,206 @@
+// mandate-agent: attests its node to the broker, attests local processes, and serves the SPIFFE
+// Workload API on a Unix socket (DESIGN.md §1, §6).
+#include <grpcpp/grpcpp.h>
+#include <signal.h>
+#include <spdlog/spdlog.h>
+#include <sys/stat.h>
+#include <toml++/toml.h>
+
+#include <CLI/CLI.hpp>
+#include <cerrno>
+#include <cstdlib>
+#include <cstring>
+#include <iostream>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/strip.h"
+#include "attestors/node/join_token/join_token_attestor.h"
+#include "attestors/workload/unix/unix_attestor.h"
+#include "broker/agent/agent.h"
+#include "broker/agent/workload_service.h"
+#include "broker/common/crypto/keys.h"
+#include "broker/common/grpcutil/uds_listener.h"
+#include "broker/common/log/log.h"
+
+namespace mandate::agent {
+namespace {
+
+struct AgentFlags {
+  std::string config_file;
+  std::string data_dir;
+  std::string broker;
+  std::string trust_bundle;
+  std::string join_token;
+  std::string join_token_file;
+  std::string tpm_tcti;
+  std::string socket;  // default <data-dir>/agent.sock
+  std::string log_format = "text";
+  std::string log_level = "info";
+  uint64_t max_exe_hash_bytes = 256ull * 1024 * 1024;
+};
+
+int Fail(const absl::Status& status) {
+  spdlog::error("{}", std::string(status.message()));
+  std::cerr << "mandate-agent: " << status.message() << "\n";
+  return 1;
+}
+
+absl::Status ApplyConfigFile(const std::string& path, CLI::App& app, AgentFlags& flags) {
+  toml::table table;
+  try {
+    table = toml::parse_file(path);
+  } catch (const toml::parse_error& e) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("config ", path, ": ", std::string(e.description())));
+  }
+  auto set_string = [&](const char* key, const char* flag, std::string& out) {
+    if (auto v = table[key].value<std::string>(); v && app.count(flag) == 0) out = *v;
+  };
+  set_string("data_dir", "--data-dir", flags.data_dir);
+  set_string("broker", "--broker", flags.broker);
+  set_string("trust_bundle", "--trust-bundle", flags.trust_bundle);
+  set_string("join_token_file", "--join-token-file", flags.join_token_file);
+  set_string("tpm_tcti", "--tpm-tcti", flags.tpm_tcti);
+  set_string("socket", "--socket", flags.socket);
+  set_string("log_format", "--log-format", flags.log_format);
+  set_string("log_level", "--log-level", flags.log_level);
+  if (auto v = table["max_exe_hash_bytes"].value<int64_t>();
+      v && *v >= 0 && app.count("--max-exe-hash-bytes") == 0) {
+    flags.max_exe_hash_bytes = static_cast<uint64_t>(*v);
+  }
+  return absl::OkStatus();
+}
+
+// The trust domain is the one the bundle's CA certificate names.
+absl::StatusOr<spiffe::TrustDomain> TrustDomainOfBundle(const std::string& pem) {
+  auto certs = crypto::Certificate::ParsePemChain(pem);
+  if (!certs.ok()) return certs.status();
+  for (const auto& cert : *certs) {
+    for (const auto& uri : cert.UriSans()) {
+      auto id = spiffe::SpiffeId::Parse(uri);
+      if (id.ok() && id->path().empty()) return id->trust_domain();
+    }
+  }
+  return absl::InvalidArgumentError(
+      "trust bundle has no CA certificate naming a trust domain (URI SAN spiffe://<td>)");
+}
+
+int Run(AgentFlags flags) {
+  if (::mkdir(flags.data_dir.c_str(), 0700) != 0 && errno != EEXIST) {
+    return Fail(absl::InternalError(
+        absl::StrCat("cannot create --data-dir ", flags.data_dir, ": ", std::strerror(errno))));
+  }
+  if (!flags.tpm_tcti.empty()) {
+    return Fail(absl::UnimplementedError("TPM node attestation is not available in this build"));
+  }
+  std::string token = flags.join_token;
+  if (token.empty() && !flags.join_token_file.empty()) {
+    auto contents = crypto::ReadFile(flags.join_token_file);
+    if (!contents.ok()) return Fail(contents.status());
+    token = std::string(absl::StripAsciiWhitespace(*contents));
+  }
+  if (token.empty()) {
+    if (const char* env = std::getenv("MANDATE_JOIN_TOKEN"); env != nullptr) token = env;
+  }
+  auto bundle = crypto::ReadFile(flags.trust_bundle);
+  if (!bundle.ok()) {
+    return Fail(
+        absl::InvalidArgumentError(absl::StrCat("--trust-bundle: ", bundle.status().message())));
+  }
+  auto td = TrustDomainOfBundle(*bundle);
+  if (!td.ok()) return Fail(td.status());
+
+  AgentOptions options{.data_dir = flags.data_dir,
+                       .broker_address = flags.broker,
+                       .trust_bundle_pem = *bundle,
+                       .trust_domain = *td};
+  const Clock& clock = Clock::Real();
+  auto agent = Agent::Create(options, clock);
+  if (!agent.ok()) return Fail(agent.status());
+  std::unique_ptr<attestors::JoinTokenAgentAttestor> join_token;
+  if (!token.empty()) join_token = std::make_unique<attestors::JoinTokenAgentAttestor>(token);
+  if (auto s = (*agent)->EstablishIdentity(join_token.get()); !s.ok()) return Fail(s);
+  (*agent)->Start();
+  // Give the first sync a moment so early callers find their SVIDs; serve regardless after.
+  auto first = (*agent)->Current();
+  for (int i = 0; i < 20 && !first->serving; ++i) {
+    first = (*agent)->WaitForChange(first->generation, std::chrono::milliseconds(500));
+  }
+
+  unix_attestor::UnixAttestorOptions attestor_options;
+  attestor_options.max_hash_bytes = flags.max_exe_hash_bytes;
+  unix_attestor::UnixAttestor attestor(attestor_options);
+  WorkloadService service(**agent, attestor);
+  grpc::ServerBuilder builder;
+  builder.RegisterService(&service);
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  std::string socket = flags.socket.empty() ? flags.data_dir + "/agent.sock" : flags.socket;
+  // Callers are identified per call; anyone may connect (mode 0666).
+  auto listener = grpcutil::UdsListener::Start(server.get(), socket, 0666, nullptr);
+  if (!listener.ok()) return Fail(listener.status());
+  service.set_listener(listener->get());
+  spdlog::info("mandate-agent ready node={} socket={} serving={}", (*agent)->node_id(), socket,
+               (*agent)->Current()->serving);
+
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGTERM);
+  sigaddset(&signals, SIGINT);
+  int sig = 0;
+  sigwait(&signals, &sig);
+  spdlog::info("signal {} received; stopping", sig);
+  service.Shutdown();
+  (*listener)->Stop();
+  server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(3));
+  (*agent)->Stop();
+  spdlog::info("mandate-agent stopped");
+  return 0;
+}
+
+}  // namespace
+}  // namespace mandate::agent
+
+int main(int argc, char** argv) {
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGTERM);
+  sigaddset(&signals, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+  signal(SIGPIPE, SIG_IGN);
+
+  mandate::agent::AgentFlags flags;
+  CLI::App app{"mandate-agent: node agent serving the SPIFFE Workload API"};
+  app.add_option("--config", flags.config_file, "TOML config file (keys as flag names with _)");
+  app.add_option("--data-dir", flags.data_dir, "State directory (created 0700)");
+  app.add_option("--broker", flags.broker, "Broker agent address HOST:PORT");
+  app.add_option("--trust-bundle", flags.trust_bundle,
+                 "PEM CA bundle that authenticates the broker");
+  app.add_option("--join-token", flags.join_token,
+                 "Join token (prefer --join-token-file or MANDATE_JOIN_TOKEN: argv is public)");
+  app.add_option("--join-token-file", flags.join_token_file, "File holding the join token");
+  app.add_option("--tpm-tcti", flags.tpm_tcti, "TPM TCTI for TPM node attestation");
+  app.add_option("--socket", flags.socket, "Workload API socket (default DIR/agent.sock)");
+  app.add_option("--log-format", flags.log_format, "text|json")->capture_default_str();
+  app.add_option("--log-level", flags.log_level, "trace|debug|info|warn|error")
+      ->capture_default_str();
+  app.add_option("--max-exe-hash-bytes", flags.max_exe_hash_bytes,
+                 "Executables larger than this get no unix:sha256 selector")
+      ->capture_default_str();
+  CLI11_PARSE(app, argc, argv);
+  if (!flags.config_file.empty()) {
+    if (auto s = mandate::agent::ApplyConfigFile(flags.config_file, app, flags); !s.ok()) {
+      std::cerr << "mandate-agent: " << s.message() << "\n";
+      return 2;
+    }
+  }
+  if (flags.data_dir.empty() || flags.broker.empty() || flags.trust_bundle.empty()) {
+    std::cerr << "mandate-agent: --data-dir, --broker and --trust-bundle are required\n";
+    return 2;
+  }
+  if (auto s = mandate::log::InitLogging("mandate-agent", flags.log_format, flags.log_level);
+      !s.ok()) {
+    std::cerr << "mandate-agent: " << s.message() << "\n";
+    return 2;
+  }
+  return mandate::agent::Run(std::move(flags));
+}

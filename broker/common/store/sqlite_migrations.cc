@@ -1,0 +1,88 @@
+#include "broker/common/store/sqlite_migrations.h"
+
+#include <array>
+
+namespace mandate::store {
+namespace {
+
+// Version 1: registration entries, attested nodes, join tokens.
+//
+// Selector and scope sets live in child tables (one row per element) rather than in a JSON column,
+// so that "which entries/nodes carry selector X" is an indexed lookup and PostgreSQL can use the
+// same layout. `selector_set_key` is a canonical, injective encoding of an entry's selector set
+// (sorted, deduplicated, each element length-prefixed); the unique index over
+// (spiffe_id, parent_id, selector_set_key) makes the database itself refuse duplicate entries,
+// even if two processes write at once.
+//
+// `store_counters` holds persisted counters such as `entries_revision`, bumped in the same
+// transaction as the change it counts.
+constexpr std::string_view kV1Sql = R"sql(
+CREATE TABLE store_counters (
+  name TEXT PRIMARY KEY NOT NULL,
+  value INTEGER NOT NULL
+) STRICT;
+INSERT INTO store_counters (name, value) VALUES ('entries_revision', 0);
+
+CREATE TABLE registration_entries (
+  id TEXT PRIMARY KEY NOT NULL,
+  spiffe_id TEXT NOT NULL,
+  parent_id TEXT NOT NULL,
+  selector_set_key TEXT NOT NULL,
+  x509_ttl_s INTEGER NOT NULL,
+  jwt_ttl_s INTEGER NOT NULL,
+  token_ttl_s INTEGER NOT NULL,
+  created_at INTEGER NOT NULL,
+  revision INTEGER NOT NULL
+) STRICT;
+CREATE UNIQUE INDEX registration_entries_identity
+  ON registration_entries (spiffe_id, parent_id, selector_set_key);
+CREATE INDEX registration_entries_by_parent ON registration_entries (parent_id);
+
+CREATE TABLE registration_entry_selectors (
+  entry_id TEXT NOT NULL REFERENCES registration_entries (id) ON DELETE CASCADE,
+  selector TEXT NOT NULL,
+  PRIMARY KEY (entry_id, selector)
+) STRICT, WITHOUT ROWID;
+CREATE INDEX registration_entry_selectors_by_selector ON registration_entry_selectors (selector);
+
+CREATE TABLE registration_entry_scopes (
+  entry_id TEXT NOT NULL REFERENCES registration_entries (id) ON DELETE CASCADE,
+  scope TEXT NOT NULL,
+  PRIMARY KEY (entry_id, scope)
+) STRICT, WITHOUT ROWID;
+
+CREATE TABLE attested_nodes (
+  spiffe_id TEXT PRIMARY KEY NOT NULL,
+  attestor TEXT NOT NULL,
+  cert_serial TEXT NOT NULL,
+  cert_expires_at INTEGER NOT NULL,
+  created_at INTEGER NOT NULL,
+  updated_at INTEGER NOT NULL,
+  banned INTEGER NOT NULL CHECK (banned IN (0, 1))
+) STRICT;
+
+CREATE TABLE attested_node_selectors (
+  node_id TEXT NOT NULL REFERENCES attested_nodes (spiffe_id) ON DELETE CASCADE,
+  selector TEXT NOT NULL,
+  PRIMARY KEY (node_id, selector)
+) STRICT, WITHOUT ROWID;
+CREATE INDEX attested_node_selectors_by_selector ON attested_node_selectors (selector);
+
+CREATE TABLE join_tokens (
+  token_hash TEXT PRIMARY KEY NOT NULL,
+  node_spiffe_id TEXT NOT NULL,
+  created_at INTEGER NOT NULL,
+  expires_at INTEGER NOT NULL
+) STRICT;
+CREATE INDEX join_tokens_by_expiry ON join_tokens (expires_at);
+)sql";
+
+constexpr std::array<SqliteMigration, 1> kMigrations = {{
+    {1, "entries, nodes, join tokens", kV1Sql},
+}};
+
+}  // namespace
+
+std::span<const SqliteMigration> SqliteSchemaMigrations() { return kMigrations; }
+
+}  // namespace mandate::store

@@ -1,0 +1,845 @@
+#include "broker/common/store/sqlite_store.h"
+
+#include <fcntl.h>
+#include <sqlite3.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <map>
+#include <optional>
+#include <utility>
+
+#include "absl/strings/ascii.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/string_view.h"
+#include "broker/common/util/status_macros.h"
+
+namespace mandate::store {
+namespace {
+
+// This Abseil build has its own string_view type (ABSL_OPTION_USE_STD_STRING_VIEW is 0), so
+// std::string_view must be bridged explicitly before it reaches StrCat or a Status message.
+absl::string_view AbslView(std::string_view text) { return {text.data(), text.size()}; }
+
+constexpr std::string_view kEntriesRevisionCounter = "entries_revision";
+
+// ---- Error mapping ----
+
+// Maps a SQLite result code to an absl::Status carrying SQLite's own message. `db` may be null
+// (then only the generic text for `rc` is available).
+absl::Status SqliteError(sqlite3* db, int rc, std::string_view what) {
+  const char* detail = db != nullptr ? sqlite3_errmsg(db) : sqlite3_errstr(rc);
+  std::string message = absl::StrCat(AbslView(what), ": ", detail, " (sqlite code ", rc, ")");
+  switch (rc & 0xff) {
+    case SQLITE_CONSTRAINT:
+      if (rc == SQLITE_CONSTRAINT_UNIQUE || rc == SQLITE_CONSTRAINT_PRIMARYKEY) {
+        return absl::AlreadyExistsError(message);
+      }
+      return absl::InvalidArgumentError(message);
+    case SQLITE_BUSY:
+    case SQLITE_LOCKED:
+      return absl::UnavailableError(message);
+    case SQLITE_CORRUPT:
+    case SQLITE_NOTADB:
+      return absl::DataLossError(message);
+    case SQLITE_PERM:
+    case SQLITE_AUTH:
+    case SQLITE_READONLY:
+      return absl::PermissionDeniedError(message);
+    case SQLITE_CANTOPEN:
+      return absl::FailedPreconditionError(message);
+    case SQLITE_FULL:
+      return absl::ResourceExhaustedError(message);
+    default:
+      return absl::InternalError(message);
+  }
+}
+
+// ---- Statements ----
+
+// A prepared statement; finalized on destruction. Data only ever enters SQL through Bind*.
+class Statement {
+ public:
+  static absl::StatusOr<Statement> Prepare(sqlite3* db, std::string_view sql) {
+    sqlite3_stmt* stmt = nullptr;
+    int rc = sqlite3_prepare_v2(db, sql.data(), static_cast<int>(sql.size()), &stmt, nullptr);
+    if (rc != SQLITE_OK) {
+      sqlite3_finalize(stmt);
+      return SqliteError(db, rc, absl::StrCat("preparing \"", AbslView(sql), "\""));
+    }
+    return Statement(db, stmt);
+  }
+
+  Statement(Statement&& other) noexcept
+      : db_(other.db_), stmt_(std::exchange(other.stmt_, nullptr)) {}
+  Statement& operator=(Statement&&) = delete;
+  Statement(const Statement&) = delete;
+  ~Statement() { sqlite3_finalize(stmt_); }
+
+  absl::Status BindText(int index, std::string_view value) {
+    return Check(sqlite3_bind_text64(stmt_, index, value.data(), value.size(), SQLITE_TRANSIENT,
+                                     SQLITE_UTF8),
+                 "binding a text parameter");
+  }
+  absl::Status BindInt64(int index, int64_t value) {
+    return Check(sqlite3_bind_int64(stmt_, index, value), "binding an integer parameter");
+  }
+
+  // Advances the statement: true when a row is available, false when it has finished.
+  absl::StatusOr<bool> Step() {
+    int rc = sqlite3_step(stmt_);
+    if (rc == SQLITE_ROW) return true;
+    if (rc == SQLITE_DONE) return false;
+    return SqliteError(db_, rc, absl::StrCat("executing \"", sqlite3_sql(stmt_), "\""));
+  }
+
+  // Runs a statement that returns no rows (or whose rows are not wanted) to completion.
+  absl::Status Run() {
+    while (true) {
+      ASSIGN_OR_RETURN(bool has_row, Step());
+      if (!has_row) return absl::OkStatus();
+    }
+  }
+
+  // Makes the statement ready to run again with new bindings.
+  void Reset() {
+    sqlite3_reset(stmt_);
+    sqlite3_clear_bindings(stmt_);
+  }
+
+  std::string ColumnText(int column) const {
+    const unsigned char* text = sqlite3_column_text(stmt_, column);
+    if (text == nullptr) return std::string();
+    return std::string(reinterpret_cast<const char*>(text),
+                       static_cast<size_t>(sqlite3_column_bytes(stmt_, column)));
+  }
+  int64_t ColumnInt64(int column) const { return sqlite3_column_int64(stmt_, column); }
+
+ private:
+  Statement(sqlite3* db, sqlite3_stmt* stmt) : db_(db), stmt_(stmt) {}
+
+  absl::Status Check(int rc, std::string_view what) {
+    if (rc == SQLITE_OK) return absl::OkStatus();
+    return SqliteError(db_, rc, what);
+  }
+
+  sqlite3* db_;
+  sqlite3_stmt* stmt_;
+};
+
+// Runs constant SQL text (possibly several statements) that binds no data.
+absl::Status ExecConstantSql(sqlite3* db, std::string_view sql, std::string_view what) {
+  std::string sql_string(sql);  // sqlite3_exec needs a NUL-terminated string.
+  char* error = nullptr;
+  int rc = sqlite3_exec(db, sql_string.c_str(), nullptr, nullptr, &error);
+  if (rc == SQLITE_OK) return absl::OkStatus();
+  std::string detail = error != nullptr ? error : sqlite3_errstr(rc);
+  sqlite3_free(error);
+  absl::Status status = SqliteError(nullptr, rc, what);
+  return absl::Status(status.code(),
+                      absl::StrCat(AbslView(what), ": ", detail, " (sqlite code ", rc, ")"));
+}
+
+absl::StatusOr<int64_t> QuerySingleInt(sqlite3* db, std::string_view sql) {
+  ASSIGN_OR_RETURN(Statement stmt, Statement::Prepare(db, sql));
+  ASSIGN_OR_RETURN(bool has_row, stmt.Step());
+  if (!has_row) return absl::InternalError(absl::StrCat("\"", AbslView(sql), "\" returned no row"));
+  return stmt.ColumnInt64(0);
+}
+
+// ---- Transactions ----
+
+// A transaction that rolls back unless committed, so a failed multi-statement write changes
+// nothing.
+class Transaction {
+ public:
+  // Write transactions take the write lock up front: a transaction that starts as a reader and
+  // later upgrades can fail with SQLITE_BUSY half-way without the busy timeout helping.
+  static absl::StatusOr<Transaction> BeginWrite(sqlite3* db) {
+    RETURN_IF_ERROR(ExecConstantSql(db, "BEGIN IMMEDIATE", "starting a write transaction"));
+    return Transaction(db);
+  }
+  // Read transactions give several SELECTs one consistent snapshot.
+  static absl::StatusOr<Transaction> BeginRead(sqlite3* db) {
+    RETURN_IF_ERROR(ExecConstantSql(db, "BEGIN DEFERRED", "starting a read transaction"));
+    return Transaction(db);
+  }
+
+  Transaction(Transaction&& other) noexcept : db_(std::exchange(other.db_, nullptr)) {}
+  Transaction& operator=(Transaction&&) = delete;
+  Transaction(const Transaction&) = delete;
+  ~Transaction() {
+    // A failed COMMIT may leave the transaction open; autocommit mode means it is over.
+    if (db_ != nullptr && sqlite3_get_autocommit(db_) == 0) {
+      sqlite3_exec(db_, "ROLLBACK", nullptr, nullptr, nullptr);
+    }
+  }
+
+  absl::Status Commit() {
+    absl::Status status = ExecConstantSql(db_, "COMMIT", "committing a transaction");
+    if (status.ok()) db_ = nullptr;
+    return status;
+  }
+
+ private:
+  explicit Transaction(sqlite3* db) : db_(db) {}
+  sqlite3* db_;
+};
+
+// ---- Helpers ----
+
+// Sorted, without duplicates: selector and scope lists are sets.
+std::vector<std::string> CanonicalSet(std::vector<std::string> values) {
+  std::sort(values.begin(), values.end());
+  values.erase(std::unique(values.begin(), values.end()), values.end());
+  return values;
+}
+
+// An injective encoding of a canonical selector set: each element is length-prefixed, so no two
+// different sets share a key whatever bytes the selectors contain.
+std::string SelectorSetKey(const std::vector<std::string>& canonical_selectors) {
+  std::string key;
+  for (const std::string& selector : canonical_selectors) {
+    absl::StrAppend(&key, selector.size(), ":", selector, ";");
+  }
+  return key;
+}
+
+absl::Status CheckNoEmptyElement(const std::vector<std::string>& values, std::string_view what) {
+  for (const std::string& value : values) {
+    if (value.empty()) return absl::InvalidArgumentError(absl::StrCat("empty ", AbslView(what)));
+  }
+  return absl::OkStatus();
+}
+
+// Join token hashes are 64 hex digits; returned lowercase so that case never matters.
+absl::StatusOr<std::string> NormalizeTokenHash(std::string_view token_hash) {
+  if (token_hash.size() != 64 || !std::all_of(token_hash.begin(), token_hash.end(), [](char c) {
+        return absl::ascii_isxdigit(static_cast<unsigned char>(c));
+      })) {
+    return absl::InvalidArgumentError(
+        "join token hash must be the hex SHA-256 of the token (64 hex digits)");
+  }
+  return absl::AsciiStrToLower(AbslView(token_hash));
+}
+
+absl::StatusOr<int64_t> BumpCounter(sqlite3* db, std::string_view name) {
+  ASSIGN_OR_RETURN(Statement stmt, Statement::Prepare(db,
+                                                      "UPDATE store_counters SET value = value + 1 "
+                                                      "WHERE name = ?1 RETURNING value"));
+  RETURN_IF_ERROR(stmt.BindText(1, name));
+  ASSIGN_OR_RETURN(bool has_row, stmt.Step());
+  if (!has_row)
+    return absl::InternalError(absl::StrCat("store counter '", AbslView(name), "' is missing"));
+  int64_t value = stmt.ColumnInt64(0);
+  RETURN_IF_ERROR(stmt.Run());  // Finish the statement so the transaction can commit.
+  return value;
+}
+
+// Inserts (key, element) rows with a statement of the form "INSERT ... VALUES (?1, ?2)".
+absl::Status InsertSetRows(sqlite3* db, std::string_view sql, std::string_view key,
+                           const std::vector<std::string>& elements) {
+  if (elements.empty()) return absl::OkStatus();
+  ASSIGN_OR_RETURN(Statement stmt, Statement::Prepare(db, sql));
+  for (const std::string& element : elements) {
+    stmt.Reset();
+    RETURN_IF_ERROR(stmt.BindText(1, key));
+    RETURN_IF_ERROR(stmt.BindText(2, element));
+    RETURN_IF_ERROR(stmt.Run());
+  }
+  return absl::OkStatus();
+}
+
+// Reads (key, element) rows, ordered by key then element, into the matching record's field.
+template <typename Record>
+absl::Status LoadSetRows(sqlite3* db, std::string_view sql, std::optional<std::string_view> arg,
+                         const std::map<std::string, Record*, std::less<>>& records_by_key,
+                         std::vector<std::string> Record::*field) {
+  ASSIGN_OR_RETURN(Statement stmt, Statement::Prepare(db, sql));
+  if (arg.has_value()) RETURN_IF_ERROR(stmt.BindText(1, *arg));
+  while (true) {
+    ASSIGN_OR_RETURN(bool has_row, stmt.Step());
+    if (!has_row) return absl::OkStatus();
+    auto it = records_by_key.find(stmt.ColumnText(0));
+    if (it == records_by_key.end()) continue;  // Cannot happen inside one read transaction.
+    (it->second->*field).push_back(stmt.ColumnText(1));
+  }
+}
+
+// The three queries that load entries with one filter; each binds at most ?1. Element queries
+// are ordered so that the loaded sets come out sorted.
+struct EntryQueries {
+  std::string_view entries;
+  std::string_view selectors;
+  std::string_view scopes;
+};
+
+#define MANDATE_ENTRY_COLUMNS \
+  "SELECT id, spiffe_id, parent_id, x509_ttl_s, jwt_ttl_s, token_ttl_s, created_at, revision "
+
+constexpr EntryQueries kAllEntries = {
+    MANDATE_ENTRY_COLUMNS "FROM registration_entries ORDER BY id",
+    "SELECT entry_id, selector FROM registration_entry_selectors ORDER BY entry_id, selector",
+    "SELECT entry_id, scope FROM registration_entry_scopes ORDER BY entry_id, scope",
+};
+constexpr EntryQueries kEntryById = {
+    MANDATE_ENTRY_COLUMNS "FROM registration_entries WHERE id = ?1",
+    "SELECT entry_id, selector FROM registration_entry_selectors WHERE entry_id = ?1 "
+    "ORDER BY selector",
+    "SELECT entry_id, scope FROM registration_entry_scopes WHERE entry_id = ?1 ORDER BY scope",
+};
+constexpr EntryQueries kEntriesByParent = {
+    MANDATE_ENTRY_COLUMNS "FROM registration_entries WHERE parent_id = ?1 ORDER BY id",
+    "SELECT s.entry_id, s.selector FROM registration_entry_selectors s "
+    "JOIN registration_entries e ON e.id = s.entry_id WHERE e.parent_id = ?1 "
+    "ORDER BY s.entry_id, s.selector",
+    "SELECT s.entry_id, s.scope FROM registration_entry_scopes s "
+    "JOIN registration_entries e ON e.id = s.entry_id WHERE e.parent_id = ?1 "
+    "ORDER BY s.entry_id, s.scope",
+};
+
+#undef MANDATE_ENTRY_COLUMNS
+
+absl::StatusOr<std::vector<RegistrationEntry>> LoadEntries(sqlite3* db, const EntryQueries& queries,
+                                                           std::optional<std::string_view> arg) {
+  ASSIGN_OR_RETURN(Transaction txn, Transaction::BeginRead(db));
+  std::vector<RegistrationEntry> entries;
+  {
+    ASSIGN_OR_RETURN(Statement stmt, Statement::Prepare(db, queries.entries));
+    if (arg.has_value()) RETURN_IF_ERROR(stmt.BindText(1, *arg));
+    while (true) {
+      ASSIGN_OR_RETURN(bool has_row, stmt.Step());
+      if (!has_row) break;
+      RegistrationEntry& entry = entries.emplace_back();
+      entry.id = stmt.ColumnText(0);
+      entry.spiffe_id = stmt.ColumnText(1);
+      entry.parent_id = stmt.ColumnText(2);
+      entry.x509_ttl_s = stmt.ColumnInt64(3);
+      entry.jwt_ttl_s = stmt.ColumnInt64(4);
+      entry.token_ttl_s = stmt.ColumnInt64(5);
+      entry.created_at = stmt.ColumnInt64(6);
+      entry.revision = stmt.ColumnInt64(7);
+    }
+  }
+  if (entries.empty()) return entries;
+  std::map<std::string, RegistrationEntry*, std::less<>> by_id;
+  for (RegistrationEntry& entry : entries) by_id.emplace(entry.id, &entry);
+  RETURN_IF_ERROR(LoadSetRows(db, queries.selectors, arg, by_id, &RegistrationEntry::selectors));
+  RETURN_IF_ERROR(LoadSetRows(db, queries.scopes, arg, by_id, &RegistrationEntry::scopes));
+  RETURN_IF_ERROR(txn.Commit());
+  return entries;
+}
+
+struct NodeQueries {
+  std::string_view nodes;
+  std::string_view selectors;
+};
+
+constexpr NodeQueries kAllNodes = {
+    "SELECT spiffe_id, attestor, cert_serial, cert_expires_at, created_at, updated_at, banned "
+    "FROM attested_nodes ORDER BY spiffe_id",
+    "SELECT node_id, selector FROM attested_node_selectors ORDER BY node_id, selector",
+};
+constexpr NodeQueries kNodeById = {
+    "SELECT spiffe_id, attestor, cert_serial, cert_expires_at, created_at, updated_at, banned "
+    "FROM attested_nodes WHERE spiffe_id = ?1",
+    "SELECT node_id, selector FROM attested_node_selectors WHERE node_id = ?1 ORDER BY selector",
+};
+
+absl::StatusOr<std::vector<AttestedNode>> LoadNodes(sqlite3* db, const NodeQueries& queries,
+                                                    std::optional<std::string_view> arg) {
+  ASSIGN_OR_RETURN(Transaction txn, Transaction::BeginRead(db));
+  std::vector<AttestedNode> nodes;
+  {
+    ASSIGN_OR_RETURN(Statement stmt, Statement::Prepare(db, queries.nodes));
+    if (arg.has_value()) RETURN_IF_ERROR(stmt.BindText(1, *arg));
+    while (true) {
+      ASSIGN_OR_RETURN(bool has_row, stmt.Step());
+      if (!has_row) break;
+      AttestedNode& node = nodes.emplace_back();
+      node.spiffe_id = stmt.ColumnText(0);
+      node.attestor = stmt.ColumnText(1);
+      node.cert_serial = stmt.ColumnText(2);
+      node.cert_expires_at = stmt.ColumnInt64(3);
+      node.created_at = stmt.ColumnInt64(4);
+      node.updated_at = stmt.ColumnInt64(5);
+      node.banned = stmt.ColumnInt64(6) != 0;
+    }
+  }
+  if (nodes.empty()) return nodes;
+  std::map<std::string, AttestedNode*, std::less<>> by_id;
+  for (AttestedNode& node : nodes) by_id.emplace(node.spiffe_id, &node);
+  RETURN_IF_ERROR(LoadSetRows(db, queries.selectors, arg, by_id, &AttestedNode::selectors));
+  RETURN_IF_ERROR(txn.Commit());
+  return nodes;
+}
+
+// ---- Opening ----
+
+// Creates `path` with mode 0600 if it does not exist, so SQLite never creates it with the
+// umask's default; tightens an existing file that group or others could read.
+absl::Status PrepareDatabaseFile(const std::string& path) {
+  int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0600);
+  if (fd >= 0) {
+    // The umask may have removed bits we need; set exactly 0600.
+    int rc = ::fchmod(fd, 0600);
+    int saved_errno = errno;
+    ::close(fd);
+    if (rc != 0) {
+      return absl::InternalError(absl::StrCat("cannot set mode 0600 on store file '", path,
+                                              "': ", std::strerror(saved_errno)));
+    }
+    return absl::OkStatus();
+  }
+  if (errno != EEXIST) {
+    int saved_errno = errno;
+    std::string message =
+        absl::StrCat("cannot create store file '", path, "': ", std::strerror(saved_errno));
+    if (saved_errno == EACCES || saved_errno == EPERM) {
+      return absl::PermissionDeniedError(message);
+    }
+    return absl::FailedPreconditionError(message);
+  }
+  struct stat st;
+  if (::stat(path.c_str(), &st) != 0) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("cannot stat store file '", path, "': ", std::strerror(errno)));
+  }
+  if (!S_ISREG(st.st_mode)) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("store path '", path, "' exists but is not a regular file"));
+  }
+  if ((st.st_mode & 077) != 0 && ::chmod(path.c_str(), st.st_mode & 0700) != 0) {
+    return absl::PermissionDeniedError(
+        absl::StrCat("store file '", path,
+                     "' is accessible by group or others and its mode "
+                     "cannot be tightened to owner-only: ",
+                     std::strerror(errno)));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ConfigureConnection(sqlite3* db, const std::string& path,
+                                 const SqliteStoreOptions& options) {
+  sqlite3_extended_result_codes(db, 1);
+  sqlite3_busy_timeout(db, options.busy_timeout_ms);
+  // The first statement reads the file header, so a non-database file fails here.
+  {
+    ASSIGN_OR_RETURN(Statement stmt, Statement::Prepare(db, "PRAGMA journal_mode=WAL"));
+    absl::StatusOr<bool> has_row = stmt.Step();
+    if (!has_row.ok()) {
+      return absl::Status(has_row.status().code(),
+                          absl::StrCat("opening store '", path, "': ", has_row.status().message()));
+    }
+    std::string mode = *has_row ? absl::AsciiStrToLower(stmt.ColumnText(0)) : "";
+    if (mode != "wal") {
+      return absl::FailedPreconditionError(
+          absl::StrCat("store '", path, "' cannot use WAL journal mode (got '", mode,
+                       "'); put the data dir on a local filesystem"));
+    }
+  }
+  // FULL: in WAL mode NORMAL may lose the last commits on power loss; we acknowledge nothing
+  // that is not on disk.
+  RETURN_IF_ERROR(ExecConstantSql(db, "PRAGMA synchronous=FULL", "setting synchronous=FULL"));
+  RETURN_IF_ERROR(ExecConstantSql(db, "PRAGMA foreign_keys=ON", "enabling foreign keys"));
+  ASSIGN_OR_RETURN(int64_t foreign_keys, QuerySingleInt(db, "PRAGMA foreign_keys"));
+  if (foreign_keys != 1) {
+    return absl::FailedPreconditionError("this SQLite build cannot enforce foreign keys");
+  }
+  ASSIGN_OR_RETURN(int64_t application_id, QuerySingleInt(db, "PRAGMA application_id"));
+  if (application_id != 0 && application_id != SqliteStore::kApplicationId) {
+    return absl::FailedPreconditionError(
+        absl::StrFormat("'%s' is a SQLite database of another application (application_id "
+                        "0x%08x), not a Mandate store",
+                        path, static_cast<uint32_t>(application_id)));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CheckMigrationList(std::span<const SqliteMigration> migrations) {
+  for (size_t i = 0; i < migrations.size(); ++i) {
+    if (migrations[i].version != static_cast<int>(i + 1)) {
+      return absl::InternalError(absl::StrCat("schema migration #", i, " has version ",
+                                              migrations[i].version, "; expected ", i + 1));
+    }
+  }
+  return absl::OkStatus();
+}
+
+// Applies the missing migrations, one transaction each. The version is re-read inside each
+// transaction, so two processes opening the same new file cannot both apply a step.
+absl::Status Migrate(sqlite3* db, const std::string& path,
+                     std::span<const SqliteMigration> migrations) {
+  RETURN_IF_ERROR(CheckMigrationList(migrations));
+  const int latest = static_cast<int>(migrations.size());
+  while (true) {
+    ASSIGN_OR_RETURN(Transaction txn, Transaction::BeginWrite(db));
+    ASSIGN_OR_RETURN(int64_t version, QuerySingleInt(db, "PRAGMA user_version"));
+    if (version != 0) {
+      ASSIGN_OR_RETURN(int64_t application_id, QuerySingleInt(db, "PRAGMA application_id"));
+      if (application_id != SqliteStore::kApplicationId) {
+        return absl::FailedPreconditionError(absl::StrCat(
+            "'", path, "' has a schema version but no Mandate application_id; it is not a ",
+            "Mandate store"));
+      }
+    }
+    if (version > latest) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "store '", path, "' has schema version ", version, ", newer than the newest this build ",
+          "knows (", latest, "); it was written by a newer mandate-broker - run that version or ",
+          "restore a backup made before the upgrade"));
+    }
+    if (version < 0) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("store '", path, "' has invalid schema version ", version));
+    }
+    if (version == latest) return txn.Commit();
+    const SqliteMigration& step = migrations[version];
+    if (version == 0) {
+      // Never graft our schema onto someone else's database.
+      ASSIGN_OR_RETURN(int64_t objects, QuerySingleInt(db, "SELECT count(*) FROM sqlite_schema"));
+      if (objects != 0) {
+        return absl::FailedPreconditionError(
+            absl::StrCat("'", path, "' holds tables but no Mandate schema version; it is not a ",
+                         "Mandate store"));
+      }
+      RETURN_IF_ERROR(ExecConstantSql(db,
+                                      "CREATE TABLE schema_migrations ("
+                                      " version INTEGER PRIMARY KEY NOT NULL,"
+                                      " name TEXT NOT NULL,"
+                                      " applied_at INTEGER NOT NULL) STRICT",
+                                      "creating schema_migrations"));
+      // The id is a constant of this code, not data.
+      RETURN_IF_ERROR(
+          ExecConstantSql(db, absl::StrCat("PRAGMA application_id = ", SqliteStore::kApplicationId),
+                          "setting application_id"));
+    }
+    RETURN_IF_ERROR(ExecConstantSql(
+        db, step.sql,
+        absl::StrCat("applying schema migration ", step.version, " (", AbslView(step.name), ")")));
+    {
+      ASSIGN_OR_RETURN(
+          Statement record,
+          Statement::Prepare(db,
+                             "INSERT INTO schema_migrations (version, name, applied_at)"
+                             " VALUES (?1, ?2, CAST(strftime('%s', 'now') AS INTEGER))"));
+      RETURN_IF_ERROR(record.BindInt64(1, step.version));
+      RETURN_IF_ERROR(record.BindText(2, step.name));
+      RETURN_IF_ERROR(record.Run());
+    }
+    // PRAGMA takes no bound parameters; the version is a constant of this code, not data.
+    RETURN_IF_ERROR(ExecConstantSql(db, absl::StrCat("PRAGMA user_version = ", step.version),
+                                    "recording the schema version"));
+    RETURN_IF_ERROR(txn.Commit());
+  }
+}
+
+}  // namespace
+
+// ---- SqliteStore ----
+
+absl::StatusOr<std::unique_ptr<SqliteStore>> SqliteStore::Open(const std::string& path,
+                                                               const SqliteStoreOptions& options) {
+  return OpenWithMigrationsForTesting(path, SqliteSchemaMigrations(), options);
+}
+
+absl::StatusOr<std::unique_ptr<SqliteStore>> SqliteStore::OpenWithMigrationsForTesting(
+    const std::string& path, std::span<const SqliteMigration> migrations,
+    const SqliteStoreOptions& options) {
+  if (path.empty()) return absl::InvalidArgumentError("store path is empty");
+  if (sqlite3_threadsafe() == 0) {
+    // Multi-thread mode below relies on SQLite's own global locks.
+    return absl::FailedPreconditionError(
+        "the linked SQLite library was built without thread "
+        "safety (SQLITE_THREADSAFE=0)");
+  }
+  RETURN_IF_ERROR(PrepareDatabaseFile(path));
+  sqlite3* db = nullptr;
+  // No SQLITE_OPEN_CREATE: PrepareDatabaseFile created the file with the right mode. Multi-thread
+  // mode (NOMUTEX) because our own mutex serialises all use of the connection.
+  int rc = sqlite3_open_v2(path.c_str(), &db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_NOMUTEX, nullptr);
+  if (rc != SQLITE_OK) {
+    absl::Status status = SqliteError(db, rc, absl::StrCat("opening store '", path, "'"));
+    sqlite3_close_v2(db);
+    return status;
+  }
+  // Owns `db` from here on, so every early return closes it.
+  std::unique_ptr<SqliteStore> store(new SqliteStore(db));
+  RETURN_IF_ERROR(ConfigureConnection(db, path, options));
+  RETURN_IF_ERROR(Migrate(db, path, migrations));
+  return store;
+}
+
+int SqliteStore::LatestSchemaVersion() { return static_cast<int>(SqliteSchemaMigrations().size()); }
+
+SqliteStore::~SqliteStore() { sqlite3_close_v2(db_); }
+
+absl::StatusOr<RegistrationEntry> SqliteStore::CreateEntry(RegistrationEntry entry) {
+  if (entry.id.empty()) return absl::InvalidArgumentError("registration entry id is empty");
+  if (entry.spiffe_id.empty()) {
+    return absl::InvalidArgumentError("registration entry SPIFFE ID is empty");
+  }
+  if (entry.parent_id.empty()) {
+    return absl::InvalidArgumentError("registration entry parent ID is empty");
+  }
+  RETURN_IF_ERROR(CheckNoEmptyElement(entry.selectors, "selector in registration entry"));
+  RETURN_IF_ERROR(CheckNoEmptyElement(entry.scopes, "scope in registration entry"));
+  entry.selectors = CanonicalSet(std::move(entry.selectors));
+  entry.scopes = CanonicalSet(std::move(entry.scopes));
+  const std::string selector_set_key = SelectorSetKey(entry.selectors);
+
+  absl::MutexLock lock(&mu_);
+  ASSIGN_OR_RETURN(Transaction txn, Transaction::BeginWrite(db_));
+  {
+    ASSIGN_OR_RETURN(Statement stmt,
+                     Statement::Prepare(db_, "SELECT 1 FROM registration_entries WHERE id = ?1"));
+    RETURN_IF_ERROR(stmt.BindText(1, entry.id));
+    ASSIGN_OR_RETURN(bool exists, stmt.Step());
+    if (exists) {
+      return absl::AlreadyExistsError(
+          absl::StrCat("registration entry '", entry.id, "' already exists"));
+    }
+  }
+  {
+    ASSIGN_OR_RETURN(Statement stmt,
+                     Statement::Prepare(db_,
+                                        "SELECT id FROM registration_entries WHERE spiffe_id = ?1 "
+                                        "AND parent_id = ?2 AND selector_set_key = ?3"));
+    RETURN_IF_ERROR(stmt.BindText(1, entry.spiffe_id));
+    RETURN_IF_ERROR(stmt.BindText(2, entry.parent_id));
+    RETURN_IF_ERROR(stmt.BindText(3, selector_set_key));
+    ASSIGN_OR_RETURN(bool exists, stmt.Step());
+    if (exists) {
+      return absl::AlreadyExistsError(absl::StrCat(
+          "registration entry '", stmt.ColumnText(0), "' already has SPIFFE ID '", entry.spiffe_id,
+          "', parent ID '", entry.parent_id, "' and the same selectors"));
+    }
+  }
+  ASSIGN_OR_RETURN(entry.revision, BumpCounter(db_, kEntriesRevisionCounter));
+  {
+    ASSIGN_OR_RETURN(
+        Statement stmt,
+        Statement::Prepare(db_,
+                           "INSERT INTO registration_entries (id, spiffe_id, parent_id, "
+                           "selector_set_key, x509_ttl_s, jwt_ttl_s, token_ttl_s, created_at, "
+                           "revision) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"));
+    RETURN_IF_ERROR(stmt.BindText(1, entry.id));
+    RETURN_IF_ERROR(stmt.BindText(2, entry.spiffe_id));
+    RETURN_IF_ERROR(stmt.BindText(3, entry.parent_id));
+    RETURN_IF_ERROR(stmt.BindText(4, selector_set_key));
+    RETURN_IF_ERROR(stmt.BindInt64(5, entry.x509_ttl_s));
+    RETURN_IF_ERROR(stmt.BindInt64(6, entry.jwt_ttl_s));
+    RETURN_IF_ERROR(stmt.BindInt64(7, entry.token_ttl_s));
+    RETURN_IF_ERROR(stmt.BindInt64(8, entry.created_at));
+    RETURN_IF_ERROR(stmt.BindInt64(9, entry.revision));
+    RETURN_IF_ERROR(stmt.Run());
+  }
+  RETURN_IF_ERROR(InsertSetRows(
+      db_, "INSERT INTO registration_entry_selectors (entry_id, selector) VALUES (?1, ?2)",
+      entry.id, entry.selectors));
+  RETURN_IF_ERROR(
+      InsertSetRows(db_, "INSERT INTO registration_entry_scopes (entry_id, scope) VALUES (?1, ?2)",
+                    entry.id, entry.scopes));
+  RETURN_IF_ERROR(txn.Commit());
+  return entry;
+}
+
+absl::StatusOr<RegistrationEntry> SqliteStore::GetEntry(std::string_view id) {
+  absl::MutexLock lock(&mu_);
+  ASSIGN_OR_RETURN(std::vector<RegistrationEntry> entries, LoadEntries(db_, kEntryById, id));
+  if (entries.empty()) {
+    return absl::NotFoundError(absl::StrCat("registration entry '", AbslView(id), "' not found"));
+  }
+  return std::move(entries.front());
+}
+
+absl::StatusOr<std::vector<RegistrationEntry>> SqliteStore::ListEntries() {
+  absl::MutexLock lock(&mu_);
+  return LoadEntries(db_, kAllEntries, std::nullopt);
+}
+
+absl::StatusOr<std::vector<RegistrationEntry>> SqliteStore::ListEntriesByParent(
+    std::string_view parent_id) {
+  absl::MutexLock lock(&mu_);
+  return LoadEntries(db_, kEntriesByParent, parent_id);
+}
+
+absl::Status SqliteStore::DeleteEntry(std::string_view id) {
+  absl::MutexLock lock(&mu_);
+  ASSIGN_OR_RETURN(Transaction txn, Transaction::BeginWrite(db_));
+  {
+    // Selector and scope rows go with it (ON DELETE CASCADE).
+    ASSIGN_OR_RETURN(Statement stmt,
+                     Statement::Prepare(db_, "DELETE FROM registration_entries WHERE id = ?1"));
+    RETURN_IF_ERROR(stmt.BindText(1, id));
+    RETURN_IF_ERROR(stmt.Run());
+  }
+  if (sqlite3_changes(db_) == 0) {
+    return absl::NotFoundError(absl::StrCat("registration entry '", AbslView(id), "' not found"));
+  }
+  RETURN_IF_ERROR(BumpCounter(db_, kEntriesRevisionCounter).status());
+  return txn.Commit();
+}
+
+absl::StatusOr<int64_t> SqliteStore::EntriesRevision() {
+  absl::MutexLock lock(&mu_);
+  ASSIGN_OR_RETURN(Statement stmt,
+                   Statement::Prepare(db_, "SELECT value FROM store_counters WHERE name = ?1"));
+  RETURN_IF_ERROR(stmt.BindText(1, kEntriesRevisionCounter));
+  ASSIGN_OR_RETURN(bool has_row, stmt.Step());
+  if (!has_row) return absl::InternalError("store counter 'entries_revision' is missing");
+  return stmt.ColumnInt64(0);
+}
+
+absl::Status SqliteStore::CreateJoinToken(const JoinToken& token) {
+  ASSIGN_OR_RETURN(std::string token_hash, NormalizeTokenHash(token.token_hash));
+  if (token.node_spiffe_id.empty()) {
+    return absl::InvalidArgumentError("join token node SPIFFE ID is empty");
+  }
+  absl::MutexLock lock(&mu_);
+  ASSIGN_OR_RETURN(Statement stmt,
+                   Statement::Prepare(db_,
+                                      "INSERT INTO join_tokens (token_hash, node_spiffe_id, "
+                                      "created_at, expires_at) VALUES (?1, ?2, ?3, ?4)"));
+  RETURN_IF_ERROR(stmt.BindText(1, token_hash));
+  RETURN_IF_ERROR(stmt.BindText(2, token.node_spiffe_id));
+  RETURN_IF_ERROR(stmt.BindInt64(3, token.created_at));
+  RETURN_IF_ERROR(stmt.BindInt64(4, token.expires_at));
+  absl::Status status = stmt.Run();
+  if (absl::IsAlreadyExists(status)) {
+    // The hash is not secret, but it identifies a live credential: keep it out of messages.
+    return absl::AlreadyExistsError("a join token with this hash already exists");
+  }
+  return status;
+}
+
+absl::StatusOr<JoinToken> SqliteStore::ConsumeJoinToken(std::string_view token_hash, int64_t now) {
+  JoinToken token;
+  ASSIGN_OR_RETURN(token.token_hash, NormalizeTokenHash(token_hash));
+  absl::MutexLock lock(&mu_);
+  // One DELETE ... RETURNING: the row is gone the moment anyone reads it, so two concurrent
+  // consumers (threads or processes) cannot both succeed.
+  ASSIGN_OR_RETURN(Statement stmt,
+                   Statement::Prepare(db_,
+                                      "DELETE FROM join_tokens WHERE token_hash = ?1 "
+                                      "RETURNING node_spiffe_id, created_at, expires_at"));
+  RETURN_IF_ERROR(stmt.BindText(1, token.token_hash));
+  ASSIGN_OR_RETURN(bool found, stmt.Step());
+  if (!found) return absl::NotFoundError("join token not found or already used");
+  token.node_spiffe_id = stmt.ColumnText(0);
+  token.created_at = stmt.ColumnInt64(1);
+  token.expires_at = stmt.ColumnInt64(2);
+  // The statement runs in autocommit mode: the deletion is durable once it completes.
+  RETURN_IF_ERROR(stmt.Run());
+  if (token.expires_at <= now) return absl::FailedPreconditionError("join token expired");
+  return token;
+}
+
+absl::Status SqliteStore::PruneExpiredJoinTokens(int64_t now) {
+  absl::MutexLock lock(&mu_);
+  ASSIGN_OR_RETURN(Statement stmt,
+                   Statement::Prepare(db_, "DELETE FROM join_tokens WHERE expires_at <= ?1"));
+  RETURN_IF_ERROR(stmt.BindInt64(1, now));
+  return stmt.Run();
+}
+
+absl::Status SqliteStore::UpsertNode(const AttestedNode& node) {
+  if (node.spiffe_id.empty()) return absl::InvalidArgumentError("node SPIFFE ID is empty");
+  RETURN_IF_ERROR(CheckNoEmptyElement(node.selectors, "selector in attested node"));
+  const std::vector<std::string> selectors = CanonicalSet(node.selectors);
+
+  absl::MutexLock lock(&mu_);
+  ASSIGN_OR_RETURN(Transaction txn, Transaction::BeginWrite(db_));
+  {
+    ASSIGN_OR_RETURN(
+        Statement stmt,
+        Statement::Prepare(
+            db_,
+            "INSERT INTO attested_nodes (spiffe_id, attestor, cert_serial, cert_expires_at, "
+            "created_at, updated_at, banned) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) "
+            "ON CONFLICT (spiffe_id) DO UPDATE SET attestor = excluded.attestor, "
+            "cert_serial = excluded.cert_serial, cert_expires_at = excluded.cert_expires_at, "
+            "updated_at = excluded.updated_at"));
+    RETURN_IF_ERROR(stmt.BindText(1, node.spiffe_id));
+    RETURN_IF_ERROR(stmt.BindText(2, node.attestor));
+    RETURN_IF_ERROR(stmt.BindText(3, node.cert_serial));
+    RETURN_IF_ERROR(stmt.BindInt64(4, node.cert_expires_at));
+    RETURN_IF_ERROR(stmt.BindInt64(5, node.created_at));
+    RETURN_IF_ERROR(stmt.BindInt64(6, node.updated_at));
+    RETURN_IF_ERROR(stmt.BindInt64(7, node.banned ? 1 : 0));
+    RETURN_IF_ERROR(stmt.Run());
+  }
+  {
+    ASSIGN_OR_RETURN(
+        Statement stmt,
+        Statement::Prepare(db_, "DELETE FROM attested_node_selectors WHERE node_id = ?1"));
+    RETURN_IF_ERROR(stmt.BindText(1, node.spiffe_id));
+    RETURN_IF_ERROR(stmt.Run());
+  }
+  RETURN_IF_ERROR(
+      InsertSetRows(db_, "INSERT INTO attested_node_selectors (node_id, selector) VALUES (?1, ?2)",
+                    node.spiffe_id, selectors));
+  return txn.Commit();
+}
+
+absl::StatusOr<AttestedNode> SqliteStore::GetNode(std::string_view spiffe_id) {
+  absl::MutexLock lock(&mu_);
+  ASSIGN_OR_RETURN(std::vector<AttestedNode> nodes, LoadNodes(db_, kNodeById, spiffe_id));
+  if (nodes.empty())
+    return absl::NotFoundError(absl::StrCat("node '", AbslView(spiffe_id), "' not found"));
+  return std::move(nodes.front());
+}
+
+absl::StatusOr<std::vector<AttestedNode>> SqliteStore::ListNodes() {
+  absl::MutexLock lock(&mu_);
+  return LoadNodes(db_, kAllNodes, std::nullopt);
+}
+
+absl::Status SqliteStore::DeleteNode(std::string_view spiffe_id) {
+  absl::MutexLock lock(&mu_);
+  // Selector rows go with it (ON DELETE CASCADE), in the statement's own transaction.
+  ASSIGN_OR_RETURN(Statement stmt,
+                   Statement::Prepare(db_, "DELETE FROM attested_nodes WHERE spiffe_id = ?1"));
+  RETURN_IF_ERROR(stmt.BindText(1, spiffe_id));
+  RETURN_IF_ERROR(stmt.Run());
+  if (sqlite3_changes(db_) == 0) {
+    return absl::NotFoundError(absl::StrCat("node '", AbslView(spiffe_id), "' not found"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status SqliteStore::SetNodeBanned(std::string_view spiffe_id, bool banned) {
+  absl::MutexLock lock(&mu_);
+  ASSIGN_OR_RETURN(
+      Statement stmt,
+      Statement::Prepare(db_, "UPDATE attested_nodes SET banned = ?2 WHERE spiffe_id = ?1"));
+  RETURN_IF_ERROR(stmt.BindText(1, spiffe_id));
+  RETURN_IF_ERROR(stmt.BindInt64(2, banned ? 1 : 0));
+  RETURN_IF_ERROR(stmt.Run());
+  if (sqlite3_changes(db_) == 0) {
+    return absl::NotFoundError(absl::StrCat("node '", AbslView(spiffe_id), "' not found"));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<bool> SqliteStore::IsNodeBanned(std::string_view spiffe_id) {
+  absl::MutexLock lock(&mu_);
+  ASSIGN_OR_RETURN(
+      Statement stmt,
+      Statement::Prepare(db_, "SELECT banned FROM attested_nodes WHERE spiffe_id = ?1"));
+  RETURN_IF_ERROR(stmt.BindText(1, spiffe_id));
+  ASSIGN_OR_RETURN(bool found, stmt.Step());
+  return found && stmt.ColumnInt64(0) != 0;
+}
+
+absl::StatusOr<int> SqliteStore::SchemaVersion() {
+  absl::MutexLock lock(&mu_);
+  ASSIGN_OR_RETURN(int64_t version, QuerySingleInt(db_, "PRAGMA user_version"));
+  return static_cast<int>(version);
+}
+
+}  // namespace mandate::store

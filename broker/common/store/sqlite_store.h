@@ -1,0 +1,101 @@
+// SqliteStore: the embedded default `Store`, one SQLite file in the broker's data dir.
+//
+// Durability: the database runs in WAL mode with `synchronous=FULL`, so every acknowledged write
+// (a method that returned OK) has been fsynced and survives kill -9 and power loss.
+//
+// Concurrency: one SQLite connection, opened in multi-thread mode and guarded by one mutex held
+// for the whole of each method, so calls from many threads are serialised and each call is one
+// transaction. That is plenty for the broker's write rates; reads are short indexed lookups.
+// Several processes may open the same file (WAL + a busy timeout); write transactions start with
+// `BEGIN IMMEDIATE` so they queue for the write lock instead of failing half-way, and a lock held
+// longer than the busy timeout surfaces as Unavailable.
+//
+// Schema: versioned migrations (sqlite_migrations.h) tracked by `PRAGMA user_version` plus a
+// `schema_migrations` history table; the file is tagged with a Mandate `application_id`.
+#ifndef MANDATE_BROKER_COMMON_STORE_SQLITE_STORE_H_
+#define MANDATE_BROKER_COMMON_STORE_SQLITE_STORE_H_
+
+#include <memory>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "broker/common/store/sqlite_migrations.h"
+#include "broker/common/store/store.h"
+
+struct sqlite3;  // Kept opaque so that sqlite3.h stays out of this header.
+
+namespace mandate::store {
+
+struct SqliteStoreOptions {
+  // How long a write waits for another process's lock before failing with Unavailable.
+  int busy_timeout_ms = 5000;
+};
+
+class SqliteStore final : public Store {
+ public:
+  // `PRAGMA application_id` of every Mandate store ("MNDT").
+  static constexpr int kApplicationId = 0x4D4E4454;
+
+  // Opens (creating if absent) the database at `path` and brings its schema up to date.
+  // A new file is created with mode 0600; an existing file readable by group or others is
+  // tightened to 0600 (it holds node identities and join token hashes). The parent directory must
+  // exist. Fails with:
+  //   FailedPrecondition - the schema version is newer than this build knows (a newer broker
+  //     wrote it), or the file is a SQLite database that is not a Mandate store, or WAL mode
+  //     cannot be enabled;
+  //   DataLoss - the file is not a SQLite database or is corrupt;
+  //   other codes for I/O and permission problems; messages name the path and the cause.
+  static absl::StatusOr<std::unique_ptr<SqliteStore>> Open(const std::string& path,
+                                                           const SqliteStoreOptions& options = {});
+
+  // As Open, but migrates with `migrations` instead of SqliteSchemaMigrations(). For tests of
+  // the migration mechanism only.
+  static absl::StatusOr<std::unique_ptr<SqliteStore>> OpenWithMigrationsForTesting(
+      const std::string& path, std::span<const SqliteMigration> migrations,
+      const SqliteStoreOptions& options = {});
+
+  // The schema version this build migrates to (the last migration's number).
+  static int LatestSchemaVersion();
+
+  SqliteStore(const SqliteStore&) = delete;
+  SqliteStore& operator=(const SqliteStore&) = delete;
+  // Closes the connection. No method may be running or called afterwards.
+  ~SqliteStore() override;
+
+  absl::StatusOr<RegistrationEntry> CreateEntry(RegistrationEntry entry) override;
+  absl::StatusOr<RegistrationEntry> GetEntry(std::string_view id) override;
+  absl::StatusOr<std::vector<RegistrationEntry>> ListEntries() override;
+  absl::StatusOr<std::vector<RegistrationEntry>> ListEntriesByParent(
+      std::string_view parent_id) override;
+  absl::Status DeleteEntry(std::string_view id) override;
+  absl::StatusOr<int64_t> EntriesRevision() override;
+
+  absl::Status CreateJoinToken(const JoinToken& token) override;
+  absl::StatusOr<JoinToken> ConsumeJoinToken(std::string_view token_hash, int64_t now) override;
+  absl::Status PruneExpiredJoinTokens(int64_t now) override;
+
+  absl::Status UpsertNode(const AttestedNode& node) override;
+  absl::StatusOr<AttestedNode> GetNode(std::string_view spiffe_id) override;
+  absl::StatusOr<std::vector<AttestedNode>> ListNodes() override;
+  absl::Status DeleteNode(std::string_view spiffe_id) override;
+  absl::Status SetNodeBanned(std::string_view spiffe_id, bool banned) override;
+  absl::StatusOr<bool> IsNodeBanned(std::string_view spiffe_id) override;
+
+  absl::StatusOr<int> SchemaVersion() override;
+
+ private:
+  explicit SqliteStore(sqlite3* db) : db_(db) {}
+
+  absl::Mutex mu_;
+  sqlite3* const db_ ABSL_PT_GUARDED_BY(mu_);  // Owned; closed in the destructor.
+};
+
+}  // namespace mandate::store
+
+#endif  // MANDATE_BROKER_COMMON_STORE_SQLITE_STORE_H_

@@ -1,0 +1,158 @@
+// The broker's durable state behind one abstract interface (DESIGN.md §7, §9).
+//
+// Only implementations of `Store` touch SQL; everything else in the broker works with the plain
+// record types below. Today there is `SqliteStore` (sqlite_store.h); a `PostgresStore` for several
+// brokers sharing one state will implement the same interface. Later work adds tasks, the issued
+// credential index, revocations, trusted issuers, approvals and the audit log here, each as new
+// record types + methods and a new numbered schema migration in each implementation.
+//
+// Conventions shared by all records:
+//   - Selectors are "type:value" strings (e.g. "unix:uid:1000", "join:name:web-1"); a selector list
+//     is a set: the store deduplicates it and returns it sorted. The same holds for scopes.
+//   - Times are int64 Unix seconds, supplied by the caller (the store has no clock of its own, so
+//     callers can inject one and tests need not sleep).
+//   - The store checks storage invariants (non-empty keys, uniqueness, the join token hash format).
+//     Semantic validation (SPIFFE ID syntax, reserved paths, selector types) belongs to the callers
+//     (`broker/common/spiffe`, the admin API) and must happen before a record reaches the store.
+//
+// Errors: NotFound / AlreadyExists / InvalidArgument / FailedPrecondition as documented per
+// method; Unavailable when the database stays locked by another process past its busy timeout;
+// Internal or DataLoss (corruption) for other storage failures, with the database's own message.
+// A method that fails changes nothing: every multi-statement write is one transaction.
+#ifndef MANDATE_BROKER_COMMON_STORE_STORE_H_
+#define MANDATE_BROKER_COMMON_STORE_STORE_H_
+
+#include <cstdint>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+
+namespace mandate::store {
+
+// A registration entry: workloads under node `parent_id` whose selectors include all of
+// `selectors` may receive credentials for `spiffe_id` (DESIGN.md §3).
+struct RegistrationEntry {
+  std::string id;  // Chosen by the caller (e.g. a UUID); non-empty, unique.
+  std::string spiffe_id;
+  std::string parent_id;  // The node agent's SPIFFE ID.
+  std::vector<std::string> selectors;
+  std::vector<std::string> scopes;  // Scopes a task for this identity may ask for.
+  int64_t x509_ttl_s = 0, jwt_ttl_s = 0, token_ttl_s = 0;  // 0 = broker default.
+  int64_t created_at = 0;
+  // Assigned by the store on create: the value of EntriesRevision() right after this entry was
+  // written. Ignored on input.
+  int64_t revision = 0;
+
+  friend bool operator==(const RegistrationEntry&, const RegistrationEntry&) = default;
+};
+
+// A node agent that proved its identity with a node attestor.
+struct AttestedNode {
+  std::string spiffe_id;
+  std::string attestor;  // "join_token", "tpm".
+  std::vector<std::string> selectors;
+  std::string cert_serial;  // Serial of the node's current X509-SVID (hex).
+  int64_t cert_expires_at = 0;
+  int64_t created_at = 0;
+  int64_t updated_at = 0;
+  // A banned node keeps its row so that re-attestation under the same ID can be refused.
+  bool banned = false;
+
+  friend bool operator==(const AttestedNode&, const AttestedNode&) = default;
+};
+
+// A one-time join token. Only its hash is stored, so a copy of the database does not let anyone
+// attest a node.
+struct JoinToken {
+  std::string token_hash;      // Hex SHA-256 of the token (64 hex digits; stored lowercase).
+  std::string node_spiffe_id;  // The ID the node receives when it presents the token.
+  int64_t created_at = 0;
+  int64_t expires_at = 0;  // The token is usable while now < expires_at.
+
+  friend bool operator==(const JoinToken&, const JoinToken&) = default;
+};
+
+// Thread-safety: every method may be called concurrently from any thread; each call is atomic
+// (it sees and leaves a consistent state). Implementations are not copyable; the owner (the
+// broker's `main()`) keeps one instance alive for as long as any module uses it.
+class Store {
+ public:
+  virtual ~Store() = default;
+
+  // ---- Registration entries ----
+
+  // Stores `entry` and bumps EntriesRevision(). Returns the entry as stored (selectors and scopes
+  // deduplicated and sorted, `revision` assigned).
+  // InvalidArgument: empty id, spiffe_id or parent_id, or an empty selector/scope string.
+  // AlreadyExists: an entry with this id exists, or one with the same (spiffe_id, parent_id,
+  // selector set) exists (SPIRE refuses such duplicates; the message names the existing entry).
+  virtual absl::StatusOr<RegistrationEntry> CreateEntry(RegistrationEntry entry) = 0;
+
+  // NotFound when no entry has this id.
+  virtual absl::StatusOr<RegistrationEntry> GetEntry(std::string_view id) = 0;
+
+  // All entries, ordered by id.
+  virtual absl::StatusOr<std::vector<RegistrationEntry>> ListEntries() = 0;
+
+  // Entries whose parent_id equals `parent_id` exactly, ordered by id (indexed lookup: this is
+  // the hot path when a node agent asks which workloads it may serve).
+  virtual absl::StatusOr<std::vector<RegistrationEntry>> ListEntriesByParent(
+      std::string_view parent_id) = 0;
+
+  // Deletes the entry and bumps EntriesRevision(). NotFound when absent (nothing is bumped).
+  virtual absl::Status DeleteEntry(std::string_view id) = 0;
+
+  // A persisted counter bumped by every successful entry create or delete; it never decreases, so
+  // a cache that remembers the value it loaded at can tell whether it is stale. 0 for a new store.
+  virtual absl::StatusOr<int64_t> EntriesRevision() = 0;
+
+  // ---- Join tokens ----
+
+  // InvalidArgument: token_hash is not 64 hex digits (so a raw token is never stored by mistake),
+  // or node_spiffe_id is empty. AlreadyExists: a token with this hash exists.
+  virtual absl::Status CreateJoinToken(const JoinToken& token) = 0;
+
+  // Atomically deletes and returns the token with this hash: of two concurrent callers (even in
+  // different processes sharing the database) at most one gets it.
+  // NotFound: unknown or already used. FailedPrecondition("join token expired"): it existed but
+  // expires_at <= now; it is deleted all the same, so a retry gets NotFound.
+  virtual absl::StatusOr<JoinToken> ConsumeJoinToken(std::string_view token_hash, int64_t now) = 0;
+
+  // Deletes every token with expires_at <= now.
+  virtual absl::Status PruneExpiredJoinTokens(int64_t now) = 0;
+
+  // ---- Attested nodes ----
+
+  // Inserts the node, or updates an existing row with the same spiffe_id: attestor, selectors
+  // (replaced as a whole), cert_serial, cert_expires_at and updated_at are taken from `node`,
+  // while created_at and banned of the existing row are kept. Refusing banned nodes is the
+  // caller's job (IsNodeBanned) before it attests. InvalidArgument: empty spiffe_id or selector.
+  virtual absl::Status UpsertNode(const AttestedNode& node) = 0;
+
+  // NotFound when absent.
+  virtual absl::StatusOr<AttestedNode> GetNode(std::string_view spiffe_id) = 0;
+
+  // All nodes (banned ones included), ordered by spiffe_id.
+  virtual absl::StatusOr<std::vector<AttestedNode>> ListNodes() = 0;
+
+  // Removes the node row entirely (a later attestation starts afresh). NotFound when absent.
+  virtual absl::Status DeleteNode(std::string_view spiffe_id) = 0;
+
+  // Sets or clears the ban flag; the row stays either way. NotFound when absent.
+  virtual absl::Status SetNodeBanned(std::string_view spiffe_id, bool banned) = 0;
+
+  // True when a node row with this ID exists and is banned; false when absent.
+  virtual absl::StatusOr<bool> IsNodeBanned(std::string_view spiffe_id) = 0;
+
+  // ---- Maintenance ----
+
+  // The schema version of the open database (the number of the last applied migration).
+  virtual absl::StatusOr<int> SchemaVersion() = 0;
+};
+
+}  // namespace mandate::store
+
+#endif  // MANDATE_BROKER_COMMON_STORE_STORE_H_

@@ -1,0 +1,250 @@
+#include "broker/server/admin_service.h"
+
+#include <grpcpp/grpcpp.h>
+#include <spdlog/spdlog.h>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "attestors/node/join_token/join_token_attestor.h"
+#include "broker/common/crypto/keys.h"
+#include "broker/common/grpcutil/status.h"
+#include "broker/common/log/log.h"
+#include "broker/common/spiffe/selector.h"
+#include "broker/common/spiffe/spiffe_id.h"
+#include "broker/common/util/status_macros.h"
+
+namespace mandate::broker {
+namespace {
+
+namespace adminpb = mandate::admin::v1;
+namespace commonpb = mandate::common::v1;
+using grpcutil::ToGrpcStatus;
+
+constexpr size_t kMaxSelectors = 64;
+constexpr size_t kMaxScopes = 64;
+constexpr size_t kMaxScopeLength = 256;
+
+void ToProto(const store::RegistrationEntry& entry, commonpb::Entry* out) {
+  out->set_id(entry.id);
+  out->set_spiffe_id(entry.spiffe_id);
+  out->set_parent_id(entry.parent_id);
+  for (const auto& s : entry.selectors) out->add_selectors(s);
+  for (const auto& s : entry.scopes) out->add_scopes(s);
+  out->set_x509_ttl_seconds(entry.x509_ttl_s);
+  out->set_jwt_ttl_seconds(entry.jwt_ttl_s);
+  out->set_token_ttl_seconds(entry.token_ttl_s);
+  out->set_created_at(entry.created_at);
+  out->set_revision(entry.revision);
+}
+
+void ToProto(const store::AttestedNode& node, commonpb::Node* out) {
+  out->set_spiffe_id(node.spiffe_id);
+  out->set_attestor(node.attestor);
+  for (const auto& s : node.selectors) out->add_selectors(s);
+  out->set_cert_serial(node.cert_serial);
+  out->set_cert_expires_at(node.cert_expires_at);
+  out->set_created_at(node.created_at);
+  out->set_updated_at(node.updated_at);
+  out->set_banned(node.banned);
+}
+
+// RFC 6749 §3.3 scope-token: %x21 / %x23-5B / %x5D-7E.
+bool IsScopeToken(std::string_view scope) {
+  if (scope.empty() || scope.size() > kMaxScopeLength) return false;
+  for (unsigned char c : scope) {
+    if (c < 0x21 || c == 0x22 || c == 0x5c || c > 0x7e) return false;
+  }
+  return true;
+}
+
+absl::StatusOr<std::string> NewEntryId() {
+  ASSIGN_OR_RETURN(std::string r, crypto::RandomBytes(16));
+  r[6] = static_cast<char>((r[6] & 0x0f) | 0x40);  // UUID version 4
+  r[8] = static_cast<char>((r[8] & 0x3f) | 0x80);  // RFC 4122 variant
+  std::string h = crypto::HexEncode(r);
+  return absl::StrCat(h.substr(0, 8), "-", h.substr(8, 4), "-", h.substr(12, 4), "-",
+                      h.substr(16, 4), "-", h.substr(20));
+}
+
+}  // namespace
+
+absl::Status AdminService::ValidateEntry(const commonpb::Entry& entry) const {
+  const spiffe::TrustDomain& td = authority_.trust_domain();
+  auto id = spiffe::SpiffeId::Parse(entry.spiffe_id());
+  if (!id.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("--spiffe-id: ", id.status().message()));
+  }
+  if (!id->MemberOf(td)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--spiffe-id must be in this broker's trust domain ", td.IdString()));
+  }
+  if (spiffe::IsReservedPath(*id)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--spiffe-id ", id->str(),
+                     " is reserved (/broker and /node/... belong to the broker "
+                     "and node agents); pick another path, e.g. /agent/<name>"));
+  }
+  auto parent = spiffe::SpiffeId::Parse(entry.parent_id());
+  if (!parent.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("--parent-id: ", parent.status().message()));
+  }
+  if (!parent->MemberOf(td)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--parent-id must be in this broker's trust domain ", td.IdString()));
+  }
+  if (entry.selectors().empty()) {
+    return absl::InvalidArgumentError("at least one --selector is required");
+  }
+  if (static_cast<size_t>(entry.selectors_size()) > kMaxSelectors) {
+    return absl::InvalidArgumentError(absl::StrCat("at most ", kMaxSelectors, " selectors"));
+  }
+  for (const auto& text : entry.selectors()) {
+    auto selector = spiffe::Selector::Parse(text);
+    if (!selector.ok()) return selector.status();
+    RETURN_IF_ERROR(spiffe::ValidateSelector(*selector));
+  }
+  if (static_cast<size_t>(entry.scopes_size()) > kMaxScopes) {
+    return absl::InvalidArgumentError(absl::StrCat("at most ", kMaxScopes, " scopes"));
+  }
+  for (const auto& scope : entry.scopes()) {
+    if (!IsScopeToken(scope)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "--scope \"", log::EscapeForLog(scope),
+          "\" is not an OAuth scope token (1-256 printable ASCII characters, no spaces, quotes "
+          "or backslashes)"));
+    }
+  }
+  for (auto [name, value] : {std::pair{"--x509-ttl", entry.x509_ttl_seconds()},
+                             std::pair{"--jwt-ttl", entry.jwt_ttl_seconds()},
+                             std::pair{"--token-ttl", entry.token_ttl_seconds()}}) {
+    if (value < 0 || value > limits_.max_svid_ttl_seconds) {
+      return absl::InvalidArgumentError(absl::StrCat(name,
+                                                     " must be between 0 (broker default) and ",
+                                                     limits_.max_svid_ttl_seconds, " seconds"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+grpc::Status AdminService::CreateJoinToken(grpc::ServerContext*,
+                                           const adminpb::CreateJoinTokenRequest* request,
+                                           adminpb::CreateJoinTokenResponse* response) {
+  const spiffe::TrustDomain& td = authority_.trust_domain();
+  auto id = spiffe::SpiffeId::Parse(request->spiffe_id());
+  if (!id.ok()) {
+    return ToGrpcStatus(
+        absl::InvalidArgumentError(absl::StrCat("--spiffe-id: ", id.status().message())));
+  }
+  constexpr std::string_view kPrefix = "/node/join/";
+  std::string_view path = id->path();
+  if (!id->MemberOf(td) || !path.starts_with(kPrefix) ||
+      path.substr(kPrefix.size()).find('/') != std::string_view::npos) {
+    return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                        absl::StrCat("--spiffe-id must look like ", td.IdString(),
+                                     "/node/join/<name> (one path segment for the name)"));
+  }
+  int64_t ttl =
+      request->ttl_seconds() == 0 ? limits_.default_join_token_ttl_seconds : request->ttl_seconds();
+  if (ttl <= 0 || ttl > limits_.max_join_token_ttl_seconds) {
+    return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                        absl::StrCat("--ttl must be between 1 and ",
+                                     limits_.max_join_token_ttl_seconds, " seconds"));
+  }
+  auto token = attestors::GenerateJoinToken();
+  if (!token.ok()) return ToGrpcStatus(token.status());
+  store::JoinToken record;
+  record.token_hash = token->token_hash;
+  record.node_spiffe_id = id->str();
+  record.created_at = clock_.NowSeconds();
+  record.expires_at = record.created_at + ttl;
+  if (auto s = store_.CreateJoinToken(record); !s.ok()) return ToGrpcStatus(s);
+  spdlog::info("join token created node={} expires_at={} token_sha256_prefix={}", id->str(),
+               record.expires_at, record.token_hash.substr(0, 12));
+  response->set_token(token->token);
+  response->set_spiffe_id(id->str());
+  response->set_expires_at(record.expires_at);
+  return grpc::Status::OK;
+}
+
+grpc::Status AdminService::CreateEntry(grpc::ServerContext*,
+                                       const adminpb::CreateEntryRequest* request,
+                                       commonpb::Entry* response) {
+  const commonpb::Entry& in = request->entry();
+  if (auto s = ValidateEntry(in); !s.ok()) return ToGrpcStatus(s);
+  store::RegistrationEntry entry;
+  auto id = NewEntryId();
+  if (!id.ok()) return ToGrpcStatus(id.status());
+  entry.id = *id;
+  entry.spiffe_id = in.spiffe_id();
+  entry.parent_id = in.parent_id();
+  entry.selectors.assign(in.selectors().begin(), in.selectors().end());
+  entry.scopes.assign(in.scopes().begin(), in.scopes().end());
+  entry.x509_ttl_s = in.x509_ttl_seconds();
+  entry.jwt_ttl_s = in.jwt_ttl_seconds();
+  entry.token_ttl_s = in.token_ttl_seconds();
+  entry.created_at = clock_.NowSeconds();
+  auto stored = entries_.Create(std::move(entry));
+  if (!stored.ok()) return ToGrpcStatus(stored.status());
+  spdlog::info("entry created id={} spiffe_id={} parent_id={}", stored->id, stored->spiffe_id,
+               stored->parent_id);
+  ToProto(*stored, response);
+  return grpc::Status::OK;
+}
+
+grpc::Status AdminService::ListEntries(grpc::ServerContext*, const adminpb::ListEntriesRequest*,
+                                       adminpb::ListEntriesResponse* response) {
+  for (const auto& entry : entries_.List()) ToProto(entry, response->add_entries());
+  return grpc::Status::OK;
+}
+
+grpc::Status AdminService::GetEntry(grpc::ServerContext*, const adminpb::GetEntryRequest* request,
+                                    commonpb::Entry* response) {
+  auto entry = entries_.Get(request->id());
+  if (!entry.ok()) return ToGrpcStatus(entry.status());
+  ToProto(*entry, response);
+  return grpc::Status::OK;
+}
+
+grpc::Status AdminService::DeleteEntry(grpc::ServerContext*,
+                                       const adminpb::DeleteEntryRequest* request,
+                                       adminpb::DeleteEntryResponse*) {
+  if (auto s = entries_.Delete(request->id()); !s.ok()) return ToGrpcStatus(s);
+  spdlog::info("entry deleted id={}", log::EscapeForLog(request->id()));
+  return grpc::Status::OK;
+}
+
+grpc::Status AdminService::ListAgents(grpc::ServerContext*, const adminpb::ListAgentsRequest*,
+                                      adminpb::ListAgentsResponse* response) {
+  auto nodes = store_.ListNodes();
+  if (!nodes.ok()) return ToGrpcStatus(nodes.status());
+  for (const auto& node : *nodes) ToProto(node, response->add_agents());
+  return grpc::Status::OK;
+}
+
+grpc::Status AdminService::EvictAgent(grpc::ServerContext*, const adminpb::AgentRequest* request,
+                                      adminpb::AgentResponse*) {
+  if (auto s = store_.DeleteNode(request->spiffe_id()); !s.ok()) return ToGrpcStatus(s);
+  entries_.NotifyNodeChanged();
+  spdlog::info("agent evicted node={}", log::EscapeForLog(request->spiffe_id()));
+  return grpc::Status::OK;
+}
+
+grpc::Status AdminService::BanAgent(grpc::ServerContext*, const adminpb::AgentRequest* request,
+                                    adminpb::AgentResponse*) {
+  if (auto s = store_.SetNodeBanned(request->spiffe_id(), true); !s.ok()) {
+    return ToGrpcStatus(s);
+  }
+  entries_.NotifyNodeChanged();
+  spdlog::info("agent banned node={}", log::EscapeForLog(request->spiffe_id()));
+  return grpc::Status::OK;
+}
+
+grpc::Status AdminService::GetBundle(grpc::ServerContext*, const adminpb::GetBundleRequest*,
+                                     adminpb::GetBundleResponse* response) {
+  response->set_trust_domain(authority_.trust_domain().name());
+  response->set_x509_pem(authority_.bundle_pem());
+  response->set_jwks(authority_.spiffe_bundle_jwks());
+  return grpc::Status::OK;
+}
+
+}  // namespace mandate::broker

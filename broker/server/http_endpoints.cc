@@ -1,0 +1,91 @@
+#include "broker/server/http_endpoints.h"
+
+#include <httplib.h>
+
+#include <nlohmann/json.hpp>
+
+#include "absl/strings/str_cat.h"
+
+namespace mandate::broker {
+namespace {
+constexpr char kJson[] = "application/json";
+}  // namespace
+
+HttpEndpoints::HttpEndpoints(const TrustAuthority& authority) : authority_(authority) {}
+
+HttpEndpoints::~HttpEndpoints() { Stop(); }
+
+void HttpEndpoints::Serve(const std::string& issuer_url) {
+  nlohmann::json doc = {
+      {"issuer", issuer_url},
+      {"jwks_uri", issuer_url + "/keys"},
+      {"response_types_supported", {"id_token"}},
+      {"subject_types_supported", {"public"}},
+      {"id_token_signing_alg_values_supported", {"ES256"}},
+  };
+  discovery_ = doc.dump();
+  thread_ = std::thread([this] { server_->listen_after_bind(); });
+}
+
+absl::Status HttpEndpoints::Bind(const std::string& host, int port,
+                                 const std::string& tls_cert_file,
+                                 const std::string& tls_key_file) {
+  if (!tls_cert_file.empty()) {
+    server_ = std::make_unique<httplib::SSLServer>(tls_cert_file.c_str(), tls_key_file.c_str());
+    if (!server_->is_valid()) {
+      return absl::InvalidArgumentError(absl::StrCat("cannot load --http-tls-cert ", tls_cert_file,
+                                                     " / --http-tls-key ", tls_key_file));
+    }
+  } else {
+    server_ = std::make_unique<httplib::Server>();
+  }
+  httplib::Server& s = *server_;
+  s.set_payload_max_length(64 * 1024);
+  s.set_read_timeout(5, 0);
+  s.set_write_timeout(5, 0);
+  s.Get("/.well-known/openid-configuration", [this](const httplib::Request&, httplib::Response& r) {
+    r.set_content(discovery_, kJson);
+  });
+  s.Get("/keys", [this](const httplib::Request&, httplib::Response& r) {
+    r.set_header("Cache-Control", "max-age=300");
+    r.set_content(authority_.oidc_jwks(), kJson);
+  });
+  s.Get("/bundle", [this](const httplib::Request&, httplib::Response& r) {
+    r.set_header("Cache-Control", "max-age=300");
+    r.set_content(authority_.spiffe_bundle_jwks(), kJson);
+  });
+  s.Get("/healthz", [](const httplib::Request&, httplib::Response& r) {
+    r.set_content("{\"status\":\"ok\"}", kJson);
+  });
+  s.Get("/readyz", [this](const httplib::Request&, httplib::Response& r) {
+    if (ready_) {
+      r.set_content("{\"status\":\"ready\"}", kJson);
+    } else {
+      r.status = 503;
+      r.set_content("{\"status\":\"starting\"}", kJson);
+    }
+  });
+  s.set_error_handler([](const httplib::Request&, httplib::Response& r) {
+    if (r.body.empty()) {
+      r.set_content(absl::StrCat("{\"error\":\"", r.status == 404 ? "not_found" : "error", "\"}"),
+                    kJson);
+    }
+  });
+  if (port == 0) {
+    port_ = s.bind_to_any_port(host);
+    if (port_ < 0) return absl::UnavailableError(absl::StrCat("cannot bind HTTP on ", host));
+  } else {
+    if (!s.bind_to_port(host, port)) {
+      return absl::UnavailableError(absl::StrCat("cannot bind HTTP on ", host, ":", port));
+    }
+    port_ = port;
+  }
+  return absl::OkStatus();
+}
+
+void HttpEndpoints::Stop() {
+  if (server_) server_->stop();
+  if (thread_.joinable()) thread_.join();
+}
+
+}  // namespace mandate::broker

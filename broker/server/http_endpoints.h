@@ -1,0 +1,47 @@
+// The broker's HTTP endpoints (DESIGN.md §6): OIDC discovery, JWKS, SPIFFE bundle, health.
+// Serves on its own threads; documents are prebuilt by the TrustAuthority.
+#ifndef MANDATE_BROKER_SERVER_HTTP_ENDPOINTS_H_
+#define MANDATE_BROKER_SERVER_HTTP_ENDPOINTS_H_
+
+#include <atomic>
+#include <memory>
+#include <string>
+#include <thread>
+
+#include "absl/status/status.h"
+#include "broker/server/trust_authority.h"
+
+namespace httplib {
+class Server;
+}
+
+namespace mandate::broker {
+
+class HttpEndpoints {
+ public:
+  // `authority` must outlive this object.
+  explicit HttpEndpoints(const TrustAuthority& authority);
+  ~HttpEndpoints();
+
+  // Binds host:port (port 0 picks a free one); port() is known afterwards. With a certificate
+  // and key file it serves HTTPS.
+  absl::Status Bind(const std::string& host, int port, const std::string& tls_cert_file = "",
+                    const std::string& tls_key_file = "");
+  // Starts serving on the bound socket; the discovery document names `issuer_url`.
+  void Serve(const std::string& issuer_url);
+  int port() const { return port_; }
+  void SetReady(bool ready) { ready_ = ready; }
+  void Stop();
+
+ private:
+  const TrustAuthority& authority_;
+  std::string discovery_;
+  std::unique_ptr<httplib::Server> server_;
+  std::thread thread_;
+  std::atomic<bool> ready_{false};
+  int port_ = 0;
+};
+
+}  // namespace mandate::broker
+
+#endif  // MANDATE_BROKER_SERVER_HTTP_ENDPOINTS_H_

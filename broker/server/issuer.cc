@@ -1,0 +1,92 @@
+#include "broker/server/issuer.h"
+
+#include <spdlog/spdlog.h>
+
+#include <nlohmann/json.hpp>
+
+#include "absl/strings/str_cat.h"
+#include "broker/common/crypto/keys.h"
+#include "broker/common/jose/jose.h"
+#include "broker/common/util/status_macros.h"
+
+namespace mandate::broker {
+namespace {
+
+constexpr size_t kMaxAudiences = 16;
+constexpr size_t kMaxAudienceLength = 512;
+
+absl::StatusOr<crypto::PublicKey> KeyFromCsr(std::string_view csr_der) {
+  auto csr = crypto::ParseAndVerifyCsrDer(csr_der);
+  if (!csr.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("invalid CSR: ", csr.status().message()));
+  }
+  return csr->key;
+}
+
+}  // namespace
+
+absl::StatusOr<store::RegistrationEntry> Issuer::AuthorizeEntry(const std::string& node_id,
+                                                                const std::string& entry_id) const {
+  auto entry = entries_.Get(entry_id);
+  if (!entry.ok() || entry->parent_id != node_id) {
+    // The same answer for "absent" and "not yours", so a node cannot probe other nodes' entries.
+    return absl::PermissionDeniedError(
+        absl::StrCat("registration entry ", entry_id, " is not assigned to this node"));
+  }
+  return entry;
+}
+
+absl::StatusOr<IssuedX509Svid> Issuer::IssueX509Svid(const std::string& node_id,
+                                                     const std::string& entry_id,
+                                                     std::string_view csr_der) const {
+  ASSIGN_OR_RETURN(store::RegistrationEntry entry, AuthorizeEntry(node_id, entry_id));
+  ASSIGN_OR_RETURN(crypto::PublicKey key, KeyFromCsr(csr_der));
+  int64_t ttl = entry.x509_ttl_s > 0 ? entry.x509_ttl_s : defaults_.x509_svid_ttl_seconds;
+  ASSIGN_OR_RETURN(crypto::Certificate cert, authority_.SignX509Svid(key, entry.spiffe_id, ttl));
+  spdlog::info("issued x509-svid spiffe_id={} serial={} entry={} node={} expires_at={}",
+               entry.spiffe_id, cert.SerialHex(), entry.id, node_id, cert.not_after());
+  return IssuedX509Svid{entry.id, entry.spiffe_id, std::move(cert)};
+}
+
+absl::StatusOr<IssuedJwtSvid> Issuer::IssueJwtSvid(
+    const std::string& node_id, const std::string& entry_id,
+    const std::vector<std::string>& audiences) const {
+  if (audiences.empty()) return absl::InvalidArgumentError("JWT-SVID audience is required");
+  if (audiences.size() > kMaxAudiences) {
+    return absl::InvalidArgumentError(absl::StrCat("at most ", kMaxAudiences, " audiences"));
+  }
+  for (const auto& aud : audiences) {
+    if (aud.empty() || aud.size() > kMaxAudienceLength) {
+      return absl::InvalidArgumentError("JWT-SVID audience must be 1-512 bytes");
+    }
+  }
+  ASSIGN_OR_RETURN(store::RegistrationEntry entry, AuthorizeEntry(node_id, entry_id));
+  int64_t ttl = entry.jwt_ttl_s > 0 ? entry.jwt_ttl_s : defaults_.jwt_svid_ttl_seconds;
+  int64_t now = clock_.NowSeconds();
+  ASSIGN_OR_RETURN(std::string random, crypto::RandomBytes(16));
+  IssuedJwtSvid out;
+  out.spiffe_id = entry.spiffe_id;
+  out.jti = crypto::HexEncode(random);
+  out.expires_at = now + ttl;
+  nlohmann::json payload = {{"sub", entry.spiffe_id},
+                            {"aud", audiences},
+                            {"iat", now},
+                            {"exp", out.expires_at},
+                            {"jti", out.jti}};
+  ASSIGN_OR_RETURN(out.token, authority_.SignJws("JWT", payload.dump()));
+  spdlog::info("issued jwt-svid spiffe_id={} jti={} entry={} node={} expires_at={}",
+               entry.spiffe_id, out.jti, entry.id, node_id, out.expires_at);
+  return out;
+}
+
+absl::StatusOr<crypto::Certificate> Issuer::IssueNodeSvid(const std::string& node_id,
+                                                          std::string_view csr_der) const {
+  ASSIGN_OR_RETURN(crypto::PublicKey key, KeyFromCsr(csr_der));
+  ASSIGN_OR_RETURN(crypto::Certificate cert,
+                   authority_.SignX509Svid(key, node_id, defaults_.agent_svid_ttl_seconds));
+  spdlog::info("issued node x509-svid spiffe_id={} serial={} expires_at={}", node_id,
+               cert.SerialHex(), cert.not_after());
+  return cert;
+}
+
+}  // namespace mandate::broker

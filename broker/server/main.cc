@@ -1,0 +1,308 @@
+// mandate-broker: CA and signing keys, registration entries, node attestation, issuance, and the
+// admin, node and HTTP endpoints (DESIGN.md §1, §6).
+#include <grpcpp/grpcpp.h>
+#include <grpcpp/security/server_credentials.h>
+#include <signal.h>
+#include <spdlog/spdlog.h>
+#include <sys/stat.h>
+#include <toml++/toml.h>
+#include <unistd.h>
+
+#include <CLI/CLI.hpp>
+#include <cerrno>
+#include <cstring>
+#include <iostream>
+#include <nlohmann/json.hpp>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "attestors/node/join_token/join_token_attestor.h"
+#include "broker/common/crypto/keys.h"
+#include "broker/common/grpcutil/uds_listener.h"
+#include "broker/common/log/log.h"
+#include "broker/common/store/sqlite_store.h"
+#include "broker/server/admin_service.h"
+#include "broker/server/entry_registry.h"
+#include "broker/server/http_endpoints.h"
+#include "broker/server/issuer.h"
+#include "broker/server/node_service.h"
+#include "broker/server/trust_authority.h"
+
+namespace mandate::broker {
+namespace {
+
+struct BrokerFlags {
+  std::string config_file;
+  std::string data_dir;
+  std::string trust_domain;
+  std::string agent_listen = "127.0.0.1:8081";
+  std::string http_listen = "127.0.0.1:8080";
+  std::string admin_socket;  // default <data-dir>/admin.sock
+  std::string issuer_url;    // default http://<http-listen>
+  std::string http_tls_cert;
+  std::string http_tls_key;
+  bool insecure_http = false;
+  std::string log_format = "text";
+  std::string log_level = "info";
+  int64_t x509_svid_ttl = 3600;
+  int64_t jwt_svid_ttl = 300;
+  int64_t agent_svid_ttl = 3600;
+};
+
+// Splits "host:port" ("[::1]:80" for IPv6). Port 0 means "pick a free port".
+absl::Status SplitHostPort(const std::string& address, std::string* host, int* port) {
+  auto colon = address.rfind(':');
+  if (colon == std::string::npos || colon == 0) {
+    return absl::InvalidArgumentError(absl::StrCat("'", address, "' is not HOST:PORT"));
+  }
+  *host = address.substr(0, colon);
+  if (host->size() > 2 && host->front() == '[' && host->back() == ']') {
+    *host = host->substr(1, host->size() - 2);
+  }
+  if (!absl::SimpleAtoi(address.substr(colon + 1), port) || *port < 0 || *port > 65535) {
+    return absl::InvalidArgumentError(absl::StrCat("'", address, "' has an invalid port"));
+  }
+  return absl::OkStatus();
+}
+
+bool IsLoopback(const std::string& host) {
+  return host == "localhost" || host == "::1" || host.starts_with("127.");
+}
+
+absl::Status EnsureDataDir(const std::string& dir) {
+  if (::mkdir(dir.c_str(), 0700) != 0 && errno != EEXIST) {
+    return absl::InternalError(
+        absl::StrCat("cannot create --data-dir ", dir, ": ", std::strerror(errno)));
+  }
+  struct stat st {};
+  if (::stat(dir.c_str(), &st) != 0 || !S_ISDIR(st.st_mode)) {
+    return absl::FailedPreconditionError(absl::StrCat("--data-dir ", dir, " is not a directory"));
+  }
+  if ((st.st_mode & 077) != 0) ::chmod(dir.c_str(), st.st_mode & 0700);
+  return absl::OkStatus();
+}
+
+// Applies keys of a TOML config file to flags that were not given on the command line.
+absl::Status ApplyConfigFile(const std::string& path, CLI::App& app, BrokerFlags& flags) {
+  toml::table table;
+  try {
+    table = toml::parse_file(path);
+  } catch (const toml::parse_error& e) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("config ", path, ": ", std::string(e.description())));
+  }
+  auto set_string = [&](const char* key, const char* flag, std::string& out) {
+    if (auto v = table[key].value<std::string>(); v && app.count(flag) == 0) out = *v;
+  };
+  auto set_int = [&](const char* key, const char* flag, int64_t& out) {
+    if (auto v = table[key].value<int64_t>(); v && app.count(flag) == 0) out = *v;
+  };
+  set_string("data_dir", "--data-dir", flags.data_dir);
+  set_string("trust_domain", "--trust-domain", flags.trust_domain);
+  set_string("agent_listen", "--agent-listen", flags.agent_listen);
+  set_string("http_listen", "--http-listen", flags.http_listen);
+  set_string("admin_socket", "--admin-socket", flags.admin_socket);
+  set_string("issuer_url", "--issuer-url", flags.issuer_url);
+  set_string("http_tls_cert", "--http-tls-cert", flags.http_tls_cert);
+  set_string("http_tls_key", "--http-tls-key", flags.http_tls_key);
+  set_string("log_format", "--log-format", flags.log_format);
+  set_string("log_level", "--log-level", flags.log_level);
+  set_int("x509_svid_ttl", "--x509-svid-ttl", flags.x509_svid_ttl);
+  set_int("jwt_svid_ttl", "--jwt-svid-ttl", flags.jwt_svid_ttl);
+  set_int("agent_svid_ttl", "--agent-svid-ttl", flags.agent_svid_ttl);
+  if (auto v = table["insecure_http"].value<bool>(); v && app.count("--insecure-http") == 0) {
+    flags.insecure_http = *v;
+  }
+  return absl::OkStatus();
+}
+
+int Fail(const absl::Status& status) {
+  spdlog::error("{}", std::string(status.message()));
+  std::cerr << "mandate-broker: " << status.message() << "\n";
+  return 1;
+}
+
+int Run(const BrokerFlags& flags) {
+  if (auto s = EnsureDataDir(flags.data_dir); !s.ok()) return Fail(s);
+  auto td = spiffe::TrustDomain::Parse(flags.trust_domain);
+  if (!td.ok())
+    return Fail(
+        absl::InvalidArgumentError(absl::StrCat("--trust-domain: ", td.status().message())));
+  std::string http_host, agent_host;
+  int http_port = 0, agent_port = 0;
+  if (auto s = SplitHostPort(flags.http_listen, &http_host, &http_port); !s.ok()) {
+    return Fail(absl::InvalidArgumentError(absl::StrCat("--http-listen: ", s.message())));
+  }
+  if (auto s = SplitHostPort(flags.agent_listen, &agent_host, &agent_port); !s.ok()) {
+    return Fail(absl::InvalidArgumentError(absl::StrCat("--agent-listen: ", s.message())));
+  }
+  bool http_tls = !flags.http_tls_cert.empty() || !flags.http_tls_key.empty();
+  if (http_tls && (flags.http_tls_cert.empty() || flags.http_tls_key.empty())) {
+    return Fail(absl::InvalidArgumentError("--http-tls-cert and --http-tls-key go together"));
+  }
+  if (!http_tls && !IsLoopback(http_host) && !flags.insecure_http) {
+    return Fail(absl::InvalidArgumentError(
+        "refusing plain HTTP on a non-loopback address: give --http-tls-cert/--http-tls-key, "
+        "or --insecure-http if you really mean it"));
+  }
+
+  const Clock& clock = Clock::Real();
+  auto store = store::SqliteStore::Open(flags.data_dir + "/mandate.db");
+  if (!store.ok()) return Fail(store.status());
+  if (auto s = (*store)->PruneExpiredJoinTokens(clock.NowSeconds()); !s.ok()) return Fail(s);
+
+  TrustAuthority::Options ta_options{.data_dir = flags.data_dir, .trust_domain = *td};
+  auto authority = TrustAuthority::LoadOrCreate(ta_options, clock);
+  if (!authority.ok()) return Fail(authority.status());
+  auto entries = EntryRegistry::Load(**store);
+  if (!entries.ok()) return Fail(entries.status());
+
+  IssuerDefaults defaults;
+  defaults.x509_svid_ttl_seconds = flags.x509_svid_ttl;
+  defaults.jwt_svid_ttl_seconds = flags.jwt_svid_ttl;
+  defaults.agent_svid_ttl_seconds = flags.agent_svid_ttl;
+  Issuer issuer(**authority, **entries, clock, defaults);
+
+  attestors::JoinTokenServerAttestor join_token(**store, clock, *td);
+  std::map<std::string, attestors::ServerNodeAttestor*, std::less<>> node_attestors = {
+      {std::string(join_token.name()), &join_token}};
+  NodeService node_service(**authority, **store, **entries, issuer, clock, node_attestors);
+  AdminService admin_service(**authority, **store, **entries, clock);
+
+  // TLS for the agent-facing port: a fresh key each start, certificate from our CA.
+  auto server_key = crypto::PrivateKey::GenerateP256();
+  if (!server_key.ok()) return Fail(server_key.status());
+  int64_t server_ttl = (*authority)->ca_certificate().not_after() - clock.NowSeconds();
+  auto server_cert = (*authority)->SignServerCertificate(server_key->public_key(), server_ttl);
+  if (!server_cert.ok()) return Fail(server_cert.status());
+  grpc::SslServerCredentialsOptions ssl(GRPC_SSL_REQUEST_CLIENT_CERTIFICATE_AND_VERIFY);
+  ssl.pem_root_certs = (*authority)->bundle_pem();
+  ssl.pem_key_cert_pairs.push_back({server_key->ExportPemSecret(), server_cert->Pem()});
+
+  grpc::ServerBuilder node_builder;
+  int bound_agent_port = 0;
+  node_builder.AddListeningPort(flags.agent_listen, grpc::SslServerCredentials(ssl),
+                                &bound_agent_port);
+  node_builder.RegisterService(&node_service);
+  node_builder.SetMaxReceiveMessageSize(4 * 1024 * 1024);
+  std::unique_ptr<grpc::Server> node_server = node_builder.BuildAndStart();
+  if (!node_server || bound_agent_port == 0) {
+    return Fail(absl::UnavailableError(
+        absl::StrCat("cannot listen on --agent-listen ", flags.agent_listen)));
+  }
+
+  grpc::ServerBuilder admin_builder;
+  admin_builder.RegisterService(&admin_service);
+  std::unique_ptr<grpc::Server> admin_server = admin_builder.BuildAndStart();
+  std::string admin_path =
+      flags.admin_socket.empty() ? flags.data_dir + "/admin.sock" : flags.admin_socket;
+  uid_t self = ::geteuid();
+  auto admin_listener = grpcutil::UdsListener::Start(
+      admin_server.get(), admin_path, 0600,
+      [self](const grpcutil::PeerCredentials& peer) { return peer.uid == self || peer.uid == 0; });
+  if (!admin_listener.ok()) return Fail(admin_listener.status());
+
+  std::string issuer_url = flags.issuer_url;
+  HttpEndpoints http(**authority);
+  if (auto s = http.Bind(http_host, http_port, flags.http_tls_cert, flags.http_tls_key); !s.ok())
+    return Fail(s);
+  if (issuer_url.empty()) {
+    issuer_url = absl::StrCat(
+        http_tls ? "https://" : "http://",
+        http_host.find(':') != std::string::npos ? absl::StrCat("[", http_host, "]") : http_host,
+        ":", http.port());
+  }
+  http.Serve(issuer_url);
+
+  nlohmann::json endpoints = {{"agent_address", absl::StrCat(agent_host, ":", bound_agent_port)},
+                              {"http_address", absl::StrCat(http_host, ":", http.port())},
+                              {"issuer_url", issuer_url},
+                              {"admin_socket", admin_path},
+                              {"trust_domain", td->name()},
+                              {"pid", ::getpid()}};
+  if (auto s = crypto::WriteFileAtomic(flags.data_dir + "/endpoints.json", endpoints.dump() + "\n",
+                                       0644);
+      !s.ok()) {
+    return Fail(s);
+  }
+  http.SetReady(true);
+  spdlog::info("mandate-broker ready trust_domain={} agent={}:{} http={} admin={} entries={}",
+               td->name(), agent_host, bound_agent_port, issuer_url, admin_path,
+               (*entries)->size());
+
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGTERM);
+  sigaddset(&signals, SIGINT);
+  int sig = 0;
+  sigwait(&signals, &sig);
+  spdlog::info("signal {} received; draining", sig);
+  http.SetReady(false);
+  node_service.Shutdown();
+  (*admin_listener)->Stop();
+  auto deadline = std::chrono::system_clock::now() + std::chrono::seconds(5);
+  node_server->Shutdown(deadline);
+  admin_server->Shutdown(deadline);
+  http.Stop();
+  spdlog::info("mandate-broker stopped");
+  return 0;
+}
+
+}  // namespace
+}  // namespace mandate::broker
+
+int main(int argc, char** argv) {
+  // Block termination signals in every thread; main() takes them with sigwait.
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGTERM);
+  sigaddset(&signals, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+  signal(SIGPIPE, SIG_IGN);
+
+  mandate::broker::BrokerFlags flags;
+  CLI::App app{"mandate-broker: workload identity and credential broker"};
+  app.add_option("--config", flags.config_file, "TOML config file (keys as flag names with _)");
+  app.add_option("--data-dir", flags.data_dir, "State directory (created 0700)");
+  app.add_option("--trust-domain", flags.trust_domain, "Trust domain, e.g. example.org");
+  app.add_option("--agent-listen", flags.agent_listen, "gRPC+TLS address for node agents")
+      ->capture_default_str();
+  app.add_option("--http-listen", flags.http_listen, "HTTP address")->capture_default_str();
+  app.add_option("--admin-socket", flags.admin_socket, "Admin socket (default DIR/admin.sock)");
+  app.add_option("--issuer-url", flags.issuer_url, "Issuer URL (default from --http-listen)");
+  app.add_option("--http-tls-cert", flags.http_tls_cert, "TLS certificate for HTTP");
+  app.add_option("--http-tls-key", flags.http_tls_key, "TLS key for HTTP");
+  app.add_flag("--insecure-http", flags.insecure_http, "Allow plain HTTP on non-loopback");
+  app.add_option("--log-format", flags.log_format, "text|json")->capture_default_str();
+  app.add_option("--log-level", flags.log_level, "trace|debug|info|warn|error")
+      ->capture_default_str();
+  app.add_option("--x509-svid-ttl", flags.x509_svid_ttl, "Default X509-SVID TTL (s)")
+      ->capture_default_str();
+  app.add_option("--jwt-svid-ttl", flags.jwt_svid_ttl, "Default JWT-SVID TTL (s)")
+      ->capture_default_str();
+  app.add_option("--agent-svid-ttl", flags.agent_svid_ttl, "Node agent SVID TTL (s)")
+      ->capture_default_str();
+  CLI11_PARSE(app, argc, argv);
+  if (!flags.config_file.empty()) {
+    if (auto s = mandate::broker::ApplyConfigFile(flags.config_file, app, flags); !s.ok()) {
+      std::cerr << "mandate-broker: " << s.message() << "\n";
+      return 2;
+    }
+  }
+  if (flags.data_dir.empty() || flags.trust_domain.empty()) {
+    std::cerr << "mandate-broker: --data-dir and --trust-domain are required\n";
+    return 2;
+  }
+  for (int64_t ttl : {flags.x509_svid_ttl, flags.jwt_svid_ttl, flags.agent_svid_ttl}) {
+    if (ttl < 60 || ttl > 30 * 24 * 3600) {
+      std::cerr << "mandate-broker: SVID TTLs must be between 60 s and 30 days\n";
+      return 2;
+    }
+  }
+  if (auto s = mandate::log::InitLogging("mandate-broker", flags.log_format, flags.log_level);
+      !s.ok()) {
+    std::cerr << "mandate-broker: " << s.message() << "\n";
+    return 2;
+  }
+  return mandate::broker::Run(flags);
+}

@@ -1,0 +1,236 @@
+#include "broker/server/node_service.h"
+
+#include <grpcpp/grpcpp.h>
+#include <spdlog/spdlog.h>
+
+#include "absl/strings/str_cat.h"
+#include "broker/common/grpcutil/status.h"
+#include "broker/common/log/log.h"
+#include "broker/common/spiffe/spiffe_id.h"
+#include "broker/common/util/status_macros.h"
+
+namespace mandate::broker {
+namespace {
+
+namespace nodepb = mandate::node::v1;
+using grpcutil::ToGrpcStatus;
+
+std::string PeerAddress(const grpc::ServerContext* context) { return context->peer(); }
+
+}  // namespace
+
+NodeService::NodeService(
+    const TrustAuthority& authority, store::Store& store, EntryRegistry& entries,
+    const Issuer& issuer, const Clock& clock,
+    std::map<std::string, attestors::ServerNodeAttestor*, std::less<>> attestors)
+    : authority_(authority),
+      store_(store),
+      entries_(entries),
+      issuer_(issuer),
+      clock_(clock),
+      attestors_(std::move(attestors)) {}
+
+void NodeService::Shutdown() {
+  shutting_down_ = true;
+  entries_.NotifyNodeChanged();
+}
+
+absl::StatusOr<store::AttestedNode> NodeService::AuthenticateNode(
+    grpc::ServerContext* context) const {
+  auto auth = context->auth_context();
+  std::vector<grpc::string_ref> pems =
+      auth ? auth->FindPropertyValues("x509_pem_cert") : std::vector<grpc::string_ref>{};
+  if (pems.empty()) {
+    return absl::UnauthenticatedError("this call needs the agent's X509-SVID (mTLS)");
+  }
+  auto chain = crypto::Certificate::ParsePemChain(std::string_view(pems[0].data(), pems[0].size()));
+  if (!chain.ok()) return absl::UnauthenticatedError("unreadable client certificate");
+  auto verified = crypto::VerifyX509SvidChain(*chain, authority_.x509_roots(), clock_.NowSeconds());
+  if (!verified.ok()) {
+    return absl::UnauthenticatedError(
+        absl::StrCat("client certificate rejected: ", verified.status().message()));
+  }
+  auto id = spiffe::SpiffeId::Parse(verified->spiffe_id);
+  if (!id.ok() || !id->MemberOf(authority_.trust_domain()) || !id->path().starts_with("/node/")) {
+    return absl::PermissionDeniedError("client certificate is not a node agent SVID");
+  }
+  auto node = store_.GetNode(verified->spiffe_id);
+  if (absl::IsNotFound(node.status())) {
+    return absl::UnauthenticatedError(
+        absl::StrCat("node ", verified->spiffe_id, " is not attested (evicted?); re-attest"));
+  }
+  if (!node.ok()) return node.status();
+  if (node->banned) {
+    return absl::PermissionDeniedError(absl::StrCat("node ", node->spiffe_id, " is banned"));
+  }
+  if (node->cert_serial != chain->front().SerialHex()) {
+    return absl::UnauthenticatedError("node SVID was superseded; use the current one");
+  }
+  return node;
+}
+
+absl::Status NodeService::RecordNode(const attestors::NodeAttestationResult& result,
+                                     std::string_view attestor,
+                                     const crypto::Certificate& svid) const {
+  store::AttestedNode node;
+  node.spiffe_id = result.node_spiffe_id;
+  node.attestor = std::string(attestor);
+  node.selectors = result.selectors;
+  node.cert_serial = svid.SerialHex();
+  node.cert_expires_at = svid.not_after();
+  node.created_at = clock_.NowSeconds();
+  node.updated_at = node.created_at;
+  return store_.UpsertNode(node);
+}
+
+grpc::Status NodeService::Attest(
+    grpc::ServerContext* context,
+    grpc::ServerReaderWriter<nodepb::AttestResponse, nodepb::AttestRequest>* stream) {
+  nodepb::AttestRequest first;
+  if (!stream->Read(&first) || !first.has_params()) {
+    return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                        "attestation must start with AttestParams");
+  }
+  const nodepb::AttestParams& params = first.params();
+  auto it = attestors_.find(params.attestor());
+  if (it == attestors_.end()) {
+    spdlog::warn("attestation refused peer={} attestor=\"{}\": attestor not enabled",
+                 PeerAddress(context), log::EscapeForLog(params.attestor()));
+    return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                        absl::StrCat("node attestor '", log::EscapeForLog(params.attestor()),
+                                     "' is not enabled on this broker"));
+  }
+  attestors::ServerNodeAttestor::ChallengeFn challenge =
+      [stream](std::string_view data) -> absl::StatusOr<std::string> {
+    nodepb::AttestResponse response;
+    response.set_challenge(std::string(data));
+    nodepb::AttestRequest answer;
+    if (!stream->Write(response) || !stream->Read(&answer) || !answer.has_challenge_response()) {
+      return absl::AbortedError("agent did not answer the attestation challenge");
+    }
+    return answer.challenge_response();
+  };
+  auto result = it->second->Attest(params.payload(), challenge);
+  if (!result.ok()) {
+    spdlog::warn("attestation refused peer={} attestor={}: {}", PeerAddress(context), it->first,
+                 std::string(result.status().message()));
+    return ToGrpcStatus(result.status());
+  }
+  auto banned = store_.IsNodeBanned(result->node_spiffe_id);
+  if (!banned.ok()) return ToGrpcStatus(banned.status());
+  if (*banned) {
+    spdlog::warn("attestation refused peer={} node={}: node is banned", PeerAddress(context),
+                 result->node_spiffe_id);
+    return grpc::Status(grpc::StatusCode::PERMISSION_DENIED,
+                        absl::StrCat("node ", result->node_spiffe_id, " is banned"));
+  }
+  auto svid = issuer_.IssueNodeSvid(result->node_spiffe_id, params.csr());
+  if (!svid.ok()) return ToGrpcStatus(svid.status());
+  if (auto s = RecordNode(*result, it->first, *svid); !s.ok()) return ToGrpcStatus(s);
+  entries_.NotifyNodeChanged();
+  spdlog::info("node attested node={} attestor={} peer={}", result->node_spiffe_id, it->first,
+               PeerAddress(context));
+
+  nodepb::AttestResponse response;
+  nodepb::AttestResult* out = response.mutable_result();
+  out->set_spiffe_id(result->node_spiffe_id);
+  out->set_svid_chain(svid->Der());
+  out->set_bundle(authority_.bundle_der());
+  if (!stream->Write(response)) {
+    return grpc::Status(grpc::StatusCode::UNAVAILABLE, "agent went away");
+  }
+  return grpc::Status::OK;
+}
+
+grpc::Status NodeService::RenewAgentSvid(grpc::ServerContext* context,
+                                         const nodepb::RenewAgentSvidRequest* request,
+                                         nodepb::RenewAgentSvidResponse* response) {
+  auto node = AuthenticateNode(context);
+  if (!node.ok()) return ToGrpcStatus(node.status());
+  auto svid = issuer_.IssueNodeSvid(node->spiffe_id, request->csr());
+  if (!svid.ok()) return ToGrpcStatus(svid.status());
+  node->cert_serial = svid->SerialHex();
+  node->cert_expires_at = svid->not_after();
+  node->updated_at = clock_.NowSeconds();
+  if (auto s = store_.UpsertNode(*node); !s.ok()) return ToGrpcStatus(s);
+  response->set_svid_chain(svid->Der());
+  return grpc::Status::OK;
+}
+
+grpc::Status NodeService::Sync(grpc::ServerContext* context, const nodepb::SyncRequest*,
+                               grpc::ServerWriter<nodepb::SyncResponse>* writer) {
+  auto node = AuthenticateNode(context);
+  if (!node.ok()) return ToGrpcStatus(node.status());
+  const std::string node_id = node->spiffe_id;
+  uint64_t generation = entries_.generation();
+  while (!context->IsCancelled() && !shutting_down_) {
+    nodepb::SyncResponse snapshot;
+    snapshot.set_revision(static_cast<int64_t>(generation));
+    snapshot.set_trust_domain(authority_.trust_domain().name());
+    snapshot.set_x509_bundle(authority_.bundle_der());
+    snapshot.set_jwt_bundle(authority_.jwt_bundle_jwks());
+    for (const auto& entry : entries_.ForParent(node_id)) {
+      auto* e = snapshot.add_entries();
+      e->set_id(entry.id);
+      e->set_spiffe_id(entry.spiffe_id);
+      e->set_parent_id(entry.parent_id);
+      for (const auto& s : entry.selectors) e->add_selectors(s);
+      for (const auto& s : entry.scopes) e->add_scopes(s);
+      e->set_x509_ttl_seconds(entry.x509_ttl_s);
+      e->set_jwt_ttl_seconds(entry.jwt_ttl_s);
+      e->set_token_ttl_seconds(entry.token_ttl_s);
+      e->set_created_at(entry.created_at);
+      e->set_revision(entry.revision);
+    }
+    if (!writer->Write(snapshot)) break;
+    // Wake at once on any change; the timeout only bounds how long a cancelled stream lingers.
+    uint64_t next = generation;
+    while (next == generation && !context->IsCancelled() && !shutting_down_) {
+      next = entries_.WaitForChange(generation, std::chrono::milliseconds(500));
+    }
+    generation = next;
+    // Evicted or banned nodes lose their stream as soon as it happens.
+    auto still = store_.GetNode(node_id);
+    if (!still.ok() || still->banned) {
+      return grpc::Status(grpc::StatusCode::PERMISSION_DENIED,
+                          absl::StrCat("node ", node_id, " was evicted or banned"));
+    }
+  }
+  return grpc::Status::OK;
+}
+
+grpc::Status NodeService::SignX509Svids(grpc::ServerContext* context,
+                                        const nodepb::SignX509SvidsRequest* request,
+                                        nodepb::SignX509SvidsResponse* response) {
+  auto node = AuthenticateNode(context);
+  if (!node.ok()) return ToGrpcStatus(node.status());
+  if (request->requests_size() > 1000) {
+    return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "at most 1000 CSRs per call");
+  }
+  for (const auto& req : request->requests()) {
+    auto svid = issuer_.IssueX509Svid(node->spiffe_id, req.entry_id(), req.csr());
+    if (!svid.ok()) return ToGrpcStatus(svid.status());
+    auto* out = response->add_svids();
+    out->set_entry_id(svid->entry_id);
+    out->set_spiffe_id(svid->spiffe_id);
+    out->set_svid_chain(svid->certificate.Der());
+    out->set_expires_at(svid->certificate.not_after());
+  }
+  return grpc::Status::OK;
+}
+
+grpc::Status NodeService::MintJwtSvid(grpc::ServerContext* context,
+                                      const nodepb::MintJwtSvidRequest* request,
+                                      nodepb::MintJwtSvidResponse* response) {
+  auto node = AuthenticateNode(context);
+  if (!node.ok()) return ToGrpcStatus(node.status());
+  std::vector<std::string> audiences(request->audience().begin(), request->audience().end());
+  auto jwt = issuer_.IssueJwtSvid(node->spiffe_id, request->entry_id(), audiences);
+  if (!jwt.ok()) return ToGrpcStatus(jwt.status());
+  response->set_spiffe_id(jwt->spiffe_id);
+  response->set_token(jwt->token);
+  response->set_expires_at(jwt->expires_at);
+  return grpc::Status::OK;
+}
+
+}  // namespace mandate::broker

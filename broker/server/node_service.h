@@ -1,0 +1,62 @@
+// gRPC adapter for mandate.node.v1.NodeApi: attestation, the sync stream and SVID signing for
+// node agents. Thin: the decisions live in the attestors, the issuer and the registry.
+#ifndef MANDATE_BROKER_SERVER_NODE_SERVICE_H_
+#define MANDATE_BROKER_SERVER_NODE_SERVICE_H_
+
+#include <map>
+#include <memory>
+#include <string>
+
+#include "attestors/node/node_attestor.h"
+#include "broker/common/store/store.h"
+#include "broker/server/entry_registry.h"
+#include "broker/server/issuer.h"
+#include "broker/server/trust_authority.h"
+#include "mandate/node/v1/node.grpc.pb.h"
+
+namespace mandate::broker {
+
+class NodeService final : public mandate::node::v1::NodeApi::Service {
+ public:
+  // All references must outlive the service. `attestors` maps attestor name -> broker half.
+  NodeService(const TrustAuthority& authority, store::Store& store, EntryRegistry& entries,
+              const Issuer& issuer, const Clock& clock,
+              std::map<std::string, attestors::ServerNodeAttestor*, std::less<>> attestors);
+
+  grpc::Status Attest(grpc::ServerContext* context,
+                      grpc::ServerReaderWriter<mandate::node::v1::AttestResponse,
+                                               mandate::node::v1::AttestRequest>* stream) override;
+  grpc::Status RenewAgentSvid(grpc::ServerContext* context,
+                              const mandate::node::v1::RenewAgentSvidRequest* request,
+                              mandate::node::v1::RenewAgentSvidResponse* response) override;
+  grpc::Status Sync(grpc::ServerContext* context, const mandate::node::v1::SyncRequest* request,
+                    grpc::ServerWriter<mandate::node::v1::SyncResponse>* writer) override;
+  grpc::Status SignX509Svids(grpc::ServerContext* context,
+                             const mandate::node::v1::SignX509SvidsRequest* request,
+                             mandate::node::v1::SignX509SvidsResponse* response) override;
+  grpc::Status MintJwtSvid(grpc::ServerContext* context,
+                           const mandate::node::v1::MintJwtSvidRequest* request,
+                           mandate::node::v1::MintJwtSvidResponse* response) override;
+
+  // Stops open Sync streams promptly (called before server shutdown).
+  void Shutdown();
+
+ private:
+  // Identifies the calling node from its mTLS client certificate and checks it is attested,
+  // not banned, and presenting its current SVID.
+  absl::StatusOr<store::AttestedNode> AuthenticateNode(grpc::ServerContext* context) const;
+  absl::Status RecordNode(const attestors::NodeAttestationResult& result, std::string_view attestor,
+                          const crypto::Certificate& svid) const;
+
+  const TrustAuthority& authority_;
+  store::Store& store_;
+  EntryRegistry& entries_;
+  const Issuer& issuer_;
+  const Clock& clock_;
+  const std::map<std::string, attestors::ServerNodeAttestor*, std::less<>> attestors_;
+  std::atomic<bool> shutting_down_{false};
+};
+
+}  // namespace mandate::broker
+
+#endif  // MANDATE_BROKER_SERVER_NODE_SERVICE_H_

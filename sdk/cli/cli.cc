@@ -1,0 +1,800 @@
+#include "sdk/cli/cli.h"
+
+#include <grpcpp/grpcpp.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <chrono>
+#include <cstdint>
+#include <cstring>
+#include <exception>
+#include <functional>
+#include <iostream>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "CLI/CLI.hpp"
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "absl/time/time.h"
+#include "broker/common/crypto/keys.h"
+#include "broker/common/spiffe/selector.h"
+#include "broker/common/spiffe/spiffe_id.h"
+#include "broker/common/util/status_macros.h"
+#include "mandate/admin/v1/admin.grpc.pb.h"
+#include "mandate/workload_client.h"
+#include "nlohmann/json.hpp"
+
+namespace mandate::cli {
+namespace {
+
+using nlohmann::json;
+namespace adminpb = ::mandate::admin::v1;
+namespace commonpb = ::mandate::common::v1;
+
+constexpr auto kAdminCallTimeout = std::chrono::seconds(10);
+constexpr char kAdminSocketHint[] = "(set --admin-socket or MANDATE_ADMIN_SOCKET)";
+
+struct GlobalOptions {
+  std::string admin_socket = kDefaultAdminSocket;
+  std::string socket;  // empty: the SDK reads MANDATE_ENDPOINT_SOCKET / SPIFFE_ENDPOINT_SOCKET
+  std::string output = "text";
+};
+
+// What a command handler writes to.
+struct Io {
+  std::ostream& out;
+  const GlobalOptions& global;
+  bool json() const { return global.output == "json"; }
+};
+
+// ---------------------------------------------------------------------------- formatting
+
+std::string Rfc3339(int64_t unix_seconds) {
+  return absl::FormatTime("%Y-%m-%dT%H:%M:%SZ", absl::FromUnixSeconds(unix_seconds),
+                          absl::UTCTimeZone());
+}
+
+json TimeJson(int64_t unix_seconds) {
+  return unix_seconds == 0 ? json(nullptr) : json(Rfc3339(unix_seconds));
+}
+
+std::string TimeText(int64_t unix_seconds) {
+  return unix_seconds == 0 ? "-" : Rfc3339(unix_seconds);
+}
+
+// Server-supplied text shown on a terminal: control characters are escaped so that a stored
+// value cannot rewrite the operator's screen.
+std::string Printable(std::string_view s) {
+  std::string out;
+  out.reserve(s.size());
+  for (unsigned char c : s) {
+    if (c < 0x20 || c == 0x7f) {
+      out += absl::StrFormat("\\x%02x", c);
+    } else {
+      out += static_cast<char>(c);
+    }
+  }
+  return out;
+}
+
+// JSON output never throws on invalid UTF-8 from the server: bad bytes become U+FFFD.
+void PrintJson(std::ostream& out, const json& doc) {
+  out << doc.dump(2, ' ', false, json::error_handler_t::replace) << "\n";
+}
+
+json StringsJson(const google::protobuf::RepeatedPtrField<std::string>& values) {
+  json arr = json::array();
+  for (const std::string& v : values) {
+    arr.push_back(v);
+  }
+  return arr;
+}
+
+std::string JoinPrintable(const google::protobuf::RepeatedPtrField<std::string>& values) {
+  std::vector<std::string> parts;
+  for (const std::string& v : values) {
+    parts.push_back(Printable(v));
+  }
+  return parts.empty() ? "-" : absl::StrJoin(parts, ",");
+}
+
+// A left-aligned text table with a header row.
+void PrintTable(std::ostream& out, const std::vector<std::string>& header,
+                const std::vector<std::vector<std::string>>& rows) {
+  std::vector<size_t> widths(header.size());
+  for (size_t i = 0; i < header.size(); ++i) {
+    widths[i] = header[i].size();
+  }
+  for (const auto& row : rows) {
+    for (size_t i = 0; i < row.size() && i < widths.size(); ++i) {
+      widths[i] = std::max(widths[i], row[i].size());
+    }
+  }
+  auto print_row = [&](const std::vector<std::string>& row) {
+    std::string line;
+    for (size_t i = 0; i < row.size(); ++i) {
+      line += row[i];
+      if (i + 1 < row.size()) {
+        line += std::string(widths[i] - row[i].size() + 2, ' ');
+      }
+    }
+    out << line << "\n";
+  };
+  print_row(header);
+  for (const auto& row : rows) {
+    print_row(row);
+  }
+}
+
+json EntryJson(const commonpb::Entry& e) {
+  return json{{"id", e.id()},
+              {"spiffe_id", e.spiffe_id()},
+              {"parent_id", e.parent_id()},
+              {"selectors", StringsJson(e.selectors())},
+              {"scopes", StringsJson(e.scopes())},
+              {"x509_ttl_seconds", e.x509_ttl_seconds()},
+              {"jwt_ttl_seconds", e.jwt_ttl_seconds()},
+              {"token_ttl_seconds", e.token_ttl_seconds()},
+              {"created_at", TimeJson(e.created_at())},
+              {"revision", e.revision()}};
+}
+
+void PrintEntryText(std::ostream& out, const commonpb::Entry& e) {
+  auto ttl = [](int64_t s) { return s == 0 ? std::string("default") : absl::StrCat(s, "s"); };
+  out << "Entry ID:   " << Printable(e.id()) << "\n"
+      << "SPIFFE ID:  " << Printable(e.spiffe_id()) << "\n"
+      << "Parent ID:  " << Printable(e.parent_id()) << "\n";
+  for (const std::string& s : e.selectors()) {
+    out << "Selector:   " << Printable(s) << "\n";
+  }
+  for (const std::string& s : e.scopes()) {
+    out << "Scope:      " << Printable(s) << "\n";
+  }
+  out << "X509 TTL:   " << ttl(e.x509_ttl_seconds()) << "\n"
+      << "JWT TTL:    " << ttl(e.jwt_ttl_seconds()) << "\n"
+      << "Token TTL:  " << ttl(e.token_ttl_seconds()) << "\n"
+      << "Created at: " << TimeText(e.created_at()) << "\n"
+      << "Revision:   " << e.revision() << "\n";
+}
+
+json AgentJson(const commonpb::Node& n) {
+  return json{{"spiffe_id", n.spiffe_id()},
+              {"attestor", n.attestor()},
+              {"selectors", StringsJson(n.selectors())},
+              {"cert_serial", n.cert_serial()},
+              {"cert_expires_at", TimeJson(n.cert_expires_at())},
+              {"created_at", TimeJson(n.created_at())},
+              {"updated_at", TimeJson(n.updated_at())},
+              {"banned", n.banned()}};
+}
+
+// ---------------------------------------------------------------------------- admin client
+
+// The broker admin API over its Unix socket (mode 0600, so plain insecure credentials: the
+// kernel's file permissions are the authentication).
+class AdminClient {
+ public:
+  static absl::StatusOr<AdminClient> Open(std::string_view socket_flag) {
+    std::string path(socket_flag);
+    if (absl::StartsWith(path, "unix://")) {
+      path = path.substr(7);
+    } else if (absl::StartsWith(path, "unix:")) {
+      path = path.substr(5);
+    }
+    if (path.empty()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("the broker admin socket path is empty ", kAdminSocketHint));
+    }
+    struct stat st;
+    if (::stat(path.c_str(), &st) != 0) {
+      int e = errno;
+      if (e == ENOENT) {
+        return absl::UnavailableError(
+            absl::StrCat("cannot reach the broker admin socket ", path,
+                         ": it does not exist; is mandate-broker running? ", kAdminSocketHint));
+      }
+      if (e == EACCES) {
+        return absl::PermissionDeniedError(absl::StrCat(
+            "cannot reach the broker admin socket ", path,
+            ": permission denied on a parent directory; run mandate as the broker's user"));
+      }
+      return absl::UnavailableError(absl::StrCat("cannot reach the broker admin socket ", path,
+                                                 ": ", std::strerror(e), " ", kAdminSocketHint));
+    }
+    if (!S_ISSOCK(st.st_mode)) {
+      return absl::InvalidArgumentError(absl::StrCat(path, " is not a socket; point ",
+                                                     "--admin-socket at the broker's admin.sock"));
+    }
+    if (::access(path.c_str(), R_OK | W_OK) != 0) {
+      return absl::PermissionDeniedError(absl::StrCat(
+          "cannot reach the broker admin socket ", path,
+          ": permission denied (the socket is mode 0600); run mandate as the broker's user"));
+    }
+    auto channel = grpc::CreateChannel("unix:" + path, grpc::InsecureChannelCredentials());
+    return AdminClient(path, adminpb::Admin::NewStub(channel));
+  }
+
+  adminpb::Admin::Stub& stub() { return *stub_; }
+
+  // Runs one unary call with a deadline and turns a gRPC failure into a status saying what to
+  // fix; the broker's own message is kept.
+  absl::Status Call(absl::string_view what,
+                    const std::function<grpc::Status(grpc::ClientContext*)>& call) {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + kAdminCallTimeout);
+    grpc::Status status = call(&ctx);
+    if (status.ok()) {
+      return absl::OkStatus();
+    }
+    switch (status.error_code()) {
+      case grpc::StatusCode::UNAVAILABLE:
+        return absl::UnavailableError(absl::StrCat(
+            "cannot reach the broker admin socket ", path_, ": is mandate-broker running? ",
+            kAdminSocketHint, " (", status.error_message(), ")"));
+      case grpc::StatusCode::DEADLINE_EXCEEDED:
+        return absl::DeadlineExceededError(
+            absl::StrCat(what, ": the broker did not answer within 10 s on ", path_));
+      default:
+        return absl::Status(static_cast<absl::StatusCode>(status.error_code()),
+                            absl::StrCat(what, ": ", status.error_message()));
+    }
+  }
+
+ private:
+  AdminClient(std::string path, std::unique_ptr<adminpb::Admin::Stub> stub)
+      : path_(std::move(path)), stub_(std::move(stub)) {}
+  std::string path_;
+  std::unique_ptr<adminpb::Admin::Stub> stub_;
+};
+
+// ---------------------------------------------------------------------------- admin commands
+
+absl::Status TokenGenerate(const Io& io, const std::string& spiffe_id, int64_t ttl) {
+  // Client-side check for a clearer message; the broker is the authority.
+  auto id = spiffe::SpiffeId::Parse(spiffe_id);
+  if (!id.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("--spiffe-id: ", id.status().message()));
+  }
+  if (!id->path().starts_with("/node/join/")) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--spiffe-id must have the form spiffe://<trust domain>/node/join/<name>, got ",
+        spiffe_id));
+  }
+  ASSIGN_OR_RETURN(AdminClient admin, AdminClient::Open(io.global.admin_socket));
+  adminpb::CreateJoinTokenRequest req;
+  req.set_spiffe_id(spiffe_id);
+  req.set_ttl_seconds(ttl);
+  adminpb::CreateJoinTokenResponse resp;
+  RETURN_IF_ERROR(admin.Call("creating a join token", [&](grpc::ClientContext* ctx) {
+    return admin.stub().CreateJoinToken(ctx, req, &resp);
+  }));
+  if (io.json()) {
+    PrintJson(io.out, json{{"token", resp.token()},
+                           {"spiffe_id", resp.spiffe_id()},
+                           {"expires_at", TimeJson(resp.expires_at())}});
+  } else {
+    io.out << Printable(resp.token()) << "\n";
+  }
+  return absl::OkStatus();
+}
+
+struct EntryCreateArgs {
+  std::string parent_id;
+  std::string spiffe_id;
+  std::vector<std::string> selectors;
+  std::vector<std::string> scopes;
+  int64_t x509_ttl = 0;
+  int64_t jwt_ttl = 0;
+  int64_t token_ttl = 0;
+};
+
+absl::Status ValidateEntryArgs(const EntryCreateArgs& a) {
+  auto parent = spiffe::SpiffeId::Parse(a.parent_id);
+  if (!parent.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("--parent-id: ", parent.status().message()));
+  }
+  auto id = spiffe::SpiffeId::Parse(a.spiffe_id);
+  if (!id.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("--spiffe-id: ", id.status().message()));
+  }
+  if (spiffe::IsReservedPath(*id)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--spiffe-id ", a.spiffe_id,
+                     ": the paths /broker and /node/... are reserved for the broker and node "
+                     "agents; choose another path, e.g. /agent/<name>"));
+  }
+  if (a.selectors.empty()) {
+    return absl::InvalidArgumentError("at least one --selector type:value is required");
+  }
+  for (const std::string& s : a.selectors) {
+    auto sel = spiffe::Selector::Parse(s);
+    if (!sel.ok()) {
+      return absl::InvalidArgumentError(absl::StrCat("--selector: ", sel.status().message()));
+    }
+    RETURN_IF_ERROR(spiffe::ValidateSelector(*sel));
+  }
+  for (const std::string& s : a.scopes) {
+    if (s.empty() || s.find_first_of(" \t\r\n\"\\") != std::string::npos) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "--scope '", Printable(s), "' must be non-empty without spaces, quotes or backslashes"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status EntryCreate(const Io& io, const EntryCreateArgs& a) {
+  RETURN_IF_ERROR(ValidateEntryArgs(a));
+  ASSIGN_OR_RETURN(AdminClient admin, AdminClient::Open(io.global.admin_socket));
+  adminpb::CreateEntryRequest req;
+  commonpb::Entry* e = req.mutable_entry();
+  e->set_parent_id(a.parent_id);
+  e->set_spiffe_id(a.spiffe_id);
+  for (const std::string& s : a.selectors) {
+    e->add_selectors(s);
+  }
+  for (const std::string& s : a.scopes) {
+    e->add_scopes(s);
+  }
+  e->set_x509_ttl_seconds(a.x509_ttl);
+  e->set_jwt_ttl_seconds(a.jwt_ttl);
+  e->set_token_ttl_seconds(a.token_ttl);
+  commonpb::Entry created;
+  RETURN_IF_ERROR(admin.Call("creating the entry", [&](grpc::ClientContext* ctx) {
+    return admin.stub().CreateEntry(ctx, req, &created);
+  }));
+  if (io.json()) {
+    PrintJson(io.out, EntryJson(created));
+  } else {
+    PrintEntryText(io.out, created);
+  }
+  return absl::OkStatus();
+}
+
+absl::Status EntryList(const Io& io, int64_t limit) {
+  ASSIGN_OR_RETURN(AdminClient admin, AdminClient::Open(io.global.admin_socket));
+  adminpb::ListEntriesResponse resp;
+  RETURN_IF_ERROR(admin.Call("listing entries", [&](grpc::ClientContext* ctx) {
+    return admin.stub().ListEntries(ctx, adminpb::ListEntriesRequest(), &resp);
+  }));
+  size_t n = resp.entries_size();
+  if (limit > 0 && static_cast<size_t>(limit) < n) {
+    n = static_cast<size_t>(limit);
+  }
+  if (io.json()) {
+    json arr = json::array();
+    for (size_t i = 0; i < n; ++i) {
+      arr.push_back(EntryJson(resp.entries(i)));
+    }
+    PrintJson(io.out, json{{"entries", arr}});
+    return absl::OkStatus();
+  }
+  std::vector<std::vector<std::string>> rows;
+  for (size_t i = 0; i < n; ++i) {
+    const commonpb::Entry& e = resp.entries(i);
+    rows.push_back({Printable(e.id()), Printable(e.spiffe_id()), Printable(e.parent_id()),
+                    JoinPrintable(e.selectors()), JoinPrintable(e.scopes())});
+  }
+  PrintTable(io.out, {"ID", "SPIFFE ID", "PARENT ID", "SELECTORS", "SCOPES"}, rows);
+  return absl::OkStatus();
+}
+
+absl::Status EntryShow(const Io& io, const std::string& id) {
+  ASSIGN_OR_RETURN(AdminClient admin, AdminClient::Open(io.global.admin_socket));
+  adminpb::GetEntryRequest req;
+  req.set_id(id);
+  commonpb::Entry entry;
+  RETURN_IF_ERROR(admin.Call(
+      absl::StrCat("showing entry ", Printable(id)),
+      [&](grpc::ClientContext* ctx) { return admin.stub().GetEntry(ctx, req, &entry); }));
+  if (io.json()) {
+    PrintJson(io.out, EntryJson(entry));
+  } else {
+    PrintEntryText(io.out, entry);
+  }
+  return absl::OkStatus();
+}
+
+absl::Status EntryDelete(const Io& io, const std::string& id) {
+  ASSIGN_OR_RETURN(AdminClient admin, AdminClient::Open(io.global.admin_socket));
+  adminpb::DeleteEntryRequest req;
+  req.set_id(id);
+  adminpb::DeleteEntryResponse resp;
+  RETURN_IF_ERROR(admin.Call(
+      absl::StrCat("deleting entry ", Printable(id)),
+      [&](grpc::ClientContext* ctx) { return admin.stub().DeleteEntry(ctx, req, &resp); }));
+  if (io.json()) {
+    PrintJson(io.out, json{{"deleted", id}});
+  } else {
+    io.out << "Deleted entry " << Printable(id) << "\n";
+  }
+  return absl::OkStatus();
+}
+
+absl::Status AgentList(const Io& io, int64_t limit) {
+  ASSIGN_OR_RETURN(AdminClient admin, AdminClient::Open(io.global.admin_socket));
+  adminpb::ListAgentsResponse resp;
+  RETURN_IF_ERROR(admin.Call("listing agents", [&](grpc::ClientContext* ctx) {
+    return admin.stub().ListAgents(ctx, adminpb::ListAgentsRequest(), &resp);
+  }));
+  size_t n = resp.agents_size();
+  if (limit > 0 && static_cast<size_t>(limit) < n) {
+    n = static_cast<size_t>(limit);
+  }
+  if (io.json()) {
+    json arr = json::array();
+    for (size_t i = 0; i < n; ++i) {
+      arr.push_back(AgentJson(resp.agents(i)));
+    }
+    PrintJson(io.out, json{{"agents", arr}});
+    return absl::OkStatus();
+  }
+  std::vector<std::vector<std::string>> rows;
+  for (size_t i = 0; i < n; ++i) {
+    const commonpb::Node& a = resp.agents(i);
+    rows.push_back({Printable(a.spiffe_id()), Printable(a.attestor()),
+                    TimeText(a.cert_expires_at()), a.banned() ? "yes" : "no",
+                    JoinPrintable(a.selectors())});
+  }
+  PrintTable(io.out, {"SPIFFE ID", "ATTESTOR", "CERT EXPIRES", "BANNED", "SELECTORS"}, rows);
+  return absl::OkStatus();
+}
+
+absl::Status AgentAction(const Io& io, const std::string& id, bool ban) {
+  auto parsed = spiffe::SpiffeId::Parse(id);
+  if (!parsed.ok()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("agent ID '", Printable(id), "': ", parsed.status().message()));
+  }
+  ASSIGN_OR_RETURN(AdminClient admin, AdminClient::Open(io.global.admin_socket));
+  adminpb::AgentRequest req;
+  req.set_spiffe_id(id);
+  adminpb::AgentResponse resp;
+  RETURN_IF_ERROR(admin.Call(absl::StrCat(ban ? "banning agent " : "evicting agent ", id),
+                             [&](grpc::ClientContext* ctx) {
+                               return ban ? admin.stub().BanAgent(ctx, req, &resp)
+                                          : admin.stub().EvictAgent(ctx, req, &resp);
+                             }));
+  if (io.json()) {
+    PrintJson(io.out, json{{ban ? "banned" : "evicted", id}});
+  } else {
+    io.out << (ban ? "Banned agent " : "Evicted agent ") << id << "\n";
+  }
+  return absl::OkStatus();
+}
+
+absl::Status BundleShow(const Io& io, const std::string& format) {
+  ASSIGN_OR_RETURN(AdminClient admin, AdminClient::Open(io.global.admin_socket));
+  adminpb::GetBundleResponse resp;
+  RETURN_IF_ERROR(admin.Call("fetching the bundle", [&](grpc::ClientContext* ctx) {
+    return admin.stub().GetBundle(ctx, adminpb::GetBundleRequest(), &resp);
+  }));
+  if (io.json()) {
+    json jwks = json::parse(resp.jwks(), nullptr, /*allow_exceptions=*/false);
+    if (jwks.is_discarded()) {
+      jwks = resp.jwks();  // shown as received rather than hidden
+    }
+    PrintJson(
+        io.out,
+        json{{"trust_domain", resp.trust_domain()}, {"x509_pem", resp.x509_pem()}, {"jwks", jwks}});
+    return absl::OkStatus();
+  }
+  if (format == "jwks") {
+    io.out << resp.jwks();
+    if (!absl::EndsWith(resp.jwks(), "\n")) {
+      io.out << "\n";
+    }
+  } else {
+    io.out << resp.x509_pem();
+  }
+  return absl::OkStatus();
+}
+
+// ---------------------------------------------------------------------------- workload commands
+
+absl::StatusOr<std::unique_ptr<WorkloadClient>> ConnectWorkload(const Io& io) {
+  auto client = WorkloadClient::Connect(io.global.socket);
+  if (!client.ok() && io.global.socket.empty() &&
+      client.status().code() == absl::StatusCode::kInvalidArgument) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(client.status().message(), ", or pass --socket"));
+  }
+  return client;
+}
+
+absl::Status MakeDirectory(const std::string& dir) {
+  struct stat st;
+  if (::stat(dir.c_str(), &st) == 0) {
+    if (!S_ISDIR(st.st_mode)) {
+      return absl::InvalidArgumentError(absl::StrCat("--write ", dir, " is not a directory"));
+    }
+    return absl::OkStatus();
+  }
+  if (::mkdir(dir.c_str(), 0700) != 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--write: cannot create directory ", dir, ": ", std::strerror(errno)));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status FetchX509(const Io& io, const std::string& write_dir) {
+  ASSIGN_OR_RETURN(auto client, ConnectWorkload(io));
+  ASSIGN_OR_RETURN(X509Context context, client->FetchX509Context());
+  if (context.svids.empty()) {
+    return absl::NotFoundError("the Workload API returned no X509-SVID for this process");
+  }
+  const X509Svid& svid = context.svids.front();
+  std::string bundle_pem;
+  if (auto id = spiffe::SpiffeId::Parse(svid.spiffe_id); id.ok()) {
+    if (auto it = context.bundles.find(id->trust_domain().name()); it != context.bundles.end()) {
+      bundle_pem = it->second.Pem();
+    }
+  }
+  if (!write_dir.empty()) {
+    if (bundle_pem.empty()) {
+      return absl::UnavailableError(
+          absl::StrCat("the Workload API sent no X.509 bundle for the trust domain of ",
+                       svid.spiffe_id, "; nothing written"));
+    }
+    RETURN_IF_ERROR(MakeDirectory(write_dir));
+    const std::string cert_path = write_dir + "/svid.pem";
+    const std::string key_path = write_dir + "/svid.key";
+    const std::string bundle_path = write_dir + "/bundle.pem";
+    RETURN_IF_ERROR(crypto::WriteFileAtomic(cert_path, svid.ChainPem(), 0644));
+    RETURN_IF_ERROR(crypto::WriteFileAtomic(key_path, svid.KeyPem(), 0600));
+    RETURN_IF_ERROR(crypto::WriteFileAtomic(bundle_path, bundle_pem, 0644));
+    if (io.json()) {
+      PrintJson(io.out,
+                json{{"spiffe_id", svid.spiffe_id},
+                     {"expires_at", TimeJson(svid.expires_at)},
+                     {"files", {{"svid", cert_path}, {"key", key_path}, {"bundle", bundle_path}}}});
+    } else {
+      io.out << "SPIFFE ID: " << svid.spiffe_id << "\n"
+             << "Wrote " << cert_path << ", " << key_path << " (mode 0600) and " << bundle_path
+             << "\n";
+    }
+    return absl::OkStatus();
+  }
+  if (io.json()) {
+    PrintJson(io.out, json{{"spiffe_id", svid.spiffe_id},
+                           {"hint", svid.hint},
+                           {"expires_at", TimeJson(svid.expires_at)},
+                           {"chain_pem", svid.ChainPem()},
+                           {"bundle_pem", bundle_pem}});
+  } else {
+    io.out << "SPIFFE ID: " << svid.spiffe_id << "\n" << svid.ChainPem();
+  }
+  return absl::OkStatus();
+}
+
+absl::Status FetchJwt(const Io& io, const std::vector<std::string>& audiences,
+                      const std::string& spiffe_id) {
+  ASSIGN_OR_RETURN(auto client, ConnectWorkload(io));
+  ASSIGN_OR_RETURN(JwtSvid svid, client->FetchJwtSvid(audiences, spiffe_id));
+  if (io.json()) {
+    PrintJson(io.out, json{{"spiffe_id", svid.spiffe_id},
+                           {"token", svid.token},
+                           {"hint", svid.hint},
+                           {"expires_at", TimeJson(svid.expiry)}});
+  } else {
+    io.out << svid.token << "\n";
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ValidateJwt(const Io& io, const std::string& audience, std::string token) {
+  if (token == "-") {
+    // Keeps the token out of the process list.
+    if (!std::getline(std::cin, token)) {
+      return absl::InvalidArgumentError("--token -: could not read a token from standard input");
+    }
+  }
+  ASSIGN_OR_RETURN(auto client, ConnectWorkload(io));
+  ASSIGN_OR_RETURN(ValidatedJwtSvidResponse resp, client->ValidateJwtSvid(token, audience));
+  json claims = json::parse(resp.claims_json, nullptr, /*allow_exceptions=*/false);
+  if (io.json()) {
+    PrintJson(io.out, json{{"spiffe_id", resp.spiffe_id},
+                           {"claims", claims.is_discarded() ? json(resp.claims_json) : claims}});
+  } else {
+    io.out << "Valid JWT-SVID for " << Printable(resp.spiffe_id) << "\n"
+           << "Claims: "
+           << (claims.is_discarded()
+                   ? Printable(resp.claims_json)
+                   : claims.dump(2, ' ', /*ensure_ascii=*/true, json::error_handler_t::replace))
+           << "\n";
+  }
+  return absl::OkStatus();
+}
+
+// ---------------------------------------------------------------------------- parsing
+
+int RunCliImpl(int argc, char** argv, std::ostream& out, std::ostream& err) {
+  GlobalOptions global;
+  CLI::App app{"Mandate: workload identity broker for AI agents (admin and workload CLI)",
+               "mandate"};
+  // Global options are accepted before or after the command words (DESIGN.md §10): every
+  // subcommand falls through to its parent for options it does not know.
+  app.fallthrough();
+  app.add_option("--admin-socket", global.admin_socket,
+                 "Broker admin socket (env MANDATE_ADMIN_SOCKET)")
+      ->envname("MANDATE_ADMIN_SOCKET")
+      ->capture_default_str();
+  app.add_option("--socket", global.socket,
+                 "Workload API socket, unix:///path or /path (default: env "
+                 "MANDATE_ENDPOINT_SOCKET, then SPIFFE_ENDPOINT_SOCKET)");
+  app.add_option("--output", global.output, "Output format")
+      ->check(CLI::IsMember({"text", "json"}))
+      ->capture_default_str();
+
+  std::function<absl::Status(const Io&)> action;
+  auto set_action = [&](CLI::App* cmd, std::function<absl::Status(const Io&)> f) {
+    cmd->callback([&action, f = std::move(f)] { action = f; });
+  };
+
+  // token generate
+  auto* token = app.add_subcommand("token", "Join tokens for node agents");
+  auto* token_generate = token->add_subcommand("generate", "Create a one-time join token");
+  std::string token_spiffe_id;
+  int64_t token_ttl = 0;
+  token_generate
+      ->add_option("--spiffe-id", token_spiffe_id,
+                   "The node agent's ID: spiffe://TD/node/join/NAME")
+      ->required();
+  token_generate->add_option("--ttl", token_ttl, "Token lifetime in seconds (0: broker default)")
+      ->check(CLI::NonNegativeNumber);
+  set_action(token_generate,
+             [&](const Io& io) { return TokenGenerate(io, token_spiffe_id, token_ttl); });
+
+  // entry create|list|show|delete
+  auto* entry = app.add_subcommand("entry", "Registration entries");
+  EntryCreateArgs create;
+  auto* entry_create = entry->add_subcommand("create", "Create a registration entry");
+  entry_create->add_option("--parent-id", create.parent_id, "The node agent's SPIFFE ID")
+      ->required();
+  entry_create->add_option("--spiffe-id", create.spiffe_id, "The workload's SPIFFE ID")->required();
+  entry_create->add_option("--selector", create.selectors, "Selector type:value (repeatable)")
+      ->required();
+  entry_create->add_option("--scope", create.scopes, "Task-scope entitlement (repeatable)");
+  entry_create->add_option("--x509-ttl", create.x509_ttl, "X509-SVID TTL in seconds (0: default)")
+      ->check(CLI::NonNegativeNumber);
+  entry_create->add_option("--jwt-ttl", create.jwt_ttl, "JWT-SVID TTL in seconds (0: default)")
+      ->check(CLI::NonNegativeNumber);
+  entry_create
+      ->add_option("--token-ttl", create.token_ttl, "Task token TTL in seconds (0: default)")
+      ->check(CLI::NonNegativeNumber);
+  set_action(entry_create, [&](const Io& io) { return EntryCreate(io, create); });
+
+  int64_t entry_limit = 0;
+  auto* entry_list = entry->add_subcommand("list", "List registration entries");
+  entry_list->add_option("--limit", entry_limit, "Show at most N entries (default: all)")
+      ->check(CLI::NonNegativeNumber);
+  set_action(entry_list, [&](const Io& io) { return EntryList(io, entry_limit); });
+
+  std::string entry_show_id;
+  auto* entry_show = entry->add_subcommand("show", "Show one registration entry");
+  entry_show->add_option("id", entry_show_id, "Entry ID")->required();
+  set_action(entry_show, [&](const Io& io) { return EntryShow(io, entry_show_id); });
+
+  std::string entry_delete_id;
+  auto* entry_delete = entry->add_subcommand("delete", "Delete a registration entry");
+  entry_delete->add_option("id", entry_delete_id, "Entry ID")->required();
+  set_action(entry_delete, [&](const Io& io) { return EntryDelete(io, entry_delete_id); });
+  entry->require_subcommand(0, 1);
+
+  // agent list|evict|ban
+  auto* agent = app.add_subcommand("agent", "Attested node agents");
+  int64_t agent_limit = 0;
+  auto* agent_list = agent->add_subcommand("list", "List attested agents");
+  agent_list->add_option("--limit", agent_limit, "Show at most N agents (default: all)")
+      ->check(CLI::NonNegativeNumber);
+  set_action(agent_list, [&](const Io& io) { return AgentList(io, agent_limit); });
+  std::string agent_evict_id;
+  auto* agent_evict =
+      agent->add_subcommand("evict", "Forget an agent; it must attest again to get an identity");
+  agent_evict->add_option("id", agent_evict_id, "The agent's SPIFFE ID")->required();
+  set_action(agent_evict, [&](const Io& io) { return AgentAction(io, agent_evict_id, false); });
+  std::string agent_ban_id;
+  auto* agent_ban = agent->add_subcommand("ban", "Ban an agent: it can never attest again");
+  agent_ban->add_option("id", agent_ban_id, "The agent's SPIFFE ID")->required();
+  set_action(agent_ban, [&](const Io& io) { return AgentAction(io, agent_ban_id, true); });
+  agent->require_subcommand(0, 1);
+
+  // bundle show
+  auto* bundle = app.add_subcommand("bundle", "Trust bundle");
+  std::string bundle_format = "pem";
+  auto* bundle_show = bundle->add_subcommand("show", "Print the trust domain's bundle");
+  bundle_show->add_option("--format", bundle_format, "pem (CA certificates) or jwks")
+      ->check(CLI::IsMember({"pem", "jwks"}))
+      ->capture_default_str();
+  set_action(bundle_show, [&](const Io& io) { return BundleShow(io, bundle_format); });
+  bundle->require_subcommand(0, 1);
+
+  // fetch x509|jwt (Workload API)
+  auto* fetch = app.add_subcommand("fetch", "Fetch this process's SVIDs from the Workload API");
+  std::string fetch_write_dir;
+  auto* fetch_x509 = fetch->add_subcommand("x509", "Print (or write) the X509-SVID");
+  fetch_x509->add_option("--write", fetch_write_dir,
+                         "Write svid.pem, svid.key (0600) and bundle.pem into DIR");
+  set_action(fetch_x509, [&](const Io& io) { return FetchX509(io, fetch_write_dir); });
+  std::vector<std::string> fetch_audiences;
+  std::string fetch_spiffe_id;
+  auto* fetch_jwt = fetch->add_subcommand("jwt", "Print a JWT-SVID");
+  fetch_jwt->add_option("--audience", fetch_audiences, "Audience (repeatable)")->required();
+  fetch_jwt->add_option("--spiffe-id", fetch_spiffe_id,
+                        "Which identity, when this process has several");
+  set_action(fetch_jwt,
+             [&](const Io& io) { return FetchJwt(io, fetch_audiences, fetch_spiffe_id); });
+  fetch->require_subcommand(0, 1);
+
+  // validate jwt (Workload API)
+  auto* validate = app.add_subcommand("validate", "Validate credentials with the Workload API");
+  std::string validate_audience;
+  std::string validate_token;
+  auto* validate_jwt = validate->add_subcommand("jwt", "Validate a JWT-SVID");
+  validate_jwt->add_option("--audience", validate_audience, "Expected audience")->required();
+  validate_jwt->add_option("--token", validate_token, "The JWT-SVID, or - to read standard input")
+      ->required();
+  set_action(validate_jwt,
+             [&](const Io& io) { return ValidateJwt(io, validate_audience, validate_token); });
+  validate->require_subcommand(0, 1);
+
+  token->require_subcommand(0, 1);
+  app.require_subcommand(0, 1);
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    int code = app.exit(e, out, err);
+    return code == 0 ? 0 : 1;
+  }
+  if (!action) {
+    // A command group without its subcommand (or nothing at all): name the choices.
+    std::string path = "mandate";
+    const CLI::App* group = &app;
+    while (true) {
+      std::vector<const CLI::App*> parsed =
+          group->get_subcommands([](const CLI::App* sub) { return sub->parsed(); });
+      if (parsed.empty()) {
+        break;
+      }
+      group = parsed.front();
+      path += " " + group->get_name();
+    }
+    std::vector<std::string> choices;
+    for (const CLI::App* sub : group->get_subcommands({})) {
+      choices.push_back(sub->get_name());
+    }
+    err << path << ": missing command; choose one of: " << absl::StrJoin(choices, ", ") << " (run "
+        << path << " --help)\n";
+    return 1;
+  }
+  Io io{out, global};
+  absl::Status status = action(io);
+  if (!status.ok()) {
+    err << "mandate: " << status.message() << "\n";
+    return 1;
+  }
+  return 0;
+}
+
+}  // namespace
+
+int RunCli(int argc, char** argv, std::ostream& out, std::ostream& err) {
+  try {
+    return RunCliImpl(argc, argv, out, err);
+  } catch (const std::exception& e) {
+    err << "mandate: internal error: " << e.what() << "\n";
+    return 1;
+  } catch (...) {
+    err << "mandate: internal error\n";
+    return 1;
+  }
+}
+
+}  // namespace mandate::cli
