@@ -1,0 +1,127 @@
+#include <gtest/gtest.h>
+
+#include "broker/server/admin_service.h"
+#include "tests/unit/broker_server/test_env.h"
+
+namespace mandate::broker {
+namespace {
+
+using testing::OpenStore;
+using testing::TempDir;
+
+class AdminValidationTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    store_ = OpenStore(dir_);
+    authority_ = std::move(TrustAuthority::LoadOrCreate(
+                               {.data_dir = dir_.path(),
+                                .trust_domain = *spiffe::TrustDomain::Parse("example.org")},
+                               clock_))
+                     .value();
+    registry_ = std::move(EntryRegistry::Load(*store_)).value();
+    admin_ = std::make_unique<AdminService>(*authority_, *store_, *registry_, clock_);
+  }
+
+  mandate::common::v1::Entry Good() {
+    mandate::common::v1::Entry e;
+    e.set_spiffe_id("spiffe://example.org/agent/bot");
+    e.set_parent_id("spiffe://example.org/node/join/n1");
+    e.add_selectors("unix:uid:1000");
+    e.add_scopes("tickets:read");
+    return e;
+  }
+
+  std::string Refusal(const mandate::common::v1::Entry& e) {
+    absl::Status s = admin_->ValidateEntry(e);
+    EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+    return std::string(s.message());
+  }
+
+  TempDir dir_;
+  FakeClock clock_{1'800'000'000};
+  std::unique_ptr<store::SqliteStore> store_;
+  std::unique_ptr<TrustAuthority> authority_;
+  std::unique_ptr<EntryRegistry> registry_;
+  std::unique_ptr<AdminService> admin_;
+};
+
+TEST_F(AdminValidationTest, AcceptsAWellFormedEntry) {
+  EXPECT_TRUE(admin_->ValidateEntry(Good()).ok());
+}
+
+TEST_F(AdminValidationTest, RefusalsNameTheRule) {
+  auto e = Good();
+  e.set_spiffe_id("spiffe://example.org/a/../b");
+  EXPECT_NE(Refusal(e).find("'..'"), std::string::npos);
+
+  e = Good();
+  e.set_spiffe_id("spiffe://other.org/agent/bot");
+  EXPECT_NE(Refusal(e).find("trust domain"), std::string::npos);
+
+  e = Good();
+  e.set_spiffe_id("spiffe://example.org/node/join/x");
+  EXPECT_NE(Refusal(e).find("reserved"), std::string::npos);
+
+  e = Good();
+  e.set_spiffe_id("spiffe://example.org/broker");
+  EXPECT_NE(Refusal(e).find("reserved"), std::string::npos);
+
+  e = Good();
+  e.set_parent_id("not-an-id");
+  EXPECT_NE(Refusal(e).find("--parent-id"), std::string::npos);
+
+  e = Good();
+  e.clear_selectors();
+  EXPECT_NE(Refusal(e).find("at least one --selector"), std::string::npos);
+
+  e = Good();
+  e.set_selectors(0, "unix:uid:abc");
+  EXPECT_NE(Refusal(e).find("decimal"), std::string::npos);
+
+  e = Good();
+  e.set_selectors(0, "nosuchtype:x:y");
+  Refusal(e);
+
+  e = Good();
+  e.set_scopes(0, "has space");
+  EXPECT_NE(Refusal(e).find("scope"), std::string::npos);
+
+  e = Good();
+  e.set_x509_ttl_seconds(-1);
+  EXPECT_NE(Refusal(e).find("--x509-ttl"), std::string::npos);
+}
+
+TEST_F(AdminValidationTest, CreateEntryRefusalStoresNothing) {
+  grpc::ServerContext context;
+  mandate::admin::v1::CreateEntryRequest request;
+  *request.mutable_entry() = Good();
+  request.mutable_entry()->set_selectors(0, "unix:uid:-1");
+  mandate::common::v1::Entry response;
+  grpc::Status status = admin_->CreateEntry(&context, &request, &response);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_EQ(store_->ListEntries()->size(), 0u);
+}
+
+TEST_F(AdminValidationTest, JoinTokenMustNameAJoinNode) {
+  grpc::ServerContext context;
+  mandate::admin::v1::CreateJoinTokenRequest request;
+  mandate::admin::v1::CreateJoinTokenResponse response;
+  for (const char* id : {"spiffe://example.org/agent/x", "spiffe://example.org/node/join/a/b",
+                         "spiffe://other.org/node/join/a", "garbage"}) {
+    request.set_spiffe_id(id);
+    EXPECT_EQ(admin_->CreateJoinToken(&context, &request, &response).error_code(),
+              grpc::StatusCode::INVALID_ARGUMENT)
+        << id;
+  }
+  request.set_spiffe_id("spiffe://example.org/node/join/a");
+  request.set_ttl_seconds(-5);
+  EXPECT_EQ(admin_->CreateJoinToken(&context, &request, &response).error_code(),
+            grpc::StatusCode::INVALID_ARGUMENT);
+  request.set_ttl_seconds(60);
+  ASSERT_TRUE(admin_->CreateJoinToken(&context, &request, &response).ok());
+  EXPECT_EQ(response.expires_at(), 1'800'000'060);
+  EXPECT_GE(response.token().size(), 43u);
+}
+
+}  // namespace
+}  // namespace mandate::broker

@@ -1,0 +1,37 @@
+// Shared fixture pieces for broker unit tests: a temp data dir with a real SQLite store.
+#ifndef MANDATE_TESTS_UNIT_BROKER_SERVER_TEST_ENV_H_
+#define MANDATE_TESTS_UNIT_BROKER_SERVER_TEST_ENV_H_
+
+#include <gtest/gtest.h>
+#include <stdlib.h>
+
+#include <filesystem>
+#include <memory>
+#include <string>
+
+#include "broker/common/store/sqlite_store.h"
+
+namespace mandate::broker::testing {
+
+class TempDir {
+ public:
+  TempDir() {
+    std::string pattern = (std::filesystem::temp_directory_path() / "mandate-test-XXXXXX").string();
+    path_ = ::mkdtemp(pattern.data());
+  }
+  ~TempDir() { std::filesystem::remove_all(path_); }
+  const std::string& path() const { return path_; }
+
+ private:
+  std::string path_;
+};
+
+inline std::unique_ptr<store::SqliteStore> OpenStore(const TempDir& dir) {
+  auto store = store::SqliteStore::Open(dir.path() + "/mandate.db");
+  EXPECT_TRUE(store.ok()) << store.status();
+  return std::move(store).value();
+}
+
+}  // namespace mandate::broker::testing
+
+#endif  // MANDATE_TESTS_UNIT_BROKER_SERVER_TEST_ENV_H_
