@@ -37,9 +37,11 @@ absl::StatusOr<WorkloadService::Caller> WorkloadService::IdentifyCaller(
     grpc::ServerContext* context) const {
   const auto& metadata = context->client_metadata();
   auto header = metadata.find("workload.spiffe.io");
-  if (header == metadata.end() ||
-      std::string_view(header->second.data(), header->second.size()) != "true") {
+  if (header == metadata.end()) {
     return absl::InvalidArgumentError("security header missing from request");
+  }
+  if (std::string_view(header->second.data(), header->second.size()) != "true") {
+    return absl::InvalidArgumentError("security header workload.spiffe.io must be \"true\"");
   }
   if (listener_ == nullptr) return absl::UnavailableError("workload API is starting");
   auto peer = listener_->PeerOf(*context);

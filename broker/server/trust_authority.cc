@@ -83,6 +83,7 @@ absl::Status TrustAuthority::BuildDocuments(int64_t refresh_hint) {
       {"spiffe_sequence", 1},
       {"spiffe_refresh_hint",
        refresh_hint}}.dump();
+  jwt_bundle_ = json{{"keys", json::array({jwt_svid_key})}}.dump();
   return absl::OkStatus();
 }
 

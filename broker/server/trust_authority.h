@@ -61,8 +61,10 @@ class TrustAuthority {
   // SPIFFE bundle JWKS: x509-svid keys (x5c) and jwt-svid keys (kid), spiffe_sequence and
   // spiffe_refresh_hint.
   const std::string& spiffe_bundle_jwks() const { return spiffe_bundle_; }
-  // Only the jwt-svid keys, as a JWKS (the Workload API's FetchJWTBundles form).
-  const std::string& jwt_bundle_jwks() const { return spiffe_bundle_; }
+  // Only the JWT-SVID signing keys, as a JWKS: the SPIFFE Workload API's FetchJWTBundles form,
+  // which must not carry keys with other uses (X.509 CA entries have no `kid`, and spec-following
+  // clients such as go-spiffe reject a JWT bundle containing them).
+  const std::string& jwt_bundle_jwks() const { return jwt_bundle_; }
 
  private:
   TrustAuthority(spiffe::TrustDomain td, const Clock& clock, crypto::PrivateKey ca_key,
@@ -84,6 +86,7 @@ class TrustAuthority {
   std::string bundle_der_;
   std::string oidc_jwks_;
   std::string spiffe_bundle_;
+  std::string jwt_bundle_;
 };
 
 }  // namespace mandate::broker
