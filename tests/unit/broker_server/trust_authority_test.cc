@@ -88,6 +88,12 @@ TEST(TrustAuthorityTest, PublishedDocumentsDescribeTheSigningKey) {
   EXPECT_TRUE(bundle.contains("spiffe_sequence"));
   EXPECT_TRUE(bundle.contains("spiffe_refresh_hint"));
 
+  // The Workload API's JWT bundle holds the JWT-SVID keys only, each with a kid.
+  auto jwt_bundle = nlohmann::json::parse((*authority)->jwt_bundle_jwks());
+  ASSERT_EQ(jwt_bundle["keys"].size(), 1u);
+  EXPECT_EQ(jwt_bundle["keys"][0]["use"], "jwt-svid");
+  EXPECT_EQ(jwt_bundle["keys"][0]["kid"], (*authority)->jwt_key_id());
+
   // A token signed by the authority verifies with the published key.
   auto token = (*authority)->SignJws("JWT", R"({"sub":"spiffe://example.org/x"})");
   ASSERT_TRUE(token.ok());
