@@ -58,12 +58,12 @@ absl::Status Agent::AdoptIdentity(std::vector<crypto::Certificate> chain, crypto
   auto uris = chain.front().UriSans();
   if (uris.size() != 1) return absl::InternalError("agent SVID has no single SPIFFE ID");
   if (persist) {
-    std::string key_pem = key.ExportPemSecret();
-    absl::Status s = crypto::WriteFileAtomic(options_.data_dir + "/agent_svid.key", key_pem, 0600);
-    OPENSSL_cleanse(key_pem.data(), key_pem.size());
+    // Key and chain in one file, replaced atomically: a crash can never leave a key that does
+    // not match its certificate.
+    std::string contents = key.ExportPemSecret() + ChainPem(chain);
+    absl::Status s = crypto::WriteFileAtomic(options_.data_dir + "/agent_svid.pem", contents, 0600);
+    OPENSSL_cleanse(contents.data(), contents.size());
     RETURN_IF_ERROR(s);
-    RETURN_IF_ERROR(
-        crypto::WriteFileAtomic(options_.data_dir + "/agent_svid.pem", ChainPem(chain), 0644));
   }
   RETURN_IF_ERROR(broker_.SetIdentity(chain, key));
   std::lock_guard<std::mutex> lock(identity_mu_);
@@ -76,28 +76,29 @@ absl::Status Agent::AdoptIdentity(std::vector<crypto::Certificate> chain, crypto
 absl::Status Agent::LoadStoredIdentity() {
   auto pem = crypto::ReadFile(options_.data_dir + "/agent_svid.pem");
   if (!pem.ok()) return pem.status();
-  auto key_pem = crypto::ReadFile(options_.data_dir + "/agent_svid.key");
-  if (!key_pem.ok()) return key_pem.status();
-  ASSIGN_OR_RETURN(auto chain, crypto::Certificate::ParsePemChain(*pem));
-  ASSIGN_OR_RETURN(crypto::PrivateKey key, crypto::PrivateKey::FromPem(*key_pem));
-  OPENSSL_cleanse(key_pem->data(), key_pem->size());
+  auto chain = crypto::Certificate::ParsePemChain(*pem);
+  auto key_or = crypto::PrivateKey::FromPem(*pem);
+  OPENSSL_cleanse(pem->data(), pem->size());
+  if (!chain.ok()) return chain.status();
+  if (!key_or.ok()) return key_or.status();
+  crypto::PrivateKey key = std::move(*key_or);
   ASSIGN_OR_RETURN(auto roots, crypto::Certificate::ParsePemChain(options_.trust_bundle_pem));
   ASSIGN_OR_RETURN(crypto::VerifiedSvid verified,
-                   crypto::VerifyX509SvidChain(chain, roots, clock_.NowSeconds()));
-  if (!chain.front().public_key().Equals(key.public_key())) {
-    return absl::DataLossError("agent_svid.key does not match agent_svid.pem");
+                   crypto::VerifyX509SvidChain(*chain, roots, clock_.NowSeconds()));
+  if (!chain->front().public_key().Equals(key.public_key())) {
+    return absl::DataLossError("the key in agent_svid.pem does not match its certificate");
   }
   auto id = spiffe::SpiffeId::Parse(verified.spiffe_id);
   if (!id.ok() || !id->MemberOf(options_.trust_domain)) {
     return absl::FailedPreconditionError("stored agent SVID is for another trust domain");
   }
-  return AdoptIdentity(std::move(chain), std::move(key), /*persist=*/false);
+  return AdoptIdentity(std::move(*chain), std::move(key), /*persist=*/false);
 }
 
 absl::Status Agent::EstablishIdentity(attestors::AgentNodeAttestor* attestor) {
   absl::Status stored = LoadStoredIdentity();
   if (stored.ok()) {
-    spdlog::info("reusing stored agent SVID node={}", node_id_);
+    spdlog::info("reusing stored agent SVID node={}", node_id());
     return absl::OkStatus();
   }
   if (!absl::IsNotFound(stored)) {
@@ -116,16 +117,16 @@ absl::Status Agent::EstablishIdentity(attestors::AgentNodeAttestor* attestor) {
                         absl::StrCat("node attestation failed: ", outcome.status().message()));
   }
   RETURN_IF_ERROR(AdoptIdentity(std::move(outcome->svid_chain), std::move(key), true));
-  spdlog::info("node attested as {}", node_id_);
+  spdlog::info("node attested as {}", node_id());
   return absl::OkStatus();
 }
 
 absl::Status Agent::RenewIdentity() {
   ASSIGN_OR_RETURN(crypto::PrivateKey key, crypto::PrivateKey::GenerateP256());
-  ASSIGN_OR_RETURN(std::string csr, crypto::CreateCsrDer(key, node_id_));
+  ASSIGN_OR_RETURN(std::string csr, crypto::CreateCsrDer(key, node_id()));
   ASSIGN_OR_RETURN(auto chain, broker_.RenewAgentSvid(csr));
   RETURN_IF_ERROR(AdoptIdentity(std::move(chain), std::move(key), true));
-  spdlog::info("agent SVID renewed node={}", node_id_);
+  spdlog::info("agent SVID renewed node={}", node_id());
   return absl::OkStatus();
 }
 
@@ -138,16 +139,37 @@ void Agent::Start() {
 void Agent::Stop() {
   if (stop_.exchange(true)) return;
   broker_.CancelSync();
-  {
-    std::lock_guard<std::mutex> lock(wake_mu_);
-    wake_.notify_all();
-  }
+  Kick();
   {
     std::lock_guard<std::mutex> lock(mu_);
     changed_.notify_all();
   }
   if (sync_thread_.joinable()) sync_thread_.join();
   if (rotation_thread_.joinable()) rotation_thread_.join();
+}
+
+std::string Agent::node_id() const {
+  std::lock_guard<std::mutex> lock(identity_mu_);
+  return node_id_;
+}
+
+bool Agent::WaitUntilReady(std::chrono::milliseconds timeout) const {
+  auto deadline = std::chrono::steady_clock::now() + timeout;
+  std::unique_lock<std::mutex> lock(mu_);
+  return changed_.wait_until(lock, deadline, [&] {
+    if (stop_) return true;
+    if (!current_->serving) return false;
+    for (const auto& entry : current_->entries) {
+      if (!current_->svids.contains(entry.id)) return false;
+    }
+    return true;
+  }) && !stop_;
+}
+
+void Agent::Kick() {
+  std::lock_guard<std::mutex> lock(wake_mu_);
+  kicked_ = true;
+  wake_.notify_all();
 }
 
 std::shared_ptr<const Snapshot> Agent::Current() const {
@@ -163,14 +185,10 @@ std::shared_ptr<const Snapshot> Agent::WaitForChange(uint64_t seen,
 }
 
 void Agent::Publish(std::shared_ptr<Snapshot> next) {
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    next->generation = current_->generation + 1;
-    current_ = std::move(next);
-    changed_.notify_all();
-  }
-  std::lock_guard<std::mutex> lock(wake_mu_);
-  wake_.notify_all();
+  std::lock_guard<std::mutex> lock(mu_);
+  next->generation = current_->generation + 1;
+  current_ = std::move(next);
+  changed_.notify_all();
 }
 
 void Agent::StopServing(const std::string& reason) {
@@ -209,52 +227,61 @@ void Agent::SyncLoop() {
 }
 
 void Agent::ApplySync(const mandate::node::v1::SyncResponse& response) {
-  std::lock_guard<std::mutex> update(update_mu_);
-  auto previous = Current();
-  auto next = std::make_shared<Snapshot>();
-  next->trust_domain = response.trust_domain();
-  next->bundle_der = response.x509_bundle();
-  next->jwt_bundle = response.jwt_bundle();
-  next->serving = true;
-  for (const auto& e : response.entries()) {
-    AssignedEntry entry;
-    entry.id = e.id();
-    entry.spiffe_id = e.spiffe_id();
-    entry.selectors =
-        spiffe::SelectorSet(std::vector<std::string>(e.selectors().begin(), e.selectors().end()));
-    entry.x509_ttl_seconds = e.x509_ttl_seconds();
-    entry.jwt_ttl_seconds = e.jwt_ttl_seconds();
-    if (auto it = previous->svids.find(entry.id); it != previous->svids.end()) {
-      next->svids.emplace(entry.id, it->second);
+  {
+    std::lock_guard<std::mutex> update(update_mu_);
+    auto previous = Current();
+    auto next = std::make_shared<Snapshot>();
+    next->trust_domain = response.trust_domain();
+    next->bundle_der = response.x509_bundle();
+    next->jwt_bundle = response.jwt_bundle();
+    next->serving = true;
+    int64_t now = clock_.NowSeconds();
+    for (const auto& e : response.entries()) {
+      AssignedEntry entry;
+      entry.id = e.id();
+      entry.spiffe_id = e.spiffe_id();
+      entry.selectors =
+          spiffe::SelectorSet(std::vector<std::string>(e.selectors().begin(), e.selectors().end()));
+      entry.x509_ttl_seconds = e.x509_ttl_seconds();
+      entry.jwt_ttl_seconds = e.jwt_ttl_seconds();
+      if (auto it = previous->svids.find(entry.id); it != previous->svids.end() &&
+                                                    it->second->spiffe_id == entry.spiffe_id &&
+                                                    it->second->not_after > now) {
+        next->svids.emplace(entry.id, it->second);
+      }
+      next->entries.push_back(std::move(entry));
     }
-    next->entries.push_back(std::move(entry));
+    // Keep the broker trust bundle current for the next connection.
+    if (auto bundle = crypto::Certificate::ParseDerChain(next->bundle_der); bundle.ok()) {
+      std::string pem;
+      for (const auto& cert : *bundle) pem += cert.Pem();
+      broker_.SetTrustBundle(pem);
+    }
+    Publish(std::move(next));
   }
-  // Keep the broker trust bundle current for the next connection.
-  if (auto bundle = crypto::Certificate::ParseDerChain(next->bundle_der); bundle.ok()) {
-    std::string pem;
-    for (const auto& cert : *bundle) pem += cert.Pem();
-    broker_.SetTrustBundle(pem);
-  }
-  RefreshSvids(*next, /*only_due=*/false);
-  Publish(std::move(next));
+  Kick();
 }
 
-void Agent::RefreshSvids(Snapshot& next, bool only_due) {
+bool Agent::RefreshSvids() {
   int64_t now = clock_.NowSeconds();
+  auto snapshot = Current();
+  if (!snapshot->serving) return true;
   std::vector<std::pair<std::string, std::string>> requests;
   std::map<std::string, crypto::PrivateKey> keys;
-  for (const auto& entry : next.entries) {
-    auto it = next.svids.find(entry.id);
-    bool missing = it == next.svids.end();
-    bool due = !missing && PastHalfLife(it->second->not_before, it->second->not_after, now);
-    if (!(missing && !only_due) && !due) continue;
+  for (const auto& entry : snapshot->entries) {
+    auto it = snapshot->svids.find(entry.id);
+    bool needed = it == snapshot->svids.end() ||
+                  PastHalfLife(it->second->not_before, it->second->not_after, now);
+    if (!needed) continue;
     auto key = crypto::PrivateKey::GenerateP256();
-    if (!key.ok()) continue;
+    if (!key.ok()) return false;
     auto csr = crypto::CreateCsrDer(*key, entry.spiffe_id);
-    if (!csr.ok()) continue;
+    if (!csr.ok()) return false;
     requests.emplace_back(entry.id, std::move(*csr));
     keys.emplace(entry.id, std::move(*key));
   }
+  bool complete = true;
+  std::vector<std::shared_ptr<HeldX509Svid>> fresh;
   for (size_t start = 0; start < requests.size(); start += kMaxCsrsPerCall) {
     size_t end = std::min(requests.size(), start + kMaxCsrsPerCall);
     std::vector<std::pair<std::string, std::string>> batch(requests.begin() + start,
@@ -263,6 +290,7 @@ void Agent::RefreshSvids(Snapshot& next, bool only_due) {
     if (!signed_svids.ok()) {
       spdlog::warn("broker refused to sign {} X509-SVIDs: {}", batch.size(),
                    signed_svids.status().ToString());
+      complete = false;
       continue;
     }
     for (auto& svid : *signed_svids) {
@@ -275,16 +303,37 @@ void Agent::RefreshSvids(Snapshot& next, bool only_due) {
       held->key_pkcs8_der = key->second.ExportPkcs8DerSecret();
       held->not_before = svid.chain.front().not_before();
       held->not_after = svid.chain.front().not_after();
-      next.svids[svid.entry_id] = std::move(held);
+      fresh.push_back(std::move(held));
     }
   }
-  // Drop SVIDs that expired without a successful renewal.
-  for (auto it = next.svids.begin(); it != next.svids.end();) {
-    it = it->second->not_after <= now ? next.svids.erase(it) : std::next(it);
+  if (fresh.size() < requests.size()) complete = false;
+  // Merge into whatever is current now: entries removed meanwhile stay removed.
+  std::lock_guard<std::mutex> update(update_mu_);
+  auto current = Current();
+  auto next = std::make_shared<Snapshot>(*current);
+  bool changed = false;
+  for (auto& held : fresh) {
+    auto entry = std::find_if(next->entries.begin(), next->entries.end(),
+                              [&](const AssignedEntry& e) { return e.id == held->entry_id; });
+    if (entry == next->entries.end() || entry->spiffe_id != held->spiffe_id) continue;
+    next->svids[held->entry_id] = std::move(held);
+    changed = true;
   }
+  now = clock_.NowSeconds();
+  for (auto it = next->svids.begin(); it != next->svids.end();) {
+    if (it->second->not_after <= now) {
+      it = next->svids.erase(it);  // Expired without a successful renewal: stop serving it.
+      changed = true;
+    } else {
+      ++it;
+    }
+  }
+  if (changed) Publish(std::move(next));
+  return complete;
 }
 
 void Agent::RotationLoop() {
+  auto backoff = std::chrono::milliseconds(0);
   while (!stop_) {
     int64_t now = clock_.NowSeconds();
     int64_t wake_at = now + kMaxRotationSleep.count();
@@ -294,15 +343,26 @@ void Agent::RotationLoop() {
                          identity_not_before_ + (identity_not_after_ - identity_not_before_) / 2);
     }
     auto snapshot = Current();
-    for (const auto& [id, svid] : snapshot->svids) {
-      wake_at = std::min(wake_at, svid->not_before + (svid->not_after - svid->not_before) / 2);
+    for (const auto& entry : snapshot->entries) {
+      auto it = snapshot->svids.find(entry.id);
+      if (it == snapshot->svids.end()) {
+        wake_at = now;  // Missing SVID: work to do now (or after the backoff below).
+      } else {
+        wake_at = std::min(
+            wake_at, it->second->not_before + (it->second->not_after - it->second->not_before) / 2);
+      }
     }
-    if (wake_at > now) {
+    {
       std::unique_lock<std::mutex> lock(wake_mu_);
-      wake_.wait_for(lock, std::chrono::seconds(wake_at - now), [&] { return stop_.load(); });
+      auto sleep = std::max<std::chrono::milliseconds>(
+          backoff, std::chrono::seconds(std::max<int64_t>(0, wake_at - now)));
+      wake_.wait_for(lock, sleep, [&] { return stop_.load() || kicked_; });
       if (stop_) break;
-      if (clock_.NowSeconds() < wake_at) continue;  // Woken by a publish: recompute.
+      bool kicked = kicked_;
+      kicked_ = false;
+      if (!kicked && backoff.count() == 0 && clock_.NowSeconds() < wake_at) continue;
     }
+    bool ok = true;
     bool identity_due;
     {
       std::lock_guard<std::mutex> lock(identity_mu_);
@@ -311,27 +371,14 @@ void Agent::RotationLoop() {
     if (identity_due) {
       if (auto s = RenewIdentity(); !s.ok()) {
         spdlog::warn("agent SVID renewal failed: {}", s.ToString());
+        ok = false;
       }
     }
-    {
-      std::lock_guard<std::mutex> update(update_mu_);
-      auto current = Current();
-      if (current->serving) {
-        auto next = std::make_shared<Snapshot>(*current);
-        RefreshSvids(*next, /*only_due=*/true);
-        bool changed = next->svids.size() != current->svids.size();
-        for (const auto& [id, svid] : next->svids) {
-          auto old = current->svids.find(id);
-          changed = changed || old == current->svids.end() || old->second != svid;
-        }
-        if (changed) Publish(std::move(next));
-      }
-    }
-    {
-      // Failed renewals must not spin: wait a little before looking again.
-      std::unique_lock<std::mutex> lock(wake_mu_);
-      wake_.wait_for(lock, std::chrono::seconds(1), [&] { return stop_.load(); });
-    }
+    ok = RefreshSvids() && ok;
+    // Failed renewals back off exponentially instead of hammering the broker.
+    backoff = ok ? std::chrono::milliseconds(0)
+                 : std::min(std::max(backoff * 2, std::chrono::milliseconds(500)),
+                            std::chrono::milliseconds(30000));
     std::lock_guard<std::mutex> lock(jwt_mu_);
     int64_t t = clock_.NowSeconds();
     for (auto it = jwt_cache_.begin(); it != jwt_cache_.end();) {

@@ -79,7 +79,10 @@ class Agent {
   void Start();
   void Stop();
 
-  const std::string& node_id() const { return node_id_; }
+  std::string node_id() const;
+  // Blocks until the agent serves and holds an X509-SVID for every assigned entry, or
+  // `timeout` passes. Returns whether it got there.
+  bool WaitUntilReady(std::chrono::milliseconds timeout) const;
   std::shared_ptr<const Snapshot> Current() const;
   // Blocks until the snapshot generation differs from `seen` or `timeout` passes.
   std::shared_ptr<const Snapshot> WaitForChange(uint64_t seen,
@@ -102,18 +105,23 @@ class Agent {
   absl::Status RenewIdentity();
   void SyncLoop();
   void RotationLoop();
+  // Publishes the broker's entry set at once (removals take effect immediately) and asks the
+  // rotation thread to sign what is missing; the sync stream never waits on signing.
   void ApplySync(const mandate::node::v1::SyncResponse& response);
-  // Signs SVIDs for entries of `next` that have none or whose SVID is past half life.
-  void RefreshSvids(Snapshot& next, bool only_due);
+  // Signs SVIDs for entries that have none or whose SVID is past half life, without holding any
+  // lock over the broker call, then merges them into the current snapshot. Returns false when
+  // some SVID could not be obtained (the caller backs off and retries).
+  bool RefreshSvids();
+  // Requires update_mu_.
   void Publish(std::shared_ptr<Snapshot> next);
+  void Kick();
   void StopServing(const std::string& reason);
 
   const AgentOptions options_;
   const Clock& clock_;
   BrokerClient broker_;
-  std::string node_id_;
-
   mutable std::mutex identity_mu_;
+  std::string node_id_;              // GUARDED_BY(identity_mu_)
   int64_t identity_not_before_ = 0;  // GUARDED_BY(identity_mu_)
   int64_t identity_not_after_ = 0;   // GUARDED_BY(identity_mu_)
 
@@ -133,6 +141,7 @@ class Agent {
   std::atomic<bool> stop_{false};
   std::mutex wake_mu_;
   std::condition_variable wake_;
+  bool kicked_ = false;  // GUARDED_BY(wake_mu_): the rotation thread has work now
   std::thread sync_thread_;
   std::thread rotation_thread_;
 };

@@ -86,9 +86,19 @@ absl::StatusOr<spiffe::TrustDomain> TrustDomainOfBundle(const std::string& pem) 
 }
 
 int Run(AgentFlags flags) {
-  if (::mkdir(flags.data_dir.c_str(), 0700) != 0 && errno != EEXIST) {
+  // 0711: other users may reach the Workload API socket inside it but cannot list it; the
+  // agent's key file inside is 0600.
+  if (::mkdir(flags.data_dir.c_str(), 0711) != 0 && errno != EEXIST) {
     return Fail(absl::InternalError(
         absl::StrCat("cannot create --data-dir ", flags.data_dir, ": ", std::strerror(errno))));
+  }
+  struct stat st {};
+  if (::stat(flags.data_dir.c_str(), &st) != 0 || !S_ISDIR(st.st_mode)) {
+    return Fail(absl::FailedPreconditionError(
+        absl::StrCat("--data-dir ", flags.data_dir, " is not a directory")));
+  }
+  if ((st.st_mode & 0066) != 0 || (st.st_mode & 0711) != 0711) {
+    ::chmod(flags.data_dir.c_str(), (st.st_mode & 0700) | 0711);
   }
   if (!flags.tpm_tcti.empty()) {
     return Fail(absl::UnimplementedError("TPM node attestation is not available in this build"));
@@ -122,9 +132,8 @@ int Run(AgentFlags flags) {
   if (auto s = (*agent)->EstablishIdentity(join_token.get()); !s.ok()) return Fail(s);
   (*agent)->Start();
   // Give the first sync a moment so early callers find their SVIDs; serve regardless after.
-  auto first = (*agent)->Current();
-  for (int i = 0; i < 20 && !first->serving; ++i) {
-    first = (*agent)->WaitForChange(first->generation, std::chrono::milliseconds(500));
+  if (!(*agent)->WaitUntilReady(std::chrono::seconds(10))) {
+    spdlog::warn("not every SVID is available yet; serving what there is");
   }
 
   unix_attestor::UnixAttestorOptions attestor_options;
@@ -136,7 +145,9 @@ int Run(AgentFlags flags) {
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   std::string socket = flags.socket.empty() ? flags.data_dir + "/agent.sock" : flags.socket;
   // Callers are identified per call; anyone may connect (mode 0666).
-  auto listener = grpcutil::UdsListener::Start(server.get(), socket, 0666, nullptr);
+  auto listener =
+      grpcutil::UdsListener::Start(server.get(), socket, 0666, nullptr,
+                                   [&attestor](pid_t pid) { return attestor.ReadStartTime(pid); });
   if (!listener.ok()) return Fail(listener.status());
   service.set_listener(listener->get());
   spdlog::info("mandate-agent ready node={} socket={} serving={}", (*agent)->node_id(), socket,

@@ -21,7 +21,7 @@ class WorkloadService final : public SpiffeWorkloadAPI::Service {
   // first connection is accepted.
   WorkloadService(Agent& agent, const unix_attestor::UnixAttestor& attestor)
       : agent_(agent), attestor_(attestor) {}
-  void set_listener(const grpcutil::UdsListener* listener) { listener_ = listener; }
+  void set_listener(const grpcutil::UdsListener* listener) { listener_.store(listener); }
   // Ends open streams promptly.
   void Shutdown() { shutting_down_ = true; }
 
@@ -52,7 +52,7 @@ class WorkloadService final : public SpiffeWorkloadAPI::Service {
 
   Agent& agent_;
   const unix_attestor::UnixAttestor& attestor_;
-  const grpcutil::UdsListener* listener_ = nullptr;
+  std::atomic<const grpcutil::UdsListener*> listener_{nullptr};
   std::atomic<bool> shutting_down_{false};
 };
 

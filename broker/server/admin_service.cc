@@ -117,10 +117,11 @@ absl::Status AdminService::ValidateEntry(const commonpb::Entry& entry) const {
   for (auto [name, value] : {std::pair{"--x509-ttl", entry.x509_ttl_seconds()},
                              std::pair{"--jwt-ttl", entry.jwt_ttl_seconds()},
                              std::pair{"--token-ttl", entry.token_ttl_seconds()}}) {
-    if (value < 0 || value > limits_.max_svid_ttl_seconds) {
-      return absl::InvalidArgumentError(absl::StrCat(name,
-                                                     " must be between 0 (broker default) and ",
-                                                     limits_.max_svid_ttl_seconds, " seconds"));
+    // Below a minute, half-life rotation would outpace the broker round trip.
+    if (value < 0 || (value > 0 && value < 60) || value > limits_.max_svid_ttl_seconds) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(name, " must be 0 (broker default) or between 60 and ",
+                       limits_.max_svid_ttl_seconds, " seconds"));
     }
   }
   return absl::OkStatus();

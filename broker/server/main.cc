@@ -1,6 +1,7 @@
 // mandate-broker: CA and signing keys, registration entries, node attestation, issuance, and the
 // admin, node and HTTP endpoints (DESIGN.md §1, §6).
 #include <grpcpp/grpcpp.h>
+#include <grpcpp/resource_quota.h>
 #include <grpcpp/security/server_credentials.h>
 #include <signal.h>
 #include <spdlog/spdlog.h>
@@ -47,6 +48,7 @@ struct BrokerFlags {
   int64_t x509_svid_ttl = 3600;
   int64_t jwt_svid_ttl = 300;
   int64_t agent_svid_ttl = 3600;
+  int max_node_threads = 1024;
 };
 
 // Splits "host:port" ("[::1]:80" for IPv6). Port 0 means "pick a free port".
@@ -185,6 +187,12 @@ int Run(const BrokerFlags& flags) {
                                 &bound_agent_port);
   node_builder.RegisterService(&node_service);
   node_builder.SetMaxReceiveMessageSize(4 * 1024 * 1024);
+  // Bound what unauthenticated peers can hold: threads for the synchronous handlers (each agent
+  // keeps one Sync stream open) and streams per connection. Excess calls get RESOURCE_EXHAUSTED.
+  grpc::ResourceQuota node_quota("node-api");
+  node_quota.SetMaxThreads(flags.max_node_threads);
+  node_builder.SetResourceQuota(node_quota);
+  node_builder.AddChannelArgument(GRPC_ARG_MAX_CONCURRENT_STREAMS, 16);
   std::unique_ptr<grpc::Server> node_server = node_builder.BuildAndStart();
   if (!node_server || bound_agent_port == 0) {
     return Fail(absl::UnavailableError(
@@ -282,6 +290,10 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--agent-svid-ttl", flags.agent_svid_ttl, "Node agent SVID TTL (s)")
       ->capture_default_str();
+  app.add_option("--max-node-threads", flags.max_node_threads,
+                 "Threads for the node API (one per connected agent plus calls in flight)")
+      ->capture_default_str()
+      ->check(CLI::Range(16, 65536));
   CLI11_PARSE(app, argc, argv);
   if (!flags.config_file.empty()) {
     if (auto s = mandate::broker::ApplyConfigFile(flags.config_file, app, flags); !s.ok()) {

@@ -35,7 +35,7 @@ void NodeService::Shutdown() {
   entries_.NotifyNodeChanged();
 }
 
-absl::StatusOr<store::AttestedNode> NodeService::AuthenticateNode(
+absl::StatusOr<NodeService::AuthenticatedNode> NodeService::AuthenticateNode(
     grpc::ServerContext* context) const {
   auto auth = context->auth_context();
   std::vector<grpc::string_ref> pems =
@@ -59,14 +59,48 @@ absl::StatusOr<store::AttestedNode> NodeService::AuthenticateNode(
     return absl::UnauthenticatedError(
         absl::StrCat("node ", verified->spiffe_id, " is not attested (evicted?); re-attest"));
   }
-  if (!node.ok()) return node.status();
+  if (!node.ok()) return absl::UnavailableError(std::string(node.status().message()));
   if (node->banned) {
     return absl::PermissionDeniedError(absl::StrCat("node ", node->spiffe_id, " is banned"));
   }
-  if (node->cert_serial != chain->front().SerialHex()) {
+  AuthenticatedNode out;
+  out.presented_serial = chain->front().SerialHex();
+  out.presented_not_after = chain->front().not_after();
+  bool current = node->cert_serial == out.presented_serial;
+  bool previous =
+      !node->previous_cert_serial.empty() && node->previous_cert_serial == out.presented_serial;
+  if (!current && !previous) {
     return absl::UnauthenticatedError("node SVID was superseded; use the current one");
   }
-  return node;
+  if (current && !node->previous_cert_serial.empty()) {
+    // The node has its renewed SVID: the one it renewed from is no longer needed.
+    node->previous_cert_serial.clear();
+    if (auto s = store_.UpsertNode(*node); !s.ok()) {
+      return absl::UnavailableError(std::string(s.message()));
+    }
+  }
+  out.node = std::move(*node);
+  return out;
+}
+
+absl::Status NodeService::RecheckNode(const AuthenticatedNode& caller) const {
+  auto node = store_.GetNode(caller.node.spiffe_id);
+  if (absl::IsNotFound(node.status())) {
+    return absl::PermissionDeniedError(
+        absl::StrCat("node ", caller.node.spiffe_id, " was evicted"));
+  }
+  if (!node.ok()) return absl::UnavailableError(std::string(node.status().message()));
+  if (node->banned) {
+    return absl::PermissionDeniedError(absl::StrCat("node ", node->spiffe_id, " is banned"));
+  }
+  if (node->cert_serial != caller.presented_serial &&
+      node->previous_cert_serial != caller.presented_serial) {
+    return absl::UnauthenticatedError("node SVID was superseded; reconnect with the current one");
+  }
+  if (caller.presented_not_after <= clock_.NowSeconds()) {
+    return absl::UnauthenticatedError("node SVID expired; reconnect with a renewed one");
+  }
+  return absl::OkStatus();
 }
 
 absl::Status NodeService::RecordNode(const attestors::NodeAttestationResult& result,
@@ -86,6 +120,7 @@ absl::Status NodeService::RecordNode(const attestors::NodeAttestationResult& res
 grpc::Status NodeService::Attest(
     grpc::ServerContext* context,
     grpc::ServerReaderWriter<nodepb::AttestResponse, nodepb::AttestRequest>* stream) {
+  auto watch = attest_watchdog_.Watch(context, std::chrono::seconds(30));
   nodepb::AttestRequest first;
   if (!stream->Read(&first) || !first.has_params()) {
     return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
@@ -99,6 +134,11 @@ grpc::Status NodeService::Attest(
     return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
                         absl::StrCat("node attestor '", log::EscapeForLog(params.attestor()),
                                      "' is not enabled on this broker"));
+  }
+  // Check the CSR before the attestor spends single-use evidence such as a join token.
+  if (auto csr = crypto::ParseAndVerifyCsrDer(params.csr()); !csr.ok()) {
+    return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                        absl::StrCat("invalid CSR: ", csr.status().message()));
   }
   attestors::ServerNodeAttestor::ChallengeFn challenge =
       [stream](std::string_view data) -> absl::StatusOr<std::string> {
@@ -145,23 +185,27 @@ grpc::Status NodeService::Attest(
 grpc::Status NodeService::RenewAgentSvid(grpc::ServerContext* context,
                                          const nodepb::RenewAgentSvidRequest* request,
                                          nodepb::RenewAgentSvidResponse* response) {
-  auto node = AuthenticateNode(context);
-  if (!node.ok()) return ToGrpcStatus(node.status());
-  auto svid = issuer_.IssueNodeSvid(node->spiffe_id, request->csr());
+  auto caller = AuthenticateNode(context);
+  if (!caller.ok()) return ToGrpcStatus(caller.status());
+  store::AttestedNode& node = caller->node;
+  auto svid = issuer_.IssueNodeSvid(node.spiffe_id, request->csr());
   if (!svid.ok()) return ToGrpcStatus(svid.status());
-  node->cert_serial = svid->SerialHex();
-  node->cert_expires_at = svid->not_after();
-  node->updated_at = clock_.NowSeconds();
-  if (auto s = store_.UpsertNode(*node); !s.ok()) return ToGrpcStatus(s);
+  // Keep accepting the SVID the node renews from until it uses the new one: if this answer is
+  // lost, the node can still call (and renew again) with the certificate it has.
+  node.previous_cert_serial = caller->presented_serial;
+  node.cert_serial = svid->SerialHex();
+  node.cert_expires_at = svid->not_after();
+  node.updated_at = clock_.NowSeconds();
+  if (auto s = store_.UpsertNode(node); !s.ok()) return ToGrpcStatus(s);
   response->set_svid_chain(svid->Der());
   return grpc::Status::OK;
 }
 
 grpc::Status NodeService::Sync(grpc::ServerContext* context, const nodepb::SyncRequest*,
                                grpc::ServerWriter<nodepb::SyncResponse>* writer) {
-  auto node = AuthenticateNode(context);
-  if (!node.ok()) return ToGrpcStatus(node.status());
-  const std::string node_id = node->spiffe_id;
+  auto caller = AuthenticateNode(context);
+  if (!caller.ok()) return ToGrpcStatus(caller.status());
+  const std::string node_id = caller->node.spiffe_id;
   uint64_t generation = entries_.generation();
   while (!context->IsCancelled() && !shutting_down_) {
     nodepb::SyncResponse snapshot;
@@ -190,11 +234,7 @@ grpc::Status NodeService::Sync(grpc::ServerContext* context, const nodepb::SyncR
     }
     generation = next;
     // Evicted or banned nodes lose their stream as soon as it happens.
-    auto still = store_.GetNode(node_id);
-    if (!still.ok() || still->banned) {
-      return grpc::Status(grpc::StatusCode::PERMISSION_DENIED,
-                          absl::StrCat("node ", node_id, " was evicted or banned"));
-    }
+    if (auto s = RecheckNode(*caller); !s.ok()) return ToGrpcStatus(s);
   }
   return grpc::Status::OK;
 }
@@ -202,8 +242,9 @@ grpc::Status NodeService::Sync(grpc::ServerContext* context, const nodepb::SyncR
 grpc::Status NodeService::SignX509Svids(grpc::ServerContext* context,
                                         const nodepb::SignX509SvidsRequest* request,
                                         nodepb::SignX509SvidsResponse* response) {
-  auto node = AuthenticateNode(context);
-  if (!node.ok()) return ToGrpcStatus(node.status());
+  auto caller = AuthenticateNode(context);
+  if (!caller.ok()) return ToGrpcStatus(caller.status());
+  const store::AttestedNode* node = &caller->node;
   if (request->requests_size() > 1000) {
     return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "at most 1000 CSRs per call");
   }
@@ -222,8 +263,9 @@ grpc::Status NodeService::SignX509Svids(grpc::ServerContext* context,
 grpc::Status NodeService::MintJwtSvid(grpc::ServerContext* context,
                                       const nodepb::MintJwtSvidRequest* request,
                                       nodepb::MintJwtSvidResponse* response) {
-  auto node = AuthenticateNode(context);
-  if (!node.ok()) return ToGrpcStatus(node.status());
+  auto caller = AuthenticateNode(context);
+  if (!caller.ok()) return ToGrpcStatus(caller.status());
+  const store::AttestedNode* node = &caller->node;
   std::vector<std::string> audiences(request->audience().begin(), request->audience().end());
   auto jwt = issuer_.IssueJwtSvid(node->spiffe_id, request->entry_id(), audiences);
   if (!jwt.ok()) return ToGrpcStatus(jwt.status());

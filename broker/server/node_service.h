@@ -8,6 +8,7 @@
 #include <string>
 
 #include "attestors/node/node_attestor.h"
+#include "broker/common/grpcutil/call_watchdog.h"
 #include "broker/common/store/store.h"
 #include "broker/server/entry_registry.h"
 #include "broker/server/issuer.h"
@@ -42,9 +43,18 @@ class NodeService final : public mandate::node::v1::NodeApi::Service {
   void Shutdown();
 
  private:
+  struct AuthenticatedNode {
+    store::AttestedNode node;
+    std::string presented_serial;
+    int64_t presented_not_after = 0;
+  };
   // Identifies the calling node from its mTLS client certificate and checks it is attested,
-  // not banned, and presenting its current SVID.
-  absl::StatusOr<store::AttestedNode> AuthenticateNode(grpc::ServerContext* context) const;
+  // not banned, and presenting its current SVID (or the one it renewed from, until the new one
+  // is first used).
+  absl::StatusOr<AuthenticatedNode> AuthenticateNode(grpc::ServerContext* context) const;
+  // Re-checks a node during a long-lived stream: PermissionDenied when it was evicted, banned or
+  // its certificate superseded or expired; Unavailable when the store cannot tell.
+  absl::Status RecheckNode(const AuthenticatedNode& caller) const;
   absl::Status RecordNode(const attestors::NodeAttestationResult& result, std::string_view attestor,
                           const crypto::Certificate& svid) const;
 
@@ -55,6 +65,8 @@ class NodeService final : public mandate::node::v1::NodeApi::Service {
   const Clock& clock_;
   const std::map<std::string, attestors::ServerNodeAttestor*, std::less<>> attestors_;
   std::atomic<bool> shutting_down_{false};
+  // Attestation streams must finish within this budget; silent clients are cut off.
+  grpcutil::CallWatchdog attest_watchdog_;
 };
 
 }  // namespace mandate::broker

@@ -32,8 +32,11 @@ int OpenPidfd(int conn_fd, pid_t pid, bool* from_socket) {
     return pidfd;
   }
   *from_socket = false;
+  // Only a kernel without SO_PEERPIDFD may fall back to pidfd_open: any other failure (the peer
+  // already exited, ESRCH) must leave us without a pidfd, which refuses the caller.
+  if (errno != ENOPROTOOPT && errno != EINVAL) return -1;
   // Older kernels: the process may have exited (and its pid been reused) between connect() and
-  // here; the attestor's start-time re-check narrows that window.
+  // here; the start time taken right after is re-checked after attestation.
   int fd = static_cast<int>(::syscall(SYS_pidfd_open, pid, 0));
   return fd >= 0 ? fd : -1;
 }
@@ -50,8 +53,8 @@ bool PidfdAlive(int pidfd) {
 
 absl::StatusOr<std::unique_ptr<UdsListener>> UdsListener::Start(grpc::Server* server,
                                                                 const std::string& path,
-                                                                unsigned mode,
-                                                                AcceptFilter filter) {
+                                                                unsigned mode, AcceptFilter filter,
+                                                                StartTimeReader start_time_reader) {
   sockaddr_un addr{};
   if (path.empty() || path.size() >= sizeof(addr.sun_path)) {
     return absl::InvalidArgumentError(
@@ -69,12 +72,11 @@ absl::StatusOr<std::unique_ptr<UdsListener>> UdsListener::Start(grpc::Server* se
   if (fd < 0) return absl::InternalError(absl::StrCat("socket: ", std::strerror(errno)));
   addr.sun_family = AF_UNIX;
   std::memcpy(addr.sun_path, path.data(), path.size());
-  // Create the socket with no permissions and widen afterwards, so nobody can connect before
-  // the mode is right.
-  mode_t old_umask = ::umask(0777);
+  // The socket appears with the process umask and gets its mode right after; connections in
+  // between are still identified and filtered, so the window grants nothing. (Changing the
+  // umask here would race with files other threads create.)
   int rc = ::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr));
   int bind_errno = errno;
-  ::umask(old_umask);
   if (rc != 0) {
     ::close(fd);
     return absl::InternalError(absl::StrCat("bind ", path, ": ", std::strerror(bind_errno)));
@@ -85,13 +87,19 @@ absl::StatusOr<std::unique_ptr<UdsListener>> UdsListener::Start(grpc::Server* se
     ::unlink(path.c_str());
     return absl::InternalError(absl::StrCat("listen ", path, ": ", std::strerror(err)));
   }
-  std::unique_ptr<UdsListener> listener(new UdsListener(server, path, fd, std::move(filter)));
+  std::unique_ptr<UdsListener> listener(
+      new UdsListener(server, path, fd, std::move(filter), std::move(start_time_reader)));
   listener->accept_thread_ = std::thread([l = listener.get()] { l->AcceptLoop(); });
   return listener;
 }
 
-UdsListener::UdsListener(grpc::Server* server, std::string path, int listen_fd, AcceptFilter filter)
-    : server_(server), path_(std::move(path)), listen_fd_(listen_fd), filter_(std::move(filter)) {}
+UdsListener::UdsListener(grpc::Server* server, std::string path, int listen_fd, AcceptFilter filter,
+                         StartTimeReader start_time_reader)
+    : server_(server),
+      path_(std::move(path)),
+      listen_fd_(listen_fd),
+      filter_(std::move(filter)),
+      start_time_reader_(std::move(start_time_reader)) {}
 
 UdsListener::~UdsListener() {
   Stop();
@@ -115,11 +123,11 @@ void UdsListener::AcceptLoop() {
     int conn = ::accept4(listen_fd_, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
     if (conn < 0) {
       if (errno == EINTR || errno == ECONNABORTED) continue;
-      if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
-        ::usleep(10000);  // Back off instead of spinning while out of descriptors.
-        continue;
-      }
-      break;  // shutdown(listen_fd_) ends the loop with EINVAL.
+      if (stopped_.load()) break;  // shutdown(listen_fd_) ends the loop.
+      // Out of descriptors or memory, or a transient network error: back off instead of
+      // spinning, and keep serving.
+      ::usleep(10000);
+      continue;
     }
     Connection c;
     ucred cred{};
@@ -134,6 +142,9 @@ void UdsListener::AcceptLoop() {
     c.creds.gid = cred.gid;
     c.creds.pidfd = OpenPidfd(conn, cred.pid, &c.creds.pidfd_from_socket);
     c.inode = st.st_ino;
+    if (start_time_reader_) {
+      if (auto start = start_time_reader_(cred.pid); start.ok()) c.creds.start_time = *start;
+    }
     if (filter_ && !filter_(c.creds)) {
       if (c.creds.pidfd >= 0) ::close(c.creds.pidfd);
       ::close(conn);

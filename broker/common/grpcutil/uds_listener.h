@@ -39,6 +39,9 @@ struct PeerCredentials {
   int pidfd = -1;
   // True when the pidfd came from SO_PEERPIDFD (race-free: the kernel took it at connect()).
   bool pidfd_from_socket = false;
+  // The process start time read right after accept (0 when no reader was given or it failed),
+  // so a later check can tell whether the pid still names the same process.
+  uint64_t start_time = 0;
 };
 
 // Returns true when the process behind `pidfd` is still running (so its pid was not reused).
@@ -49,13 +52,16 @@ class UdsListener {
   // Decides whether a freshly accepted connection may be handed to gRPC (e.g. same-uid only for
   // the admin socket). Connections refused here are closed at once.
   using AcceptFilter = std::function<bool(const PeerCredentials&)>;
+  // Reads a process's start time (e.g. field 22 of /proc/<pid>/stat).
+  using StartTimeReader = std::function<absl::StatusOr<uint64_t>(pid_t)>;
 
   // Creates the socket at `path` (a stale socket file is replaced; any other file is an error),
   // sets its mode, and starts accepting connections for `server`, which must have been built
-  // without listening ports and must outlive Stop(). `filter` may be empty.
-  static absl::StatusOr<std::unique_ptr<UdsListener>> Start(grpc::Server* server,
-                                                            const std::string& path, unsigned mode,
-                                                            AcceptFilter filter);
+  // without listening ports and must outlive Stop(). `filter` and `start_time_reader` may be
+  // empty.
+  static absl::StatusOr<std::unique_ptr<UdsListener>> Start(
+      grpc::Server* server, const std::string& path, unsigned mode, AcceptFilter filter,
+      StartTimeReader start_time_reader = nullptr);
   ~UdsListener();
   UdsListener(const UdsListener&) = delete;
   UdsListener& operator=(const UdsListener&) = delete;
@@ -72,13 +78,15 @@ class UdsListener {
     PeerCredentials creds;
     ino_t inode = 0;
   };
-  UdsListener(grpc::Server* server, std::string path, int listen_fd, AcceptFilter filter);
+  UdsListener(grpc::Server* server, std::string path, int listen_fd, AcceptFilter filter,
+              StartTimeReader start_time_reader);
   void AcceptLoop();
 
   grpc::Server* const server_;
   const std::string path_;
   const int listen_fd_;
   const AcceptFilter filter_;
+  const StartTimeReader start_time_reader_;
   std::atomic<bool> stopped_{false};
   std::thread accept_thread_;
   mutable std::mutex mu_;

@@ -77,8 +77,15 @@ CREATE TABLE join_tokens (
 CREATE INDEX join_tokens_by_expiry ON join_tokens (expires_at);
 )sql";
 
-constexpr std::array<SqliteMigration, 1> kMigrations = {{
+// The serial a node presented before its last renewal, accepted until the new one is used, so
+// a renewal whose answer was lost does not lock the node out.
+constexpr char kV2Sql[] = R"sql(
+ALTER TABLE attested_nodes ADD COLUMN previous_cert_serial TEXT NOT NULL DEFAULT '';
+)sql";
+
+constexpr std::array<SqliteMigration, 2> kMigrations = {{
     {1, "entries, nodes, join tokens", kV1Sql},
+    {2, "previous node certificate serial", kV2Sql},
 }};
 
 }  // namespace

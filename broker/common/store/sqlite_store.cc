@@ -340,12 +340,14 @@ struct NodeQueries {
 };
 
 constexpr NodeQueries kAllNodes = {
-    "SELECT spiffe_id, attestor, cert_serial, cert_expires_at, created_at, updated_at, banned "
+    "SELECT spiffe_id, attestor, cert_serial, cert_expires_at, created_at, updated_at, banned, "
+    "previous_cert_serial "
     "FROM attested_nodes ORDER BY spiffe_id",
     "SELECT node_id, selector FROM attested_node_selectors ORDER BY node_id, selector",
 };
 constexpr NodeQueries kNodeById = {
-    "SELECT spiffe_id, attestor, cert_serial, cert_expires_at, created_at, updated_at, banned "
+    "SELECT spiffe_id, attestor, cert_serial, cert_expires_at, created_at, updated_at, banned, "
+    "previous_cert_serial "
     "FROM attested_nodes WHERE spiffe_id = ?1",
     "SELECT node_id, selector FROM attested_node_selectors WHERE node_id = ?1 ORDER BY selector",
 };
@@ -368,6 +370,7 @@ absl::StatusOr<std::vector<AttestedNode>> LoadNodes(sqlite3* db, const NodeQueri
       node.created_at = stmt.ColumnInt64(4);
       node.updated_at = stmt.ColumnInt64(5);
       node.banned = stmt.ColumnInt64(6) != 0;
+      node.previous_cert_serial = stmt.ColumnText(7);
     }
   }
   if (nodes.empty()) return nodes;
@@ -760,10 +763,12 @@ absl::Status SqliteStore::UpsertNode(const AttestedNode& node) {
         Statement::Prepare(
             db_,
             "INSERT INTO attested_nodes (spiffe_id, attestor, cert_serial, cert_expires_at, "
-            "created_at, updated_at, banned) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) "
+            "created_at, updated_at, banned, previous_cert_serial) "
+            "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) "
             "ON CONFLICT (spiffe_id) DO UPDATE SET attestor = excluded.attestor, "
             "cert_serial = excluded.cert_serial, cert_expires_at = excluded.cert_expires_at, "
-            "updated_at = excluded.updated_at"));
+            "updated_at = excluded.updated_at, "
+            "previous_cert_serial = excluded.previous_cert_serial"));
     RETURN_IF_ERROR(stmt.BindText(1, node.spiffe_id));
     RETURN_IF_ERROR(stmt.BindText(2, node.attestor));
     RETURN_IF_ERROR(stmt.BindText(3, node.cert_serial));
@@ -771,6 +776,7 @@ absl::Status SqliteStore::UpsertNode(const AttestedNode& node) {
     RETURN_IF_ERROR(stmt.BindInt64(5, node.created_at));
     RETURN_IF_ERROR(stmt.BindInt64(6, node.updated_at));
     RETURN_IF_ERROR(stmt.BindInt64(7, node.banned ? 1 : 0));
+    RETURN_IF_ERROR(stmt.BindText(8, node.previous_cert_serial));
     RETURN_IF_ERROR(stmt.Run());
   }
   {

@@ -55,6 +55,9 @@ struct AttestedNode {
   std::string attestor;  // "join_token", "tpm".
   std::vector<std::string> selectors;
   std::string cert_serial;  // Serial of the node's current X509-SVID (hex).
+  // Serial of the SVID the node renewed from; still accepted until the new one is first used
+  // (a renewal whose answer was lost must not lock the node out). Empty when none.
+  std::string previous_cert_serial;
   int64_t cert_expires_at = 0;
   int64_t created_at = 0;
   int64_t updated_at = 0;
@@ -127,7 +130,8 @@ class Store {
   // ---- Attested nodes ----
 
   // Inserts the node, or updates an existing row with the same spiffe_id: attestor, selectors
-  // (replaced as a whole), cert_serial, cert_expires_at and updated_at are taken from `node`,
+  // (replaced as a whole), cert_serial, previous_cert_serial, cert_expires_at and updated_at are
+  // taken from `node`,
   // while created_at and banned of the existing row are kept. Refusing banned nodes is the
   // caller's job (IsNodeBanned) before it attests. InvalidArgument: empty spiffe_id or selector.
   virtual absl::Status UpsertNode(const AttestedNode& node) = 0;

@@ -89,6 +89,10 @@ TEST_F(AdminValidationTest, RefusalsNameTheRule) {
   e = Good();
   e.set_x509_ttl_seconds(-1);
   EXPECT_NE(Refusal(e).find("--x509-ttl"), std::string::npos);
+
+  e = Good();
+  e.set_jwt_ttl_seconds(5);  // too short to rotate at half life
+  EXPECT_NE(Refusal(e).find("--jwt-ttl"), std::string::npos);
 }
 
 TEST_F(AdminValidationTest, CreateEntryRefusalStoresNothing) {

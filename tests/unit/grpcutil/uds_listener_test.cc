@@ -22,6 +22,7 @@ namespace adminpb = mandate::admin::v1;
 class WhoAmI final : public adminpb::Admin::Service {
  public:
   const UdsListener* listener = nullptr;
+  bool report_start_time = false;
   grpc::Status GetBundle(grpc::ServerContext* context, const adminpb::GetBundleRequest*,
                          adminpb::GetBundleResponse* response) override {
     auto peer = listener->PeerOf(*context);
@@ -30,6 +31,7 @@ class WhoAmI final : public adminpb::Admin::Service {
     }
     response->set_trust_domain(std::to_string(peer->pid) + " " + std::to_string(peer->uid) + " " +
                                (PidfdAlive(peer->pidfd) ? "alive" : "gone"));
+    if (report_start_time) response->set_jwks(std::to_string(peer->start_time));
     return grpc::Status::OK;
   }
 };
@@ -76,6 +78,19 @@ TEST_F(UdsListenerTest, HandlersSeeTheCallersCredentials) {
   ASSERT_TRUE(status.ok()) << status.error_message();
   EXPECT_EQ(response.trust_domain(),
             std::to_string(::getpid()) + " " + std::to_string(::geteuid()) + " alive");
+}
+
+TEST_F(UdsListenerTest, StartTimeIsTakenAtAccept) {
+  auto listener = UdsListener::Start(
+      server_.get(), path_, 0600, nullptr,
+      [](pid_t pid) -> absl::StatusOr<uint64_t> { return pid == ::getpid() ? 4242 : 1; });
+  ASSERT_TRUE(listener.ok());
+  listener_ = std::move(*listener);
+  service_.listener = listener_.get();
+  service_.report_start_time = true;
+  adminpb::GetBundleResponse response;
+  ASSERT_TRUE(Call(&response).ok());
+  EXPECT_EQ(response.jwks(), "4242");
 }
 
 TEST_F(UdsListenerTest, SocketGetsTheRequestedMode) {

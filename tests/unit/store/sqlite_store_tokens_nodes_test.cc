@@ -259,3 +259,22 @@ TEST_F(SqliteStoreTokensNodesTest, DeleteNodeRemovesRowAndSelectors) {
 
 }  // namespace
 }  // namespace mandate::store
+
+namespace mandate::store {
+namespace {
+
+TEST_F(SqliteStoreTokensNodesTest, PreviousCertSerialIsStoredAndCleared) {
+  AttestedNode node = Node("spiffe://example.org/node/join/renewing");
+  node.cert_serial = "02";
+  node.previous_cert_serial = "01";
+  ASSERT_TRUE(store_->UpsertNode(node).ok());
+  auto loaded = store_->GetNode(node.spiffe_id);
+  ASSERT_TRUE(loaded.ok());
+  EXPECT_EQ(loaded->previous_cert_serial, "01");
+  node.previous_cert_serial.clear();
+  ASSERT_TRUE(store_->UpsertNode(node).ok());
+  EXPECT_EQ(store_->GetNode(node.spiffe_id)->previous_cert_serial, "");
+}
+
+}  // namespace
+}  // namespace mandate::store
