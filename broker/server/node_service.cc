@@ -207,6 +207,7 @@ grpc::Status NodeService::Sync(grpc::ServerContext* context, const nodepb::SyncR
   if (!caller.ok()) return ToGrpcStatus(caller.status());
   const std::string node_id = caller->node.spiffe_id;
   uint64_t generation = entries_.generation();
+  std::string last_sent;
   while (!context->IsCancelled() && !shutting_down_) {
     nodepb::SyncResponse snapshot;
     snapshot.set_revision(static_cast<int64_t>(generation));
@@ -226,7 +227,15 @@ grpc::Status NodeService::Sync(grpc::ServerContext* context, const nodepb::SyncR
       e->set_created_at(entry.created_at);
       e->set_revision(entry.revision);
     }
-    if (!writer->Write(snapshot)) break;
+    // Only nodes whose view changed get a message: a change elsewhere wakes every stream, but
+    // re-sending an identical snapshot would make every agent republish to its workloads.
+    snapshot.set_revision(0);
+    std::string serialized = snapshot.SerializeAsString();
+    if (serialized != last_sent) {
+      snapshot.set_revision(static_cast<int64_t>(generation));
+      if (!writer->Write(snapshot)) break;
+      last_sent = std::move(serialized);
+    }
     // Wake at once on any change; the timeout only bounds how long a cancelled stream lingers.
     uint64_t next = generation;
     while (next == generation && !context->IsCancelled() && !shutting_down_) {

@@ -1,0 +1,335 @@
+// Daemon lifecycle against real processes: restarts (clean and kill -9), agent restarts without a
+// token, entry deletion, eviction and banning reaching the agent, and SIGTERM draining.
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/stat.h>
+
+#include <iostream>
+
+#include "mandate/svid.h"
+#include "mandate/workload_client.h"
+#include "nlohmann/json.hpp"
+#include "tests/integration/harness.h"
+
+namespace mandate::integration {
+namespace {
+
+using nlohmann::json;
+using ::testing::HasSubstr;
+
+class LifecycleTest : public IntegrationTest {
+ protected:
+  // The Workload API connection goes first: an idle client connection holds the agent's gRPC
+  // shutdown until its 3 s deadline, which would only slow every test down.
+  void TearDown() override {
+    client_.reset();
+    IntegrationTest::TearDown();
+  }
+
+  // Broker + agent attested as `node_name` + an entry for this process's uid, served (polled)
+  // before returning.
+  void StartServedWorkload(const std::string& node_name, BrokerOptions broker_options = {}) {
+    auto broker = StartBroker(std::move(broker_options));
+    ASSERT_TRUE(broker.ok()) << broker.status();
+    broker_ = *broker;
+    auto agent = StartAttestedAgent(broker_, node_name);
+    ASSERT_TRUE(agent.ok()) << agent.status();
+    agent_ = *agent;
+    node_id_ = broker_.JoinNodeId(node_name);
+    workload_id_ = broker_.Id("/agent/" + node_name);
+    auto entry = CreateEntry(broker_, node_id_, workload_id_, {OwnUidSelector()});
+    ASSERT_TRUE(entry.ok()) << entry.status();
+    entry_id_ = *entry;
+    auto client = WorkloadClient::Connect("unix://" + agent_.socket);
+    ASSERT_TRUE(client.ok()) << client.status();
+    client_ = std::move(*client);
+    absl::StatusOr<X509Svid> svid = absl::UnknownError("not fetched");
+    ASSERT_TRUE(WaitUntil(
+        [&] {
+          svid = client_->FetchX509Svid();
+          return svid.ok();
+        },
+        10s, 50ms))
+        << svid.status();
+    ASSERT_EQ(svid->spiffe_id, workload_id_);
+  }
+
+  json AdminJson(const std::vector<std::string>& args) {
+    std::vector<std::string> with_output = {"--output", "json"};
+    with_output.insert(with_output.end(), args.begin(), args.end());
+    CommandResult r = Admin(broker_, with_output);
+    EXPECT_EQ(r.exit_code, 0) << r;
+    return json::parse(r.out, nullptr, false);
+  }
+
+  json FindAgent(const std::string& spiffe_id) {
+    json list = AdminJson({"agent", "list"});
+    if (!list.is_object() || !list["agents"].is_array()) return nullptr;
+    for (const json& agent : list["agents"]) {
+      if (agent.value("spiffe_id", "") == spiffe_id) return agent;
+    }
+    return nullptr;
+  }
+
+  // Polls the Workload API (every 20 ms) until a fetch fails with one of `codes`; returns how
+  // long it took, or -1 ms if it never did within `timeout`.
+  std::chrono::milliseconds TimeUntilRefused(std::vector<absl::StatusCode> codes,
+                                             std::chrono::milliseconds timeout,
+                                             absl::Status* last) {
+    auto start = std::chrono::steady_clock::now();
+    bool refused = WaitUntil(
+        [&] {
+          auto svid = client_->FetchX509Svid();
+          *last = svid.status();
+          return std::find(codes.begin(), codes.end(), last->code()) != codes.end();
+        },
+        timeout, 20ms);
+    if (!refused) return -1ms;
+    return std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() -
+                                                                 start);
+  }
+
+  BrokerProcess broker_;
+  AgentProcess agent_;
+  std::string node_id_;
+  std::string workload_id_;
+  std::string entry_id_;
+  std::unique_ptr<WorkloadClient> client_;
+};
+
+bool Exists(const std::string& path) {
+  struct stat st {};
+  return ::lstat(path.c_str(), &st) == 0;
+}
+
+TEST_F(LifecycleTest, BrokerRestartKeepsEntriesNodesAndKeysAndAgentKeepsWorking) {
+  ASSERT_NO_FATAL_FAILURE(StartServedWorkload("node-restart"));
+  auto other = CreateEntry(broker_, node_id_, broker_.Id("/agent/someone-else"), {"unix:uid:4242"});
+  ASSERT_TRUE(other.ok()) << other.status();
+  const json entries_before = AdminJson({"entry", "list"});
+  const json agents_before = AdminJson({"agent", "list"});
+  const json bundle_before = AdminJson({"bundle", "show"});
+  ASSERT_EQ(entries_before["entries"].size(), 2u) << entries_before.dump();
+  ASSERT_EQ(agents_before["agents"].size(), 1u) << agents_before.dump();
+
+  ASSERT_EQ(StopProcess(broker_.pid, SIGTERM), 0);
+  // The same ports, so that the still-running agent finds the broker again.
+  BrokerOptions same_ports;
+  same_ports.agent_listen = broker_.agent_address;
+  same_ports.http_listen = broker_.http_address;
+  auto restarted = StartBroker(same_ports);
+  ASSERT_TRUE(restarted.ok()) << restarted.status();
+  broker_ = *restarted;
+
+  EXPECT_EQ(AdminJson({"entry", "list"}), entries_before);
+  EXPECT_EQ(AdminJson({"agent", "list"}), agents_before);
+  // Same CA certificate and JWT key.
+  EXPECT_EQ(AdminJson({"bundle", "show"}), bundle_before);
+
+  // The agent reconnects by itself: a new entry reaches it and gets an SVID signed by the
+  // restarted broker, and a JWT-SVID for a new audience is minted by it.
+  const std::string new_id = broker_.Id("/agent/after-restart");
+  auto added = CreateEntry(broker_, node_id_, new_id, {OwnUidSelector()});
+  ASSERT_TRUE(added.ok()) << added.status();
+  absl::StatusOr<X509Context> context = absl::UnknownError("not fetched");
+  ASSERT_TRUE(WaitUntil(
+      [&] {
+        context = client_->FetchX509Context();
+        return context.ok() && context->svids.size() == 2;
+      },
+      10s, 50ms))
+      << context.status();
+  auto jwt = client_->FetchJwtSvid({"fresh-audience-after-restart"}, new_id);
+  ASSERT_TRUE(jwt.ok()) << jwt.status();
+  EXPECT_EQ(jwt->spiffe_id, new_id);
+  EXPECT_TRUE(IsRunning(agent_.pid));
+}
+
+TEST_F(LifecycleTest, BrokerKilledRightAfterAcknowledgedWritesLosesNothing) {
+  auto broker = StartBroker();
+  ASSERT_TRUE(broker.ok()) << broker.status();
+  broker_ = *broker;
+  auto token = GenerateJoinToken(broker_, "node-k9");
+  ASSERT_TRUE(token.ok()) << token.status();
+  auto entry = CreateEntry(broker_, broker_.JoinNodeId("node-k9"), broker_.Id("/agent/k9"),
+                           {OwnUidSelector()});
+  ASSERT_TRUE(entry.ok()) << entry.status();
+  // No grace: SIGKILL the moment `entry create` returned.
+  EXPECT_EQ(StopProcess(broker_.pid, SIGKILL), 128 + SIGKILL);
+
+  auto restarted = StartBroker();
+  ASSERT_TRUE(restarted.ok()) << restarted.status();
+  broker_ = *restarted;
+  json entries = AdminJson({"entry", "list"});
+  ASSERT_EQ(entries["entries"].size(), 1u) << entries.dump();
+  EXPECT_EQ(entries["entries"][0]["id"], *entry);
+  EXPECT_EQ(entries["entries"][0]["spiffe_id"], broker_.Id("/agent/k9"));
+  // The join token acknowledged before the kill still works, and the entry is served.
+  auto agent = StartAgent(broker_, *token);
+  ASSERT_TRUE(agent.ok()) << agent.status();
+  CommandResult fetch;
+  ASSERT_TRUE(WaitUntil(
+      [&] {
+        fetch = Workload(*agent, {"fetch", "x509"});
+        return fetch.exit_code == 0;
+      },
+      10s, 50ms))
+      << fetch;
+  EXPECT_THAT(fetch.out, HasSubstr(broker_.Id("/agent/k9")));
+}
+
+TEST_F(LifecycleTest, AgentRestartWithoutTokenServesAgain) {
+  ASSERT_NO_FATAL_FAILURE(StartServedWorkload("node-again"));
+  const json agent_before = FindAgent(node_id_);
+  ASSERT_TRUE(agent_before.is_object());
+
+  // client_ keeps an idle connection to the agent here; the agent lets it go only at its 3 s
+  // gRPC shutdown deadline (see the measurement), still exiting 0.
+  auto stop_start = std::chrono::steady_clock::now();
+  ASSERT_EQ(StopProcess(agent_.pid, SIGTERM), 0);
+  std::cout << "[ measured ] agent SIGTERM with an idle workload connection -> exit: "
+            << std::chrono::duration_cast<std::chrono::milliseconds>(
+                   std::chrono::steady_clock::now() - stop_start)
+                   .count()
+            << " ms\n";
+  EXPECT_FALSE(Exists(agent_.socket)) << "a stopped agent leaves no socket behind";
+  // No token at all (and MANDATE_JOIN_TOKEN is stripped from the child's environment).
+  auto restarted = StartAgent(broker_, "", {.data_dir = agent_.data_dir, .socket = agent_.socket});
+  ASSERT_TRUE(restarted.ok()) << restarted.status();
+  agent_ = *restarted;
+  absl::StatusOr<X509Svid> svid = absl::UnknownError("not fetched");
+  ASSERT_TRUE(WaitUntil(
+      [&] {
+        svid = client_->FetchX509Svid();
+        return svid.ok();
+      },
+      10s, 50ms))
+      << svid.status();
+  EXPECT_EQ(svid->spiffe_id, workload_id_);
+  auto jwt = client_->FetchJwtSvid({"after-agent-restart"});
+  ASSERT_TRUE(jwt.ok()) << jwt.status();
+  // It did not attest again: same node record, same agent SVID serial.
+  EXPECT_EQ(FindAgent(node_id_), agent_before);
+  EXPECT_THAT(ReadFileOrEmpty(agent_.log_path), HasSubstr("reusing stored agent SVID"));
+}
+
+TEST_F(LifecycleTest, EntryDeleteReachesAgentWithinTwoSeconds) {
+  ASSERT_NO_FATAL_FAILURE(StartServedWorkload("node-delete"));
+  CommandResult deleted = Admin(broker_, {"entry", "delete", entry_id_});
+  ASSERT_EQ(deleted.exit_code, 0) << deleted;
+  absl::Status last;
+  auto took = TimeUntilRefused({absl::StatusCode::kPermissionDenied}, 2s, &last);
+  std::cout << "[ measured ] PermissionDenied on the agent " << took.count()
+            << " ms after `entry delete` returned\n";
+  RecordProperty("entry_delete_latency_ms", static_cast<int>(took.count()));
+  ASSERT_GE(took.count(), 0) << "still served 2 s after entry delete; last: " << last;
+  EXPECT_THAT(last.message(), HasSubstr("no identity issued"));
+  // The CLI sees the same.
+  CommandResult fetch = Workload(agent_, {"fetch", "x509"});
+  EXPECT_NE(fetch.exit_code, 0) << fetch;
+  EXPECT_THAT(fetch.err, HasSubstr("no identity issued")) << fetch;
+  EXPECT_EQ(AdminJson({"entry", "list"}), json({{"entries", json::array()}}));
+}
+
+TEST_F(LifecycleTest, AgentEvictStopsServingButAllowsReattestation) {
+  ASSERT_NO_FATAL_FAILURE(StartServedWorkload("node-evict"));
+  CommandResult evict = Admin(broker_, {"agent", "evict", node_id_});
+  ASSERT_EQ(evict.exit_code, 0) << evict;
+  absl::Status last;
+  auto took = TimeUntilRefused(
+      {absl::StatusCode::kUnavailable, absl::StatusCode::kPermissionDenied}, 3s, &last);
+  std::cout << "[ measured ] workloads refused " << took.count()
+            << " ms after `agent evict` returned\n";
+  ASSERT_GE(took.count(), 0) << "still served 3 s after evict; last: " << last;
+  EXPECT_TRUE(FindAgent(node_id_).is_null()) << "evicted node still listed";
+
+  // Evicting is not banning: a fresh token for the same node ID attests again (fresh data dir,
+  // since the old agent SVID is no longer recognised) and serves the same entry.
+  auto token = GenerateJoinToken(broker_, "node-evict");
+  ASSERT_TRUE(token.ok()) << token.status();
+  auto again = StartAgent(
+      broker_, *token, {.data_dir = temp_dir() + "/agent2", .socket = temp_dir() + "/run/a2.sock"});
+  ASSERT_TRUE(again.ok()) << again.status();
+  json listed = FindAgent(node_id_);
+  ASSERT_TRUE(listed.is_object());
+  EXPECT_EQ(listed["banned"], false);
+  CommandResult fetch;
+  ASSERT_TRUE(WaitUntil(
+      [&] {
+        fetch = Workload(*again, {"fetch", "x509"});
+        return fetch.exit_code == 0;
+      },
+      10s, 50ms))
+      << fetch;
+  EXPECT_THAT(fetch.out, HasSubstr(workload_id_));
+}
+
+TEST_F(LifecycleTest, AgentBanStopsServingAndRefusesReattestation) {
+  ASSERT_NO_FATAL_FAILURE(StartServedWorkload("node-ban"));
+  CommandResult ban = Admin(broker_, {"agent", "ban", node_id_});
+  ASSERT_EQ(ban.exit_code, 0) << ban;
+  absl::Status last;
+  auto took = TimeUntilRefused(
+      {absl::StatusCode::kUnavailable, absl::StatusCode::kPermissionDenied}, 3s, &last);
+  std::cout << "[ measured ] workloads refused " << took.count()
+            << " ms after `agent ban` returned\n";
+  ASSERT_GE(took.count(), 0) << "still served 3 s after ban; last: " << last;
+  CommandResult fetch = Workload(agent_, {"fetch", "x509"});
+  EXPECT_NE(fetch.exit_code, 0) << fetch;
+  json listed = FindAgent(node_id_);
+  ASSERT_TRUE(listed.is_object()) << "a banned node stays listed";
+  EXPECT_EQ(listed["banned"], true);
+
+  // A fresh token for the banned node ID is issued but refused at attestation.
+  auto token = GenerateJoinToken(broker_, "node-ban");
+  ASSERT_TRUE(token.ok()) << token.status();
+  CommandResult again = RunAgentUntilExit(
+      broker_, *token, {.data_dir = temp_dir() + "/agent2", .socket = temp_dir() + "/run/a2.sock"});
+  EXPECT_NE(again.exit_code, 0) << again;
+  EXPECT_NE(again.exit_code, -1) << "the agent did not exit: " << again;
+  EXPECT_THAT(again.err, HasSubstr("banned"));
+  const std::string broker_log = ReadFileOrEmpty(broker_.log_path);
+  EXPECT_THAT(broker_log, HasSubstr("attestation refused"));
+  EXPECT_THAT(broker_log, HasSubstr(node_id_ + ": node is banned"));
+  EXPECT_EQ(FindAgent(node_id_)["banned"], true);
+}
+
+TEST_F(LifecycleTest, SigtermDrainsAndExitsZeroForBothDaemons) {
+  ASSERT_NO_FATAL_FAILURE(StartServedWorkload("node-term"));
+  // Open streams on both daemons: the agent's sync stream on the broker, and a watch stream of
+  // this process on the agent.
+  std::atomic<int> updates{0};
+  auto watcher = client_->WatchX509Context([&](const X509Context&) { ++updates; });
+  ASSERT_TRUE(watcher->WaitUntilUpdated(10s).ok());
+  // And a second workload connection that is open but idle, as long-lived SDK clients are.
+  auto idle = WorkloadClient::Connect("unix://" + agent_.socket);
+  ASSERT_TRUE(idle.ok()) << idle.status();
+  ASSERT_TRUE((*idle)->FetchX509Svid().ok());
+
+  auto start = std::chrono::steady_clock::now();
+  EXPECT_EQ(StopProcess(broker_.pid, SIGTERM, 10s), 0);
+  auto broker_ms = std::chrono::duration_cast<std::chrono::milliseconds>(
+                       std::chrono::steady_clock::now() - start)
+                       .count();
+  std::cout << "[ measured ] broker SIGTERM -> exit: " << broker_ms << " ms\n";
+  EXPECT_FALSE(Exists(broker_.admin_socket)) << "admin socket left behind";
+  // The agent keeps serving from its cache while the broker is away.
+  EXPECT_TRUE(client_->FetchX509Svid().ok());
+
+  start = std::chrono::steady_clock::now();
+  EXPECT_EQ(StopProcess(agent_.pid, SIGTERM, 10s), 0);
+  auto agent_ms = std::chrono::duration_cast<std::chrono::milliseconds>(
+                      std::chrono::steady_clock::now() - start)
+                      .count();
+  // An idle client connection is only let go at the agent's 3 s gRPC shutdown deadline
+  // (broker/agent/main.cc); the exit is still clean.
+  std::cout << "[ measured ] agent SIGTERM (open watch stream + idle connection) -> exit: "
+            << agent_ms << " ms\n";
+  EXPECT_FALSE(Exists(agent_.socket)) << "Workload API socket left behind";
+  watcher->Close();
+  EXPECT_GE(updates.load(), 1);
+}
+
+}  // namespace
+}  // namespace mandate::integration
