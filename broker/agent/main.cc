@@ -4,7 +4,6 @@
 #include <signal.h>
 #include <spdlog/spdlog.h>
 #include <sys/stat.h>
-#include <toml++/toml.h>
 
 #include <CLI/CLI.hpp>
 #include <cerrno>
@@ -18,9 +17,11 @@
 #include "attestors/workload/unix/unix_attestor.h"
 #include "broker/agent/agent.h"
 #include "broker/agent/workload_service.h"
+#include "broker/common/config/config_file.h"
 #include "broker/common/crypto/keys.h"
 #include "broker/common/grpcutil/uds_listener.h"
 #include "broker/common/log/log.h"
+#include "broker/common/util/status_macros.h"
 
 namespace mandate::agent {
 namespace {
@@ -45,30 +46,24 @@ int Fail(const absl::Status& status) {
   return 1;
 }
 
+// Applies a TOML config file to flags that were not given on the command line.
 absl::Status ApplyConfigFile(const std::string& path, CLI::App& app, AgentFlags& flags) {
-  toml::table table;
-  try {
-    table = toml::parse_file(path);
-  } catch (const toml::parse_error& e) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("config ", path, ": ", std::string(e.description())));
-  }
-  auto set_string = [&](const char* key, const char* flag, std::string& out) {
-    if (auto v = table[key].value<std::string>(); v && app.count(flag) == 0) out = *v;
-  };
-  set_string("data_dir", "--data-dir", flags.data_dir);
-  set_string("broker", "--broker", flags.broker);
-  set_string("trust_bundle", "--trust-bundle", flags.trust_bundle);
-  set_string("join_token_file", "--join-token-file", flags.join_token_file);
-  set_string("tpm_tcti", "--tpm-tcti", flags.tpm_tcti);
-  set_string("socket", "--socket", flags.socket);
-  set_string("log_format", "--log-format", flags.log_format);
-  set_string("log_level", "--log-level", flags.log_level);
-  if (auto v = table["max_exe_hash_bytes"].value<int64_t>();
-      v && *v >= 0 && app.count("--max-exe-hash-bytes") == 0) {
-    flags.max_exe_hash_bytes = static_cast<uint64_t>(*v);
-  }
-  return absl::OkStatus();
+  ASSIGN_OR_RETURN(config::ConfigFile file, config::ConfigFile::Load(path));
+  auto given = [&](const char* flag) { return app.count(flag) > 0; };
+  RETURN_IF_ERROR(file.GetString("data_dir", given("--data-dir"), flags.data_dir));
+  RETURN_IF_ERROR(file.GetString("broker", given("--broker"), flags.broker));
+  RETURN_IF_ERROR(file.GetString("trust_bundle", given("--trust-bundle"), flags.trust_bundle));
+  RETURN_IF_ERROR(
+      file.GetString("join_token_file", given("--join-token-file"), flags.join_token_file));
+  RETURN_IF_ERROR(file.GetString("tpm_tcti", given("--tpm-tcti"), flags.tpm_tcti));
+  RETURN_IF_ERROR(file.GetString("socket", given("--socket"), flags.socket));
+  RETURN_IF_ERROR(file.GetString("log_format", given("--log-format"), flags.log_format));
+  RETURN_IF_ERROR(file.GetString("log_level", given("--log-level"), flags.log_level));
+  int64_t max_hash = static_cast<int64_t>(flags.max_exe_hash_bytes);
+  RETURN_IF_ERROR(file.GetInt("max_exe_hash_bytes", given("--max-exe-hash-bytes"), max_hash));
+  if (max_hash < 0) return absl::InvalidArgumentError("max_exe_hash_bytes must not be negative");
+  flags.max_exe_hash_bytes = static_cast<uint64_t>(max_hash);
+  return file.CheckAllKeysKnown();
 }
 
 // The trust domain is the one the bundle's CA certificate names.

@@ -6,7 +6,6 @@
 #include <signal.h>
 #include <spdlog/spdlog.h>
 #include <sys/stat.h>
-#include <toml++/toml.h>
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
@@ -18,10 +17,12 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "attestors/node/join_token/join_token_attestor.h"
+#include "broker/common/config/config_file.h"
 #include "broker/common/crypto/keys.h"
 #include "broker/common/grpcutil/uds_listener.h"
 #include "broker/common/log/log.h"
 #include "broker/common/store/sqlite_store.h"
+#include "broker/common/util/status_macros.h"
 #include "broker/server/admin_service.h"
 #include "broker/server/entry_registry.h"
 #include "broker/server/http_endpoints.h"
@@ -84,38 +85,31 @@ absl::Status EnsureDataDir(const std::string& dir) {
   return absl::OkStatus();
 }
 
-// Applies keys of a TOML config file to flags that were not given on the command line.
+// Applies a TOML config file to flags that were not given on the command line.
 absl::Status ApplyConfigFile(const std::string& path, CLI::App& app, BrokerFlags& flags) {
-  toml::table table;
-  try {
-    table = toml::parse_file(path);
-  } catch (const toml::parse_error& e) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("config ", path, ": ", std::string(e.description())));
+  ASSIGN_OR_RETURN(config::ConfigFile file, config::ConfigFile::Load(path));
+  auto given = [&](const char* flag) { return app.count(flag) > 0; };
+  RETURN_IF_ERROR(file.GetString("data_dir", given("--data-dir"), flags.data_dir));
+  RETURN_IF_ERROR(file.GetString("trust_domain", given("--trust-domain"), flags.trust_domain));
+  RETURN_IF_ERROR(file.GetString("agent_listen", given("--agent-listen"), flags.agent_listen));
+  RETURN_IF_ERROR(file.GetString("http_listen", given("--http-listen"), flags.http_listen));
+  RETURN_IF_ERROR(file.GetString("admin_socket", given("--admin-socket"), flags.admin_socket));
+  RETURN_IF_ERROR(file.GetString("issuer_url", given("--issuer-url"), flags.issuer_url));
+  RETURN_IF_ERROR(file.GetString("http_tls_cert", given("--http-tls-cert"), flags.http_tls_cert));
+  RETURN_IF_ERROR(file.GetString("http_tls_key", given("--http-tls-key"), flags.http_tls_key));
+  RETURN_IF_ERROR(file.GetBool("insecure_http", given("--insecure-http"), flags.insecure_http));
+  RETURN_IF_ERROR(file.GetString("log_format", given("--log-format"), flags.log_format));
+  RETURN_IF_ERROR(file.GetString("log_level", given("--log-level"), flags.log_level));
+  RETURN_IF_ERROR(file.GetInt("x509_svid_ttl", given("--x509-svid-ttl"), flags.x509_svid_ttl));
+  RETURN_IF_ERROR(file.GetInt("jwt_svid_ttl", given("--jwt-svid-ttl"), flags.jwt_svid_ttl));
+  RETURN_IF_ERROR(file.GetInt("agent_svid_ttl", given("--agent-svid-ttl"), flags.agent_svid_ttl));
+  int64_t threads = flags.max_node_threads;
+  RETURN_IF_ERROR(file.GetInt("max_node_threads", given("--max-node-threads"), threads));
+  if (threads < 16 || threads > 65536) {
+    return absl::InvalidArgumentError("max_node_threads must be between 16 and 65536");
   }
-  auto set_string = [&](const char* key, const char* flag, std::string& out) {
-    if (auto v = table[key].value<std::string>(); v && app.count(flag) == 0) out = *v;
-  };
-  auto set_int = [&](const char* key, const char* flag, int64_t& out) {
-    if (auto v = table[key].value<int64_t>(); v && app.count(flag) == 0) out = *v;
-  };
-  set_string("data_dir", "--data-dir", flags.data_dir);
-  set_string("trust_domain", "--trust-domain", flags.trust_domain);
-  set_string("agent_listen", "--agent-listen", flags.agent_listen);
-  set_string("http_listen", "--http-listen", flags.http_listen);
-  set_string("admin_socket", "--admin-socket", flags.admin_socket);
-  set_string("issuer_url", "--issuer-url", flags.issuer_url);
-  set_string("http_tls_cert", "--http-tls-cert", flags.http_tls_cert);
-  set_string("http_tls_key", "--http-tls-key", flags.http_tls_key);
-  set_string("log_format", "--log-format", flags.log_format);
-  set_string("log_level", "--log-level", flags.log_level);
-  set_int("x509_svid_ttl", "--x509-svid-ttl", flags.x509_svid_ttl);
-  set_int("jwt_svid_ttl", "--jwt-svid-ttl", flags.jwt_svid_ttl);
-  set_int("agent_svid_ttl", "--agent-svid-ttl", flags.agent_svid_ttl);
-  if (auto v = table["insecure_http"].value<bool>(); v && app.count("--insecure-http") == 0) {
-    flags.insecure_http = *v;
-  }
-  return absl::OkStatus();
+  flags.max_node_threads = static_cast<int>(threads);
+  return file.CheckAllKeysKnown();
 }
 
 int Fail(const absl::Status& status) {
