@@ -157,7 +157,7 @@ int Run(AgentFlags flags) {
   spdlog::info("signal {} received; stopping", sig);
   service.Shutdown();
   (*listener)->Stop();
-  server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(3));
+  server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(1));
   (*agent)->Stop();
   spdlog::info("mandate-agent stopped");
   return 0;

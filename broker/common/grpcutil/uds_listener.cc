@@ -154,9 +154,33 @@ void UdsListener::AcceptLoop() {
       std::lock_guard<std::mutex> lock(mu_);
       auto it = connections_.find(conn);
       if (it != connections_.end() && it->second.creds.pidfd >= 0) ::close(it->second.creds.pidfd);
+      connections_.erase(conn);
+      PruneClosedLocked();
+      size_t from_uid = 0;
+      for (const auto& [fd, other] : connections_) from_uid += other.creds.uid == cred.uid;
+      if (from_uid >= max_connections_per_uid_.load()) {
+        // One local user must not exhaust the daemon's descriptors for everyone else.
+        if (c.creds.pidfd >= 0) ::close(c.creds.pidfd);
+        ::close(conn);
+        continue;
+      }
       connections_[conn] = c;
     }
     grpc::AddInsecureChannelFromFd(server_, conn);  // gRPC owns `conn` from here on.
+  }
+}
+
+void UdsListener::PruneClosedLocked() {
+  // gRPC closes connections without telling us; an fd that is gone or now names another file
+  // is a closed connection whose record (and pidfd) can go.
+  for (auto it = connections_.begin(); it != connections_.end();) {
+    struct stat st {};
+    if (::fstat(it->first, &st) != 0 || st.st_ino != it->second.inode) {
+      if (it->second.creds.pidfd >= 0) ::close(it->second.creds.pidfd);
+      it = connections_.erase(it);
+    } else {
+      ++it;
+    }
   }
 }
 

@@ -70,6 +70,9 @@ class UdsListener {
   // did not arrive through this listener or the connection cannot be matched.
   absl::StatusOr<PeerCredentials> PeerOf(const grpc::ServerContext& context) const;
 
+  // Connections from one uid beyond this many open ones are closed at accept.
+  void SetMaxConnectionsPerUidForTesting(size_t n) { max_connections_per_uid_ = n; }
+
   // Stops accepting and removes the socket file. Call before grpc::Server::Shutdown(). Idempotent.
   void Stop();
 
@@ -81,6 +84,10 @@ class UdsListener {
   UdsListener(grpc::Server* server, std::string path, int listen_fd, AcceptFilter filter,
               StartTimeReader start_time_reader);
   void AcceptLoop();
+  void PruneClosedLocked();  // REQUIRES(mu_)
+
+  static constexpr size_t kDefaultMaxConnectionsPerUid = 512;
+  std::atomic<size_t> max_connections_per_uid_{kDefaultMaxConnectionsPerUid};
 
   grpc::Server* const server_;
   const std::string path_;

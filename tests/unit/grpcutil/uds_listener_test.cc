@@ -2,14 +2,18 @@
 
 #include <grpcpp/grpcpp.h>
 #include <gtest/gtest.h>
+#include <poll.h>
 #include <stdlib.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
+#include <sys/un.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <filesystem>
 #include <fstream>
+#include <thread>
 
 #include "mandate/admin/v1/admin.grpc.pb.h"
 
@@ -38,6 +42,15 @@ class WhoAmI final : public adminpb::Admin::Service {
 
 class UdsListenerTest : public ::testing::Test {
  protected:
+  // gRPC closes a connection some time after its peer does; poll instead of sleeping.
+  template <typename Fn>
+  bool WaitForOk(Fn fn) {
+    for (int i = 0; i < 100; ++i) {
+      if (fn()) return true;
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+    return false;
+  }
   void SetUp() override {
     std::string pattern = (std::filesystem::temp_directory_path() / "mandate-uds-XXXXXX").string();
     dir_ = ::mkdtemp(pattern.data());
@@ -91,6 +104,33 @@ TEST_F(UdsListenerTest, StartTimeIsTakenAtAccept) {
   adminpb::GetBundleResponse response;
   ASSERT_TRUE(Call(&response).ok());
   EXPECT_EQ(response.jwks(), "4242");
+}
+
+TEST_F(UdsListenerTest, ConnectionsBeyondThePerUidCapAreClosed) {
+  Listen();
+  listener_->SetMaxConnectionsPerUidForTesting(2);
+  auto connect_raw = [&] {
+    int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    sockaddr_un addr{};
+    addr.sun_family = AF_UNIX;
+    std::snprintf(addr.sun_path, sizeof(addr.sun_path), "%s", path_.c_str());
+    EXPECT_EQ(::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
+    return fd;
+  };
+  int a = connect_raw();
+  int b = connect_raw();
+  int c = connect_raw();
+  // The third connection is closed by the listener: reading it sees end of file.
+  pollfd p{c, POLLIN, 0};
+  ASSERT_EQ(::poll(&p, 1, 5000), 1);
+  char byte;
+  EXPECT_EQ(::read(c, &byte, 1), 0);
+  ::close(c);
+  // Closing one frees a slot: a real call gets through again.
+  ::close(a);
+  ::close(b);
+  adminpb::GetBundleResponse response;
+  EXPECT_TRUE(WaitForOk([&] { return Call(&response).ok(); }));
 }
 
 TEST_F(UdsListenerTest, SocketGetsTheRequestedMode) {
