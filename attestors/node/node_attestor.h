@@ -22,6 +22,14 @@ struct NodeAttestationResult {
   std::vector<std::string> selectors;  // "type:value"
 };
 
+// What the agent sent to start attestation.
+struct NodeAttestationRequest {
+  std::string_view payload;
+  // DER SubjectPublicKeyInfo of the key the agent's SVID will certify. Attestors that can bind
+  // the key to their evidence (the TPM quote covers it) must do so.
+  std::string_view csr_spki_der;
+};
+
 // Broker half. Thread-safe: Attest may run concurrently for different agents.
 class ServerNodeAttestor {
  public:
@@ -32,7 +40,7 @@ class ServerNodeAttestor {
   virtual std::string_view name() const = 0;
   // Checks `payload` (and any challenge answers). On refusal returns PermissionDenied with the
   // specific reason, which the broker logs; the agent sees the reason too.
-  virtual absl::StatusOr<NodeAttestationResult> Attest(std::string_view payload,
+  virtual absl::StatusOr<NodeAttestationResult> Attest(const NodeAttestationRequest& request,
                                                        const ChallengeFn& challenge) = 0;
 };
 
@@ -41,8 +49,12 @@ class AgentNodeAttestor {
  public:
   virtual ~AgentNodeAttestor() = default;
   virtual std::string_view name() const = 0;
-  virtual absl::StatusOr<std::string> Payload() = 0;
+  // The first message. `csr_spki_der` is the public key the agent asks the broker to certify.
+  virtual absl::StatusOr<std::string> Payload(std::string_view csr_spki_der) = 0;
   virtual absl::StatusOr<std::string> AnswerChallenge(std::string_view challenge) = 0;
+  // True when the attestor can attest again at any time without operator help (TPM), so the
+  // agent re-attests on restart and to renew instead of keeping its SVID on disk.
+  virtual bool CanReattest() const { return false; }
 };
 
 }  // namespace mandate::attestors

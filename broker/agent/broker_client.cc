@@ -125,7 +125,8 @@ absl::StatusOr<AttestationOutcome> BrokerClient::Attest(attestors::AgentNodeAtte
   grpc::ClientContext context;
   SetDeadline(context);
   auto stream = stub->Attest(&context);
-  ASSIGN_OR_RETURN(std::string payload, attestor.Payload());
+  ASSIGN_OR_RETURN(crypto::ParsedCsr csr, crypto::ParseAndVerifyCsrDer(csr_der));
+  ASSIGN_OR_RETURN(std::string payload, attestor.Payload(csr.key.SpkiDer()));
   nodepb::AttestRequest first;
   first.mutable_params()->set_attestor(std::string(attestor.name()));
   first.mutable_params()->set_payload(payload);

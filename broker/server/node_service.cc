@@ -136,10 +136,12 @@ grpc::Status NodeService::Attest(
                                      "' is not enabled on this broker"));
   }
   // Check the CSR before the attestor spends single-use evidence such as a join token.
-  if (auto csr = crypto::ParseAndVerifyCsrDer(params.csr()); !csr.ok()) {
+  auto csr = crypto::ParseAndVerifyCsrDer(params.csr());
+  if (!csr.ok()) {
     return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
                         absl::StrCat("invalid CSR: ", csr.status().message()));
   }
+  const std::string csr_spki = csr->key.SpkiDer();
   attestors::ServerNodeAttestor::ChallengeFn challenge =
       [stream](std::string_view data) -> absl::StatusOr<std::string> {
     nodepb::AttestResponse response;
@@ -150,7 +152,7 @@ grpc::Status NodeService::Attest(
     }
     return answer.challenge_response();
   };
-  auto result = it->second->Attest(params.payload(), challenge);
+  auto result = it->second->Attest({params.payload(), csr_spki}, challenge);
   if (!result.ok()) {
     spdlog::warn("attestation refused peer={} attestor={}: {}", PeerAddress(context), it->first,
                  std::string(result.status().message()));

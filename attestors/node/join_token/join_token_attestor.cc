@@ -20,7 +20,8 @@ std::string HashJoinToken(std::string_view token) {
 }
 
 absl::StatusOr<NodeAttestationResult> JoinTokenServerAttestor::Attest(
-    std::string_view payload, const ChallengeFn& /*challenge*/) {
+    const NodeAttestationRequest& request, const ChallengeFn& /*challenge*/) {
+  std::string_view payload = request.payload;
   if (payload.empty() || payload.size() > 256) {
     return absl::PermissionDeniedError("join token missing or malformed");
   }

@@ -29,7 +29,7 @@ class JoinTokenServerAttestor final : public ServerNodeAttestor {
   JoinTokenServerAttestor(store::Store& store, const Clock& clock, spiffe::TrustDomain td)
       : store_(store), clock_(clock), trust_domain_(std::move(td)) {}
   std::string_view name() const override { return kJoinTokenAttestorName; }
-  absl::StatusOr<NodeAttestationResult> Attest(std::string_view payload,
+  absl::StatusOr<NodeAttestationResult> Attest(const NodeAttestationRequest& request,
                                                const ChallengeFn& challenge) override;
 
  private:
@@ -43,7 +43,7 @@ class JoinTokenAgentAttestor final : public AgentNodeAttestor {
  public:
   explicit JoinTokenAgentAttestor(std::string token) : token_(std::move(token)) {}
   std::string_view name() const override { return kJoinTokenAttestorName; }
-  absl::StatusOr<std::string> Payload() override { return token_; }
+  absl::StatusOr<std::string> Payload(std::string_view) override { return token_; }
   absl::StatusOr<std::string> AnswerChallenge(std::string_view) override {
     return absl::FailedPreconditionError("join token attestation has no challenges");
   }

@@ -83,9 +83,18 @@ constexpr char kV2Sql[] = R"sql(
 ALTER TABLE attested_nodes ADD COLUMN previous_cert_serial TEXT NOT NULL DEFAULT '';
 )sql";
 
-constexpr std::array<SqliteMigration, 2> kMigrations = {{
+constexpr char kV3Sql[] = R"sql(
+CREATE TABLE tpm_counters (
+  ek_hash TEXT PRIMARY KEY NOT NULL,
+  reset_count INTEGER NOT NULL,
+  restart_count INTEGER NOT NULL
+) STRICT;
+)sql";
+
+constexpr std::array<SqliteMigration, 3> kMigrations = {{
     {1, "entries, nodes, join tokens", kV1Sql},
     {2, "previous node certificate serial", kV2Sql},
+    {3, "TPM boot counters per EK", kV3Sql},
 }};
 
 }  // namespace

@@ -842,6 +842,53 @@ absl::StatusOr<bool> SqliteStore::IsNodeBanned(std::string_view spiffe_id) {
   return found && stmt.ColumnInt64(0) != 0;
 }
 
+absl::Status SqliteStore::AdvanceTpmCounters(std::string_view ek_hash,
+                                             const TpmCounters& counters) {
+  if (ek_hash.empty()) return absl::InvalidArgumentError("EK hash is empty");
+  absl::MutexLock lock(&mu_);
+  ASSIGN_OR_RETURN(Transaction txn, Transaction::BeginWrite(db_));
+  {
+    ASSIGN_OR_RETURN(Statement stmt,
+                     Statement::Prepare(db_,
+                                        "SELECT reset_count, restart_count FROM tpm_counters "
+                                        "WHERE ek_hash = ?1"));
+    RETURN_IF_ERROR(stmt.BindText(1, ek_hash));
+    ASSIGN_OR_RETURN(bool found, stmt.Step());
+    if (found) {
+      TpmCounters stored{stmt.ColumnInt64(0), stmt.ColumnInt64(1)};
+      if (std::pair(counters.reset_count, counters.restart_count) <
+          std::pair(stored.reset_count, stored.restart_count)) {
+        return absl::FailedPreconditionError(absl::StrCat(
+            "TPM counters went backwards (resetCount/restartCount ", counters.reset_count, "/",
+            counters.restart_count, " after ", stored.reset_count, "/", stored.restart_count,
+            "): replayed quote or rolled-back TPM"));
+      }
+    }
+  }
+  {
+    ASSIGN_OR_RETURN(
+        Statement stmt,
+        Statement::Prepare(db_,
+                           "INSERT INTO tpm_counters (ek_hash, reset_count, restart_count) "
+                           "VALUES (?1, ?2, ?3) ON CONFLICT (ek_hash) DO UPDATE SET "
+                           "reset_count = excluded.reset_count, "
+                           "restart_count = excluded.restart_count"));
+    RETURN_IF_ERROR(stmt.BindText(1, ek_hash));
+    RETURN_IF_ERROR(stmt.BindInt64(2, counters.reset_count));
+    RETURN_IF_ERROR(stmt.BindInt64(3, counters.restart_count));
+    RETURN_IF_ERROR(stmt.Run());
+  }
+  return txn.Commit();
+}
+
+absl::Status SqliteStore::ResetTpmCounters(std::string_view ek_hash) {
+  absl::MutexLock lock(&mu_);
+  ASSIGN_OR_RETURN(Statement stmt,
+                   Statement::Prepare(db_, "DELETE FROM tpm_counters WHERE ek_hash = ?1"));
+  RETURN_IF_ERROR(stmt.BindText(1, ek_hash));
+  return stmt.Run();
+}
+
 absl::StatusOr<int> SqliteStore::SchemaVersion() {
   absl::MutexLock lock(&mu_);
   ASSIGN_OR_RETURN(int64_t version, QuerySingleInt(db_, "PRAGMA user_version"));

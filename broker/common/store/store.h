@@ -78,6 +78,14 @@ struct JoinToken {
   friend bool operator==(const JoinToken&, const JoinToken&) = default;
 };
 
+// The TPM boot counters (TPMS_CLOCK_INFO resetCount, restartCount) last seen in a quote from one
+// EK. They must never go backwards: a quote with smaller counters is a replay or a rolled-back TPM.
+struct TpmCounters {
+  int64_t reset_count = 0;
+  int64_t restart_count = 0;
+  friend bool operator==(const TpmCounters&, const TpmCounters&) = default;
+};
+
 // Thread-safety: every method may be called concurrently from any thread; each call is atomic
 // (it sees and leaves a consistent state). Implementations are not copyable; the owner (the
 // broker's `main()`) keeps one instance alive for as long as any module uses it.
@@ -150,6 +158,15 @@ class Store {
 
   // True when a node row with this ID exists and is banned; false when absent.
   virtual absl::StatusOr<bool> IsNodeBanned(std::string_view spiffe_id) = 0;
+
+  // ---- TPM boot counters, by hex SHA-256 of the EK SubjectPublicKeyInfo ----
+  // Records `counters` for `ek_hash` when they are not lexicographically smaller than the stored
+  // pair (equal is fine: the same boot attesting again). FailedPrecondition("TPM counters went
+  // backwards ...") otherwise, and nothing changes. Atomic against concurrent callers.
+  virtual absl::Status AdvanceTpmCounters(std::string_view ek_hash,
+                                          const TpmCounters& counters) = 0;
+  // Forgets the counters of `ek_hash` (operator override after a TPM clear). OK when absent.
+  virtual absl::Status ResetTpmCounters(std::string_view ek_hash) = 0;
 
   // ---- Maintenance ----
 

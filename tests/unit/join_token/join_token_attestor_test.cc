@@ -30,7 +30,7 @@ class JoinTokenAttestorTest : public ::testing::Test {
   }
 
   absl::StatusOr<NodeAttestationResult> Attest(std::string_view token) {
-    return attestor_->Attest(token, [](std::string_view) -> absl::StatusOr<std::string> {
+    return attestor_->Attest({token, ""}, [](std::string_view) -> absl::StatusOr<std::string> {
       return absl::InternalError("no challenges expected");
     });
   }

@@ -278,3 +278,25 @@ TEST_F(SqliteStoreTokensNodesTest, PreviousCertSerialIsStoredAndCleared) {
 
 }  // namespace
 }  // namespace mandate::store
+
+namespace mandate::store {
+namespace {
+
+TEST_F(SqliteStoreTokensNodesTest, TpmCountersOnlyMoveForward) {
+  const std::string ek(64, 'a');
+  ASSERT_TRUE(store_->AdvanceTpmCounters(ek, {3, 5}).ok());
+  EXPECT_TRUE(store_->AdvanceTpmCounters(ek, {3, 5}).ok());  // same boot again
+  EXPECT_TRUE(store_->AdvanceTpmCounters(ek, {3, 6}).ok());
+  auto back = store_->AdvanceTpmCounters(ek, {3, 4});
+  EXPECT_EQ(back.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_NE(back.message().find("went backwards"), std::string::npos);
+  EXPECT_EQ(store_->AdvanceTpmCounters(ek, {2, 99}).code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_TRUE(store_->AdvanceTpmCounters(ek, {4, 0}).ok());  // a reboot resets restartCount
+  // Another EK is independent; a reset is the operator's override after a TPM clear.
+  EXPECT_TRUE(store_->AdvanceTpmCounters(std::string(64, 'b'), {0, 0}).ok());
+  ASSERT_TRUE(store_->ResetTpmCounters(ek).ok());
+  EXPECT_TRUE(store_->AdvanceTpmCounters(ek, {0, 0}).ok());
+}
+
+}  // namespace
+}  // namespace mandate::store
