@@ -96,6 +96,13 @@ absl::Status Agent::LoadStoredIdentity() {
 }
 
 absl::Status Agent::EstablishIdentity(attestors::AgentNodeAttestor* attestor) {
+  if (attestor != nullptr && attestor->CanReattest()) {
+    // Hardware-backed attestors prove the node afresh every time; nothing is kept on disk.
+    reattestor_ = attestor;
+    RETURN_IF_ERROR(AttestWith(*attestor, /*persist=*/false));
+    spdlog::info("node attested as {}", node_id());
+    return absl::OkStatus();
+  }
   absl::Status stored = LoadStoredIdentity();
   if (stored.ok()) {
     spdlog::info("reusing stored agent SVID node={}", node_id());
@@ -109,19 +116,29 @@ absl::Status Agent::EstablishIdentity(attestors::AgentNodeAttestor* attestor) {
         absl::StrCat("no usable agent SVID in ", options_.data_dir,
                      " and no node attestor configured: give --join-token (or --join-token-file)"));
   }
-  ASSIGN_OR_RETURN(crypto::PrivateKey key, crypto::PrivateKey::GenerateP256());
-  ASSIGN_OR_RETURN(std::string csr, crypto::CreateCsrDer(key, ""));
-  auto outcome = broker_.Attest(*attestor, csr);
-  if (!outcome.ok()) {
-    return absl::Status(outcome.status().code(),
-                        absl::StrCat("node attestation failed: ", outcome.status().message()));
-  }
-  RETURN_IF_ERROR(AdoptIdentity(std::move(outcome->svid_chain), std::move(key), true));
+  RETURN_IF_ERROR(AttestWith(*attestor, /*persist=*/true));
   spdlog::info("node attested as {}", node_id());
   return absl::OkStatus();
 }
 
+absl::Status Agent::AttestWith(attestors::AgentNodeAttestor& attestor, bool persist) {
+  ASSIGN_OR_RETURN(crypto::PrivateKey key, crypto::PrivateKey::GenerateP256());
+  ASSIGN_OR_RETURN(std::string csr, crypto::CreateCsrDer(key, ""));
+  auto outcome = broker_.Attest(attestor, csr);
+  if (!outcome.ok()) {
+    return absl::Status(outcome.status().code(),
+                        absl::StrCat("node attestation failed: ", outcome.status().message()));
+  }
+  return AdoptIdentity(std::move(outcome->svid_chain), std::move(key), persist);
+}
+
 absl::Status Agent::RenewIdentity() {
+  if (reattestor_ != nullptr) {
+    // A TPM node renews by attesting again, binding the new key to a fresh quote.
+    RETURN_IF_ERROR(AttestWith(*reattestor_, /*persist=*/false));
+    spdlog::info("agent SVID renewed by re-attestation node={}", node_id());
+    return absl::OkStatus();
+  }
   ASSIGN_OR_RETURN(crypto::PrivateKey key, crypto::PrivateKey::GenerateP256());
   ASSIGN_OR_RETURN(std::string csr, crypto::CreateCsrDer(key, node_id()));
   ASSIGN_OR_RETURN(auto chain, broker_.RenewAgentSvid(csr));
@@ -215,8 +232,12 @@ void Agent::SyncLoop() {
         stop_);
     if (stop_) break;
     if (got_snapshot) backoff = std::chrono::milliseconds(250);
-    if (absl::IsPermissionDenied(status) || absl::IsUnauthenticated(status)) {
+    if (absl::IsPermissionDenied(status)) {
+      // Evicted, banned or unknown: never serve identities the broker no longer stands behind.
       StopServing(std::string(status.message()));
+    } else if (absl::IsUnauthenticated(status)) {
+      // Our SVID was superseded or expired (e.g. while renewing); reconnect with the current one.
+      spdlog::info("sync stream needs the current agent SVID: {}", std::string(status.message()));
     } else {
       spdlog::warn("sync stream to broker ended: {}", status.ToString());
     }

@@ -72,8 +72,9 @@ class Agent {
   static absl::StatusOr<std::unique_ptr<Agent>> Create(AgentOptions options, const Clock& clock);
   ~Agent();
 
-  // Establishes the node identity: reuses the SVID kept in the data dir when still valid,
-  // otherwise attests with `attestor` (which may be null when none was configured).
+  // Establishes the node identity: a re-attesting attestor (TPM) always attests afresh; otherwise
+  // the SVID kept in the data dir is reused when still valid, else `attestor` (which may be null
+  // when none was configured) attests. `attestor` must outlive the agent.
   absl::Status EstablishIdentity(attestors::AgentNodeAttestor* attestor);
   // Starts the sync and rotation threads.
   void Start();
@@ -103,6 +104,7 @@ class Agent {
   absl::Status AdoptIdentity(std::vector<crypto::Certificate> chain, crypto::PrivateKey key,
                              bool persist);
   absl::Status RenewIdentity();
+  absl::Status AttestWith(attestors::AgentNodeAttestor& attestor, bool persist);
   void SyncLoop();
   void RotationLoop();
   // Publishes the broker's entry set at once (removals take effect immediately) and asks the
@@ -120,6 +122,9 @@ class Agent {
   const AgentOptions options_;
   const Clock& clock_;
   BrokerClient broker_;
+  // Set when the node attestor can prove the node again at any time (TPM): renewal re-attests.
+  // Not owned; outlives the agent. Used by the rotation thread only after EstablishIdentity.
+  attestors::AgentNodeAttestor* reattestor_ = nullptr;
   mutable std::mutex identity_mu_;
   std::string node_id_;              // GUARDED_BY(identity_mu_)
   int64_t identity_not_before_ = 0;  // GUARDED_BY(identity_mu_)

@@ -14,6 +14,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/strip.h"
 #include "attestors/node/join_token/join_token_attestor.h"
+#include "attestors/node/tpm/agent/tpm_agent_attestor.h"
 #include "attestors/workload/unix/unix_attestor.h"
 #include "broker/agent/agent.h"
 #include "broker/agent/workload_service.h"
@@ -95,9 +96,7 @@ int Run(AgentFlags flags) {
   if ((st.st_mode & 0066) != 0 || (st.st_mode & 0711) != 0711) {
     ::chmod(flags.data_dir.c_str(), (st.st_mode & 0700) | 0711);
   }
-  if (!flags.tpm_tcti.empty()) {
-    return Fail(absl::UnimplementedError("TPM node attestation is not available in this build"));
-  }
+
   std::string token = flags.join_token;
   if (token.empty() && !flags.join_token_file.empty()) {
     auto contents = crypto::ReadFile(flags.join_token_file);
@@ -120,11 +119,29 @@ int Run(AgentFlags flags) {
                        .trust_bundle_pem = *bundle,
                        .trust_domain = *td};
   const Clock& clock = Clock::Real();
+  // Declared before the agent so that it outlives the agent's threads on every return path.
+  std::unique_ptr<attestors::AgentNodeAttestor> node_attestor;
   auto agent = Agent::Create(options, clock);
   if (!agent.ok()) return Fail(agent.status());
-  std::unique_ptr<attestors::JoinTokenAgentAttestor> join_token;
-  if (!token.empty()) join_token = std::make_unique<attestors::JoinTokenAgentAttestor>(token);
-  if (auto s = (*agent)->EstablishIdentity(join_token.get()); !s.ok()) return Fail(s);
+  if (!flags.tpm_tcti.empty()) {
+    if (!token.empty()) {
+      return Fail(absl::InvalidArgumentError(
+          "give either --tpm-tcti or a join token, not both: a node has one node attestor"));
+    }
+    auto tpm = attestors::TpmAgentAttestor::Create(flags.tpm_tcti);
+    if (!tpm.ok()) {
+      return Fail(absl::Status(tpm.status().code(), absl::StrCat("--tpm-tcti ", flags.tpm_tcti,
+                                                                 ": ", tpm.status().message())));
+    }
+    if (auto ek = (*tpm)->EkHashHex(); ek.ok()) {
+      // What an operator needs for --tpm-ek-hash (TPMs without an EK certificate).
+      spdlog::info("TPM EK SubjectPublicKeyInfo sha256={}", *ek);
+    }
+    node_attestor = std::move(*tpm);
+  } else if (!token.empty()) {
+    node_attestor = std::make_unique<attestors::JoinTokenAgentAttestor>(token);
+  }
+  if (auto s = (*agent)->EstablishIdentity(node_attestor.get()); !s.ok()) return Fail(s);
   (*agent)->Start();
   // Give the first sync a moment so early callers find their SVIDs; serve regardless after.
   if (!(*agent)->WaitUntilReady(std::chrono::seconds(10))) {

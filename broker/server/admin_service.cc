@@ -225,6 +225,15 @@ grpc::Status AdminService::ListAgents(grpc::ServerContext*, const adminpb::ListA
 grpc::Status AdminService::EvictAgent(grpc::ServerContext*, const adminpb::AgentRequest* request,
                                       adminpb::AgentResponse*) {
   if (auto s = store_.DeleteNode(request->spiffe_id()); !s.ok()) return ToGrpcStatus(s);
+  // Evicting a TPM node is also the operator's override after a TPM clear: its boot counters
+  // start afresh at the next attestation.
+  constexpr std::string_view kTpmPrefix = "/node/tpm/";
+  if (auto id = spiffe::SpiffeId::Parse(request->spiffe_id());
+      id.ok() && id->path().starts_with(kTpmPrefix)) {
+    if (auto s = store_.ResetTpmCounters(id->path().substr(kTpmPrefix.size())); !s.ok()) {
+      return ToGrpcStatus(s);
+    }
+  }
   entries_.NotifyNodeChanged();
   spdlog::info("agent evicted node={}", log::EscapeForLog(request->spiffe_id()));
   return grpc::Status::OK;

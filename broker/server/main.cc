@@ -17,6 +17,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "attestors/node/join_token/join_token_attestor.h"
+#include "attestors/node/tpm/server/tpm_server_attestor.h"
 #include "broker/common/config/config_file.h"
 #include "broker/common/crypto/keys.h"
 #include "broker/common/grpcutil/uds_listener.h"
@@ -50,6 +51,8 @@ struct BrokerFlags {
   int64_t jwt_svid_ttl = 300;
   int64_t agent_svid_ttl = 3600;
   int max_node_threads = 1024;
+  std::vector<std::string> tpm_ek_ca_files;
+  std::vector<std::string> tpm_ek_hashes;
 };
 
 // Splits "host:port" ("[::1]:80" for IPv6). Port 0 means "pick a free port".
@@ -109,7 +112,38 @@ absl::Status ApplyConfigFile(const std::string& path, CLI::App& app, BrokerFlags
     return absl::InvalidArgumentError("max_node_threads must be between 16 and 65536");
   }
   flags.max_node_threads = static_cast<int>(threads);
+  RETURN_IF_ERROR(file.GetStringList("tpm_ek_ca", given("--tpm-ek-ca"), flags.tpm_ek_ca_files));
+  RETURN_IF_ERROR(file.GetStringList("tpm_ek_hash", given("--tpm-ek-hash"), flags.tpm_ek_hashes));
   return file.CheckAllKeysKnown();
+}
+
+absl::StatusOr<attestors::TpmServerOptions> TpmOptionsFromFlags(const BrokerFlags& flags) {
+  attestors::TpmServerOptions options;
+  for (const auto& file : flags.tpm_ek_ca_files) {
+    auto pem = crypto::ReadFile(file);
+    if (!pem.ok()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--tpm-ek-ca ", file, ": ", pem.status().message()));
+    }
+    auto certs = crypto::Certificate::ParsePemChain(*pem);
+    if (!certs.ok()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--tpm-ek-ca ", file, ": ", certs.status().message()));
+    }
+    options.ek_ca_certificates.insert(options.ek_ca_certificates.end(), certs->begin(),
+                                      certs->end());
+  }
+  for (const auto& hash : flags.tpm_ek_hashes) {
+    bool hex = hash.size() == 64 && hash.find_first_not_of("0123456789abcdef") == std::string::npos;
+    if (!hex) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "--tpm-ek-hash '", hash,
+          "' must be 64 lowercase hex digits: the SHA-256 of the EK SubjectPublicKeyInfo DER"));
+    }
+    options.ek_hash_allowlist.push_back(hash);
+  }
+  if (auto s = attestors::ValidateTpmServerOptions(options); !s.ok()) return s;
+  return options;
 }
 
 int Fail(const absl::Status& status) {
@@ -162,6 +196,15 @@ int Run(const BrokerFlags& flags) {
   attestors::JoinTokenServerAttestor join_token(**store, clock, *td);
   std::map<std::string, attestors::ServerNodeAttestor*, std::less<>> node_attestors = {
       {std::string(join_token.name()), &join_token}};
+  std::unique_ptr<attestors::TpmServerAttestor> tpm;
+  if (!flags.tpm_ek_ca_files.empty() || !flags.tpm_ek_hashes.empty()) {
+    auto options = TpmOptionsFromFlags(flags);
+    if (!options.ok()) return Fail(options.status());
+    tpm = std::make_unique<attestors::TpmServerAttestor>(std::move(*options), **store, clock, *td);
+    node_attestors.emplace(std::string(tpm->name()), tpm.get());
+    spdlog::info("TPM node attestation enabled: {} EK CA certificate(s), {} allowlisted EK(s)",
+                 flags.tpm_ek_ca_files.size(), flags.tpm_ek_hashes.size());
+  }
   NodeService node_service(**authority, **store, **entries, issuer, clock, node_attestors);
   AdminService admin_service(**authority, **store, **entries, clock);
 
@@ -288,6 +331,12 @@ int main(int argc, char** argv) {
                  "Threads for the node API (one per connected agent plus calls in flight)")
       ->capture_default_str()
       ->check(CLI::Range(16, 65536));
+  app.add_option("--tpm-ek-ca", flags.tpm_ek_ca_files,
+                 "PEM bundle of TPM EK CA certificates to trust (repeatable; enables TPM "
+                 "attestation)");
+  app.add_option("--tpm-ek-hash", flags.tpm_ek_hashes,
+                 "SHA-256 (hex) of an EK SubjectPublicKeyInfo to admit without a certificate "
+                 "(repeatable)");
   CLI11_PARSE(app, argc, argv);
   if (!flags.config_file.empty()) {
     if (auto s = mandate::broker::ApplyConfigFile(flags.config_file, app, flags); !s.ok()) {

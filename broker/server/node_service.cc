@@ -56,7 +56,8 @@ absl::StatusOr<NodeService::AuthenticatedNode> NodeService::AuthenticateNode(
   }
   auto node = store_.GetNode(verified->spiffe_id);
   if (absl::IsNotFound(node.status())) {
-    return absl::UnauthenticatedError(
+    // PermissionDenied (not Unauthenticated): the agent must stop serving, not just reconnect.
+    return absl::PermissionDeniedError(
         absl::StrCat("node ", verified->spiffe_id, " is not attested (evicted?); re-attest"));
   }
   if (!node.ok()) return absl::UnavailableError(std::string(node.status().message()));
@@ -114,6 +115,11 @@ absl::Status NodeService::RecordNode(const attestors::NodeAttestationResult& res
   node.cert_expires_at = svid.not_after();
   node.created_at = clock_.NowSeconds();
   node.updated_at = node.created_at;
+  // A node that attests again (a TPM node restarting or renewing) keeps its running connections
+  // valid until it uses the new SVID, exactly as after a renewal.
+  if (auto existing = store_.GetNode(node.spiffe_id); existing.ok()) {
+    node.previous_cert_serial = existing->cert_serial;
+  }
   return store_.UpsertNode(node);
 }
 

@@ -437,6 +437,7 @@ std::vector<std::string> IntegrationTest::AgentArgv(const BrokerProcess& broker,
   std::vector<std::string> argv = {AgentBinary(),      "--data-dir",         options.data_dir,
                                    "--broker",         broker.agent_address, "--trust-bundle",
                                    broker.bundle_path, "--socket",           options.socket};
+  argv.insert(argv.end(), options.extra_args.begin(), options.extra_args.end());
   if (!join_token.empty()) {
     // A file rather than --join-token: the token does not belong in /proc/*/cmdline.
     std::string token_file = absl::StrCat(temp_dir_, "/join-token-", ++log_counter_);

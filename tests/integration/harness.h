@@ -111,8 +111,9 @@ struct BrokerOptions {
 };
 
 struct AgentOptions {
-  std::string data_dir;  // default <temp>/agent
-  std::string socket;    // default <temp>/run/agent.sock
+  std::string data_dir;                 // default <temp>/agent
+  std::string socket;                   // default <temp>/run/agent.sock
+  std::vector<std::string> extra_args;  // e.g. {"--tpm-tcti", "swtpm:path=..."}
 };
 
 class IntegrationTest : public ::testing::Test {

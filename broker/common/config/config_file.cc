@@ -63,6 +63,32 @@ absl::Status ConfigFile::GetBool(const std::string& key, bool flag_given, bool& 
   return absl::OkStatus();
 }
 
+absl::Status ConfigFile::GetStringList(const std::string& key, bool flag_given,
+                                       std::vector<std::string>& out) {
+  known_.insert(key);
+  const toml::node* node = table_->get(key);
+  if (node == nullptr) return absl::OkStatus();
+  const toml::array* array = node->as_array();
+  std::vector<std::string> values;
+  bool ok = array != nullptr;
+  if (ok) {
+    for (const toml::node& element : *array) {
+      auto value = element.value<std::string>();
+      if (!value || !element.is_string()) {
+        ok = false;
+        break;
+      }
+      values.push_back(*value);
+    }
+  }
+  if (!ok) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("config ", path_, ": '", key, "' must be an array of strings"));
+  }
+  if (!flag_given) out = std::move(values);
+  return absl::OkStatus();
+}
+
 absl::Status ConfigFile::CheckAllKeysKnown() const {
   for (const auto& [key, node] : *table_) {
     std::string name(key.str());

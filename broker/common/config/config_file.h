@@ -8,6 +8,7 @@
 #include <memory>
 #include <set>
 #include <string>
+#include <vector>
 
 #include "absl/status/statusor.h"
 
@@ -32,6 +33,9 @@ class ConfigFile {
   absl::Status GetString(const std::string& key, bool flag_given, std::string& out);
   absl::Status GetInt(const std::string& key, bool flag_given, int64_t& out);
   absl::Status GetBool(const std::string& key, bool flag_given, bool& out);
+  // An array of strings (for repeatable flags).
+  absl::Status GetStringList(const std::string& key, bool flag_given,
+                             std::vector<std::string>& out);
   // InvalidArgument naming the first key no getter asked for.
   absl::Status CheckAllKeysKnown() const;
 

@@ -23,18 +23,12 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/string_view.h"
+#include "broker/common/crypto/openssl_free.h"
 #include "broker/common/util/status_macros.h"
 
 namespace mandate::crypto {
 namespace {
 
-template <auto kFree>
-struct OpenSslFree {
-  template <typename T>
-  void operator()(T* p) const {
-    kFree(p);
-  }
-};
 using BioPtr = std::unique_ptr<BIO, OpenSslFree<BIO_free>>;
 using BignumPtr = std::unique_ptr<BIGNUM, OpenSslFree<BN_free>>;
 using Asn1IntegerPtr = std::unique_ptr<ASN1_INTEGER, OpenSslFree<ASN1_INTEGER_free>>;

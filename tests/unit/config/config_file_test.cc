@@ -39,6 +39,17 @@ TEST_F(ConfigFileTest, ValuesApplyUnlessTheFlagWasGiven) {
   EXPECT_TRUE(file->CheckAllKeysKnown().ok());
 }
 
+TEST_F(ConfigFileTest, StringListsReadArraysOnly) {
+  auto file =
+      ConfigFile::Load(Write("cas = [\"a.pem\", \"b.pem\"]\nbad = [\"x\", 1]\none = \"c\"\n"));
+  ASSERT_TRUE(file.ok());
+  std::vector<std::string> cas, bad, one;
+  ASSERT_TRUE(file->GetStringList("cas", false, cas).ok());
+  EXPECT_EQ(cas, (std::vector<std::string>{"a.pem", "b.pem"}));
+  EXPECT_EQ(file->GetStringList("bad", false, bad).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(file->GetStringList("one", false, one).code(), absl::StatusCode::kInvalidArgument);
+}
+
 TEST_F(ConfigFileTest, AbsentKeysLeaveDefaults) {
   auto file = ConfigFile::Load(Write(""));
   ASSERT_TRUE(file.ok());
