@@ -1,5 +1,7 @@
 // TPM node attestation end to end, in process: the agent half on a real (software) TPM answers
 // the broker half's challenges directly, with a real SQLite store behind the broker.
+#include <tss2/tss2_mu.h>
+
 #include <chrono>
 #include <cstdio>
 #include <fstream>
@@ -293,6 +295,68 @@ TEST_F(TpmEndToEndTest, GenuineEkCertificateWithoutItsTpmRefused) {
   auto nodes = store_->ListNodes();
   ASSERT_TRUE(nodes.ok());
   EXPECT_TRUE(nodes->empty());
+}
+
+}  // namespace
+}  // namespace mandate::attestors
+
+namespace mandate::attestors {
+namespace {
+
+// The real TPM's quote with one byte changed: the AK signature no longer covers it.
+TEST_F(TpmEndToEndTest, TamperedQuoteRefused) {
+  StartTpm();
+  auto agent = MakeAgent(*tpm_);
+  ASSERT_NE(agent, nullptr);
+  auto payload = agent->Payload(csr_spki_der_);
+  ASSERT_TRUE(payload.ok());
+  auto result = server_->Attest({*payload, csr_spki_der_},
+                                [&](std::string_view challenge) -> absl::StatusOr<std::string> {
+                                  auto answer = agent->AnswerChallenge(challenge);
+                                  if (!answer.ok()) return answer;
+                                  node::v1::TpmChallengeResponse response;
+                                  if (!response.ParseFromString(*answer))
+                                    return absl::InternalError("unparsable answer");
+                                  std::string quote = response.quote();
+                                  quote[quote.size() - 5] ^= 0x01;  // inside the PCR digest
+                                  response.set_quote(quote);
+                                  return response.SerializeAsString();
+                                });
+  ASSERT_FALSE(result.ok());
+  EXPECT_EQ(result.status().code(), absl::StatusCode::kPermissionDenied) << result.status();
+}
+
+// The real TPM's AK with `restricted` cleared in what the agent claims: a key that could sign
+// arbitrary data (and so forge a quote) is refused before any challenge.
+TEST_F(TpmEndToEndTest, AkWithoutRestrictedRefused) {
+  StartTpm();
+  auto agent = MakeAgent(*tpm_);
+  ASSERT_NE(agent, nullptr);
+  node::v1::TpmAttestationPayload payload;
+  ASSERT_TRUE(payload.ParseFromString(*agent->Payload(csr_spki_der_)));
+  TPM2B_PUBLIC ak{};
+  size_t offset = 0;
+  const std::string& in = payload.ak_public();
+  ASSERT_EQ(Tss2_MU_TPM2B_PUBLIC_Unmarshal(reinterpret_cast<const uint8_t*>(in.data()), in.size(),
+                                           &offset, &ak),
+            TSS2_RC_SUCCESS);
+  ASSERT_NE(ak.publicArea.objectAttributes & TPMA_OBJECT_RESTRICTED, 0u);
+  ak.publicArea.objectAttributes &= ~TPMA_OBJECT_RESTRICTED;
+  uint8_t out[sizeof(TPM2B_PUBLIC)];
+  size_t out_len = 0;
+  ak.size = 0;  // recomputed by the marshaller
+  ASSERT_EQ(Tss2_MU_TPM2B_PUBLIC_Marshal(&ak, out, sizeof(out), &out_len), TSS2_RC_SUCCESS);
+  payload.set_ak_public(std::string(reinterpret_cast<char*>(out), out_len));
+
+  int challenges = 0;
+  auto result = server_->Attest({payload.SerializeAsString(), csr_spki_der_},
+                                [&](std::string_view c) -> absl::StatusOr<std::string> {
+                                  ++challenges;
+                                  return agent->AnswerChallenge(c);
+                                });
+  ASSERT_FALSE(result.ok());
+  EXPECT_THAT(std::string(result.status().message()), HasSubstr("restricted"));
+  EXPECT_EQ(challenges, 0);
 }
 
 }  // namespace
