@@ -224,15 +224,21 @@ grpc::Status AdminService::ListAgents(grpc::ServerContext*, const adminpb::ListA
 
 grpc::Status AdminService::EvictAgent(grpc::ServerContext*, const adminpb::AgentRequest* request,
                                       adminpb::AgentResponse*) {
-  if (auto s = store_.DeleteNode(request->spiffe_id()); !s.ok()) return ToGrpcStatus(s);
+  absl::Status deleted = store_.DeleteNode(request->spiffe_id());
   // Evicting a TPM node is also the operator's override after a TPM clear: its boot counters
-  // start afresh at the next attestation.
+  // start afresh at the next attestation (even when no node row exists any more, e.g. after an
+  // attestation that failed once its counters were recorded).
   constexpr std::string_view kTpmPrefix = "/node/tpm/";
+  bool reset_counters = false;
   if (auto id = spiffe::SpiffeId::Parse(request->spiffe_id());
       id.ok() && id->path().starts_with(kTpmPrefix)) {
     if (auto s = store_.ResetTpmCounters(id->path().substr(kTpmPrefix.size())); !s.ok()) {
       return ToGrpcStatus(s);
     }
+    reset_counters = true;
+  }
+  if (!deleted.ok() && !(absl::IsNotFound(deleted) && reset_counters)) {
+    return ToGrpcStatus(deleted);
   }
   entries_.NotifyNodeChanged();
   spdlog::info("agent evicted node={}", log::EscapeForLog(request->spiffe_id()));

@@ -74,11 +74,12 @@ absl::StatusOr<NodeService::AuthenticatedNode> NodeService::AuthenticateNode(
     return absl::UnauthenticatedError("node SVID was superseded; use the current one");
   }
   if (current && !node->previous_cert_serial.empty()) {
-    // The node has its renewed SVID: the one it renewed from is no longer needed.
-    node->previous_cert_serial.clear();
-    if (auto s = store_.UpsertNode(*node); !s.ok()) {
+    // The node has its renewed SVID: the one it renewed from is no longer needed. A conditional
+    // update, so a concurrent re-attestation or eviction is never overwritten.
+    if (auto s = store_.ConfirmNodeCertSerial(node->spiffe_id, out.presented_serial); !s.ok()) {
       return absl::UnavailableError(std::string(s.message()));
     }
+    node->previous_cert_serial.clear();
   }
   out.node = std::move(*node);
   return out;
@@ -126,7 +127,9 @@ absl::Status NodeService::RecordNode(const attestors::NodeAttestationResult& res
 grpc::Status NodeService::Attest(
     grpc::ServerContext* context,
     grpc::ServerReaderWriter<nodepb::AttestResponse, nodepb::AttestRequest>* stream) {
-  auto watch = attest_watchdog_.Watch(context, std::chrono::seconds(30));
+  // Longer than any attestor's own session limit (TPM: 60 s), short enough to free the thread
+  // of a client that went silent.
+  auto watch = attest_watchdog_.Watch(context, std::chrono::seconds(90));
   nodepb::AttestRequest first;
   if (!stream->Read(&first) || !first.has_params()) {
     return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,

@@ -842,6 +842,18 @@ absl::StatusOr<bool> SqliteStore::IsNodeBanned(std::string_view spiffe_id) {
   return found && stmt.ColumnInt64(0) != 0;
 }
 
+absl::Status SqliteStore::ConfirmNodeCertSerial(std::string_view spiffe_id,
+                                                std::string_view cert_serial) {
+  absl::MutexLock lock(&mu_);
+  ASSIGN_OR_RETURN(Statement stmt,
+                   Statement::Prepare(db_,
+                                      "UPDATE attested_nodes SET previous_cert_serial = '' "
+                                      "WHERE spiffe_id = ?1 AND cert_serial = ?2"));
+  RETURN_IF_ERROR(stmt.BindText(1, spiffe_id));
+  RETURN_IF_ERROR(stmt.BindText(2, cert_serial));
+  return stmt.Run();
+}
+
 absl::Status SqliteStore::AdvanceTpmCounters(std::string_view ek_hash,
                                              const TpmCounters& counters) {
   if (ek_hash.empty()) return absl::InvalidArgumentError("EK hash is empty");

@@ -86,6 +86,8 @@ class SqliteStore final : public Store {
   absl::Status DeleteNode(std::string_view spiffe_id) override;
   absl::Status SetNodeBanned(std::string_view spiffe_id, bool banned) override;
   absl::StatusOr<bool> IsNodeBanned(std::string_view spiffe_id) override;
+  absl::Status ConfirmNodeCertSerial(std::string_view spiffe_id,
+                                     std::string_view cert_serial) override;
   absl::Status AdvanceTpmCounters(std::string_view ek_hash, const TpmCounters& counters) override;
   absl::Status ResetTpmCounters(std::string_view ek_hash) override;
 

@@ -156,6 +156,11 @@ class Store {
   // Sets or clears the ban flag; the row stays either way. NotFound when absent.
   virtual absl::Status SetNodeBanned(std::string_view spiffe_id, bool banned) = 0;
 
+  // Forgets the previous certificate serial of a node whose current serial is `cert_serial`
+  // (the node has started using its renewed SVID). Changes nothing, and is OK, when the row is
+  // gone or its serial has moved on: never re-creates a row.
+  virtual absl::Status ConfirmNodeCertSerial(std::string_view spiffe_id,
+                                             std::string_view cert_serial) = 0;
   // True when a node row with this ID exists and is banned; false when absent.
   virtual absl::StatusOr<bool> IsNodeBanned(std::string_view spiffe_id) = 0;
 

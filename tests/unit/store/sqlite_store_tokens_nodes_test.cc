@@ -300,3 +300,24 @@ TEST_F(SqliteStoreTokensNodesTest, TpmCountersOnlyMoveForward) {
 
 }  // namespace
 }  // namespace mandate::store
+
+namespace mandate::store {
+namespace {
+
+TEST_F(SqliteStoreTokensNodesTest, ConfirmNodeCertSerialClearsOnlyForTheCurrentSerial) {
+  AttestedNode node = Node("spiffe://example.org/node/join/confirm");
+  node.cert_serial = "02";
+  node.previous_cert_serial = "01";
+  ASSERT_TRUE(store_->UpsertNode(node).ok());
+  ASSERT_TRUE(store_->ConfirmNodeCertSerial(node.spiffe_id, "01").ok());  // not current: no-op
+  EXPECT_EQ(store_->GetNode(node.spiffe_id)->previous_cert_serial, "01");
+  ASSERT_TRUE(store_->ConfirmNodeCertSerial(node.spiffe_id, "02").ok());
+  EXPECT_EQ(store_->GetNode(node.spiffe_id)->previous_cert_serial, "");
+  // Never re-creates an evicted node.
+  ASSERT_TRUE(store_->DeleteNode(node.spiffe_id).ok());
+  ASSERT_TRUE(store_->ConfirmNodeCertSerial(node.spiffe_id, "02").ok());
+  EXPECT_EQ(store_->GetNode(node.spiffe_id).status().code(), absl::StatusCode::kNotFound);
+}
+
+}  // namespace
+}  // namespace mandate::store

@@ -248,6 +248,7 @@ struct CertSpec {
   const char* common_name = nullptr;  // nullptr: empty subject (as TCG EK certificates)
   bool ca = false;
   const char* manufacturer = nullptr;  // TPM manufacturer attribute in a directoryName SAN
+  bool ek_eku = true;                  // tcg-kp-EKCertificate on non-CA certificates
 };
 
 X509Ptr MakeCert(EVP_PKEY* subject_key, X509* issuer, EVP_PKEY* issuer_key, const CertSpec& spec) {
@@ -279,7 +280,7 @@ X509Ptr MakeCert(EVP_PKEY* subject_key, X509* issuer, EVP_PKEY* issuer_key, cons
   } else {
     add(NID_basic_constraints, "critical,CA:FALSE");
     add(NID_key_usage, "critical,keyEncipherment");
-    add(NID_ext_key_usage, "2.23.133.8.1");
+    add(NID_ext_key_usage, spec.ek_eku ? "2.23.133.8.1" : "clientAuth");
   }
   add(NID_subject_key_identifier, "hash");
   if (issuer != nullptr) add(NID_authority_key_identifier, "keyid:always");
@@ -927,6 +928,41 @@ TEST_F(TpmServerTest, AcceptsAllowlistedEkWithoutCertificate) {
   ASSERT_TRUE(result.ok()) << result.status();
   EXPECT_THAT(result->selectors, Not(Contains(StartsWith("tpm:ek_ca:"))));
   EXPECT_THAT(result->selectors, Not(Contains(StartsWith("tpm:manufacturer:"))));
+}
+
+TEST_F(TpmServerTest, RefusesCertificateWithoutEkExtendedKeyUsage) {
+  // A certificate from the trusted CA for an ordinary (non-TPM) key must not pass as an EK.
+  X509Ptr cert = MakeCert(ek_rsa_, root_.get(), root_key_, {.ek_eku = false});
+  auto result = Attest(Options(), Payload(cert.get(), ek_area_, ak_area_), {});
+  EXPECT_EQ(result.status().code(), absl::StatusCode::kPermissionDenied);
+  EXPECT_THAT(std::string(result.status().message()), HasSubstr("2.23.133.8.1"));
+}
+
+TEST_F(TpmServerTest, RefusesCaCertificateAsEkCertificate) {
+  X509Ptr cert = MakeCert(ek_rsa_, root_.get(), root_key_, {.common_name = "sub", .ca = true});
+  auto result = Attest(Options(), Payload(cert.get(), ek_area_, ak_area_), {});
+  EXPECT_EQ(result.status().code(), absl::StatusCode::kPermissionDenied);
+  EXPECT_THAT(std::string(result.status().message()), HasSubstr("CA certificate"));
+}
+
+TEST_F(TpmServerTest, AllowlistedEkIsAdmittedEvenWithAnUntrustedCertificate) {
+  // --tpm-ek-hash alone admits that EK whatever certificate it carries, but nothing from the
+  // unverified certificate becomes a selector.
+  TpmServerOptions options;  // no CA at all
+  options.ek_hash_allowlist = {crypto::HexEncode(Sha256(Pub(ek_rsa_).SpkiDer()))};
+  auto result = Attest(options, Payload(ek_cert_.get(), ek_area_, ak_area_), {});
+  ASSERT_TRUE(result.ok()) << result.status();
+  EXPECT_THAT(result->selectors, Not(Contains(StartsWith("tpm:ek_ca:"))));
+  EXPECT_THAT(result->selectors, Not(Contains(StartsWith("tpm:manufacturer:"))));
+}
+
+TEST_F(TpmServerTest, RefusesPublicAreaWhoseSizeFieldDisagrees) {
+  std::string ak = MarshalPublic(ak_area_);
+  ak[0] = 0;
+  ak[1] = static_cast<char>(ak[1] - 4);  // a smaller declared size, which libtss2-mu tolerates
+  auto result = tpm::UnmarshalPublic(ak, "AK public");
+  EXPECT_EQ(result.status().code(), absl::StatusCode::kPermissionDenied);
+  EXPECT_THAT(std::string(result.status().message()), HasSubstr("size field"));
 }
 
 TEST_F(TpmServerTest, RefusesUnknownEkWithoutCertificate) {

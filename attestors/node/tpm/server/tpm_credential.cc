@@ -131,6 +131,14 @@ absl::StatusOr<TPMT_PUBLIC> UnmarshalPublic(std::string_view tpm2b_public, std::
   if (offset != tpm2b_public.size()) {
     return absl::PermissionDeniedError(absl::StrCat(Sv(what), " has trailing bytes"));
   }
+  // libtss2-mu accepts an outer size smaller than the structure; insist it is exact, so one
+  // public area has exactly one accepted encoding.
+  const auto* bytes = reinterpret_cast<const uint8_t*>(tpm2b_public.data());
+  size_t declared = static_cast<size_t>(bytes[0]) << 8 | bytes[1];
+  if (declared == 0 || declared + 2 != tpm2b_public.size()) {
+    return absl::PermissionDeniedError(
+        absl::StrCat(Sv(what), " size field disagrees with its contents"));
+  }
   return pub.publicArea;
 }
 

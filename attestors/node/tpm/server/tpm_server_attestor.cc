@@ -52,11 +52,34 @@ TpmServerOptions Normalize(TpmServerOptions options) {
   return options;
 }
 
+bool HasEkCertificateEku(const crypto::Certificate& cert) {
+  auto* ekus = static_cast<EXTENDED_KEY_USAGE*>(
+      X509_get_ext_d2i(cert.x509(), NID_ext_key_usage, nullptr, nullptr));
+  if (ekus == nullptr) return false;
+  Asn1ObjectPtr wanted(OBJ_txt2obj("2.23.133.8.1", /*no_name=*/1));
+  bool found = false;
+  for (int i = 0; wanted && i < sk_ASN1_OBJECT_num(ekus); ++i) {
+    if (OBJ_cmp(sk_ASN1_OBJECT_value(ekus, i), wanted.get()) == 0) found = true;
+  }
+  EXTENDED_KEY_USAGE_free(ekus);
+  return found;
+}
+
 // Verifies `ek_cert` up to a self-signed certificate of `configured`; returns the certificate
 // that issued `ek_cert`.
 absl::StatusOr<crypto::Certificate> VerifyEkCertificate(
     const crypto::Certificate& ek_cert, const std::vector<crypto::Certificate>& configured,
     int64_t now) {
+  // Only an EK certificate vouches for a TPM: a CA that also signs ordinary software keys must
+  // not make those keys pass as EKs. TCG EK Credential Profile: not a CA, and the EKU
+  // tcg-kp-EKCertificate (2.23.133.8.1).
+  if (ek_cert.is_ca()) {
+    return absl::PermissionDeniedError("EK certificate is a CA certificate");
+  }
+  if (!HasEkCertificateEku(ek_cert)) {
+    return absl::PermissionDeniedError(
+        "EK certificate lacks the TCG EK certificate extended key usage (2.23.133.8.1)");
+  }
   X509StorePtr store(X509_STORE_new());
   X509StackPtr intermediates(sk_X509_new_null());
   if (!store || !intermediates) return absl::InternalError("X509_STORE_new failed");
@@ -188,19 +211,25 @@ absl::StatusOr<NodeAttestationResult> TpmServerAttestor::Attest(
           absl::StrCat("EK certificate malformed: ", parsed.status().message()));
     }
     ek_cert = *std::move(parsed);
-    ASSIGN_OR_RETURN(
-        ek_issuer, VerifyEkCertificate(*ek_cert, options_.ek_ca_certificates, clock_.NowSeconds()));
     if (!ek_cert->public_key().Equals(*ek_key_sent)) {
       return absl::PermissionDeniedError("EK public key does not match its certificate");
     }
   }
-  // From here on the EK key is the certificate's (or, without one, the allowlisted key).
-  const crypto::PublicKey ek_key = ek_cert ? ek_cert->public_key() : *ek_key_sent;
+  // The node ID hashes the key as the TPM reports it (uncompressed points), so it matches the
+  // agent's EkHashHex and operators' allowlists whatever encoding the certificate uses; the
+  // certificate's key was just shown to be the same key.
+  const crypto::PublicKey ek_key = *ek_key_sent;
   const std::string ek_hash = crypto::HexEncode(crypto::Sha256(ek_key.SpkiDer()));
-  if (!ek_cert && std::find(options_.ek_hash_allowlist.begin(), options_.ek_hash_allowlist.end(),
-                            ek_hash) == options_.ek_hash_allowlist.end()) {
-    return absl::PermissionDeniedError(
-        "EK not trusted: no EK certificate and EK hash not allowlisted");
+  const bool allowlisted =
+      std::find(options_.ek_hash_allowlist.begin(), options_.ek_hash_allowlist.end(), ek_hash) !=
+      options_.ek_hash_allowlist.end();
+  if (!allowlisted) {
+    if (!ek_cert) {
+      return absl::PermissionDeniedError(
+          "EK not trusted: no EK certificate and EK hash not allowlisted");
+    }
+    ASSIGN_OR_RETURN(
+        ek_issuer, VerifyEkCertificate(*ek_cert, options_.ek_ca_certificates, clock_.NowSeconds()));
   }
 
   // ---- 2. The EK public area MakeCredential uses: TCG template + the trusted key.
@@ -269,7 +298,9 @@ absl::StatusOr<NodeAttestationResult> TpmServerAttestor::Attest(
     result.selectors.push_back(
         absl::StrCat("tpm:ek_ca:", crypto::HexEncode(crypto::Sha256(ek_issuer->Der()))));
   }
-  if (ek_cert) {
+  // Certificate contents count only when its chain was verified (an allowlisted EK may present
+  // any certificate).
+  if (ek_cert && ek_issuer) {
     if (std::optional<std::string> manufacturer = TpmManufacturer(*ek_cert)) {
       result.selectors.push_back(absl::StrCat("tpm:manufacturer:", *manufacturer));
     }
