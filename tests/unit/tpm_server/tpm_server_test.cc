@@ -324,6 +324,7 @@ struct QuoteSpec {
   uint32_t restart_count = 0;
   uint8_t safe = 1;
   bool corrupt_signature = false;
+  bool owner_hierarchy = false;  // AK created under the owner hierarchy instead
 };
 
 std::pair<std::string, std::string> BuildQuote(EVP_PKEY* ak_key, std::string_view ak_name,
@@ -331,8 +332,13 @@ std::pair<std::string, std::string> BuildQuote(EVP_PKEY* ak_key, std::string_vie
   TPMS_ATTEST attest{};
   attest.magic = spec.magic;
   attest.type = spec.type;
-  attest.qualifiedSigner.size = ak_name.size();
-  std::memcpy(attest.qualifiedSigner.name, ak_name.data(), ak_name.size());
+  // As a TPM reports a primary key of the endorsement hierarchy: nameAlg || H(TPM_RH_ENDORSEMENT
+  // || Name), unless the spec asks for another hierarchy.
+  std::string hierarchy = spec.owner_hierarchy ? std::string("\x40\x00\x00\x01", 4)
+                                               : std::string("\x40\x00\x00\x0b", 4);
+  std::string qualified = std::string("\x00\x0b", 2) + Sha256(hierarchy + std::string(ak_name));
+  attest.qualifiedSigner.size = qualified.size();
+  std::memcpy(attest.qualifiedSigner.name, qualified.data(), qualified.size());
   attest.extraData.size = spec.extra_data.size();
   std::memcpy(attest.extraData.buffer, spec.extra_data.data(), spec.extra_data.size());
   attest.clockInfo.clock = 123456;
@@ -408,6 +414,7 @@ struct AgentBehavior {
   uint32_t restart_count = 0;
   uint8_t safe = 1;
   bool wrong_proof = false;
+  bool owner_hierarchy = false;
   int64_t delay_seconds = 0;
   std::optional<std::string> replay_response = std::nullopt;  // sent instead of a fresh answer
 };
@@ -491,6 +498,7 @@ class TpmServerTest : public ::testing::Test {
       spec.reset_count = behavior.reset_count;
       spec.restart_count = behavior.restart_count;
       spec.safe = behavior.safe;
+      spec.owner_hierarchy = behavior.owner_hierarchy;
       auto [quote, signature] = BuildQuote(ak_key_, ak_name_, spec);
       response.set_quote(quote);
       response.set_quote_signature(signature);
@@ -819,6 +827,11 @@ TEST_F(TpmServerTest, RefusesAttestationThatIsNotAQuote) {
 
 TEST_F(TpmServerTest, RefusesBadSignature) {
   ExpectRefused({.corrupt_signature = true}, "quote signature does not verify");
+}
+
+TEST_F(TpmServerTest, RefusesAkOutsideTheEndorsementHierarchy) {
+  // Its quotes would carry obfuscated boot counters, so the monotonic check would mean nothing.
+  ExpectRefused({.owner_hierarchy = true}, "endorsement hierarchy");
 }
 
 TEST_F(TpmServerTest, AcceptsUnsafeClockBecauseOnlyCountersOrderQuotes) {

@@ -656,6 +656,23 @@ absl::StatusOr<VerifiedQuote> VerifyQuote(const TPMT_PUBLIC& ak, std::string_vie
                                   qualifying_data)) {
     return absl::PermissionDeniedError("quote not over this nonce and key");
   }
+  // The AK must be a primary key of the endorsement hierarchy: only there does the TPM report
+  // its true resetCount/restartCount (for other hierarchies they are obfuscated), so otherwise
+  // the counter check below would mean nothing. The qualified name of a primary object is
+  // nameAlg || H(hierarchy handle || Name).
+  {
+    ASSIGN_OR_RETURN(std::string ak_name, TpmName(ak));
+    static constexpr char kEndorsementHandle[] = {'\x40', '\x00', '\x00', '\x0b'};
+    std::string expected =
+        std::string("\x00\x0b", 2) + crypto::Sha256(std::string(kEndorsementHandle, 4) + ak_name);
+    if (attest.qualifiedSigner.size != expected.size() ||
+        !crypto::ConstantTimeEquals(View(attest.qualifiedSigner.name, attest.qualifiedSigner.size),
+                                    expected)) {
+      return absl::PermissionDeniedError(
+          "AK is not a primary key of the endorsement hierarchy (its quote counters would not "
+          "be meaningful)");
+    }
+  }
 
   // 3. PCR selection: compare as bitmaps so a TPM echoing a longer sizeofSelect still matches;
   //    an inactive bank comes back as an empty selection and is refused here.
