@@ -20,6 +20,8 @@
 namespace mandate::broker {
 
 struct IssuerDefaults {
+  std::string issuer_url;  // `iss` of access tokens
+  int64_t task_token_ttl_seconds = 300;
   int64_t x509_svid_ttl_seconds = 3600;
   int64_t jwt_svid_ttl_seconds = 300;
   int64_t agent_svid_ttl_seconds = 3600;
@@ -33,6 +35,25 @@ struct IssuedX509Svid {
 
 struct IssuedJwtSvid {
   std::string spiffe_id;
+  std::string token;
+  std::string jti;
+  int64_t expires_at = 0;
+};
+
+// What a task token is minted for, after the caller, the task, the audience and the DPoP proof
+// were checked by the caller of IssueTaskToken.
+struct TaskTokenGrant {
+  std::string spiffe_id;  // the agent: `sub` and `client_id`
+  std::string task_id;
+  std::string task_purpose;
+  int64_t task_expires_at = 0;  // the token never outlives its task
+  std::string audience;
+  std::vector<std::string> scopes;  // already narrowed
+  std::string jkt;                  // RFC 7638 thumbprint of the DPoP key (cnf.jkt)
+  int64_t ttl_seconds = 0;          // 0 = broker default
+};
+
+struct IssuedTaskToken {
   std::string token;
   std::string jti;
   int64_t expires_at = 0;
@@ -54,6 +75,10 @@ class Issuer {
   absl::StatusOr<IssuedJwtSvid> IssueJwtSvid(const std::string& node_id,
                                              const std::string& entry_id,
                                              const std::vector<std::string>& audiences) const;
+  // Mints an RFC 9068 access token (typ at+jwt) bound to `grant.jkt` (DESIGN §4).
+  // FailedPrecondition when the task has expired; InvalidArgument for an empty audience, scope list
+  // or jkt.
+  absl::StatusOr<IssuedTaskToken> IssueTaskToken(const TaskTokenGrant& grant) const;
   // Signs the node agent's own X509-SVID.
   absl::StatusOr<crypto::Certificate> IssueNodeSvid(const std::string& node_id,
                                                     std::string_view csr_der) const;

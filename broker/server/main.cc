@@ -187,7 +187,20 @@ int Run(const BrokerFlags& flags) {
   auto entries = EntryRegistry::Load(**store);
   if (!entries.ok()) return Fail(entries.status());
 
+  // Bind HTTP first: the issuer URL (iss of every token) may name its port.
+  std::string issuer_url = flags.issuer_url;
+  HttpEndpoints http(**authority);
+  if (auto s = http.Bind(http_host, http_port, flags.http_tls_cert, flags.http_tls_key); !s.ok())
+    return Fail(s);
+  if (issuer_url.empty()) {
+    issuer_url = absl::StrCat(
+        http_tls ? "https://" : "http://",
+        http_host.find(':') != std::string::npos ? absl::StrCat("[", http_host, "]") : http_host,
+        ":", http.port());
+  }
+
   IssuerDefaults defaults;
+  defaults.issuer_url = issuer_url;
   defaults.x509_svid_ttl_seconds = flags.x509_svid_ttl;
   defaults.jwt_svid_ttl_seconds = flags.jwt_svid_ttl;
   defaults.agent_svid_ttl_seconds = flags.agent_svid_ttl;
@@ -247,16 +260,6 @@ int Run(const BrokerFlags& flags) {
       [self](const grpcutil::PeerCredentials& peer) { return peer.uid == self || peer.uid == 0; });
   if (!admin_listener.ok()) return Fail(admin_listener.status());
 
-  std::string issuer_url = flags.issuer_url;
-  HttpEndpoints http(**authority);
-  if (auto s = http.Bind(http_host, http_port, flags.http_tls_cert, flags.http_tls_key); !s.ok())
-    return Fail(s);
-  if (issuer_url.empty()) {
-    issuer_url = absl::StrCat(
-        http_tls ? "https://" : "http://",
-        http_host.find(':') != std::string::npos ? absl::StrCat("[", http_host, "]") : http_host,
-        ":", http.port());
-  }
   http.Serve(issuer_url);
 
   nlohmann::json endpoints = {{"agent_address", absl::StrCat(agent_host, ":", bound_agent_port)},

@@ -91,10 +91,49 @@ CREATE TABLE tpm_counters (
 ) STRICT;
 )sql";
 
-constexpr std::array<SqliteMigration, 3> kMigrations = {{
+// Version 4: tasks agents declared (DESIGN.md §5).
+//
+// Scopes and audiences are ordered lists, so they live in child tables with an explicit
+// `position` (0, 1, ...; the order the agent asked for) rather than in a JSON column, like the
+// entry sets above; each (task, value) pair is unique, so a list holds no duplicates. `status` is
+// free text with no CHECK constraint, so that later statuses ("pending_approval", "revoked") need
+// no table rebuild. Tasks are looked up by owner (the agent listing its tasks) and, for later
+// sweeps of live tasks, by status and deadline.
+constexpr char kV4Sql[] = R"sql(
+CREATE TABLE tasks (
+  id TEXT PRIMARY KEY NOT NULL,
+  spiffe_id TEXT NOT NULL,
+  purpose TEXT NOT NULL,
+  status TEXT NOT NULL,
+  created_at INTEGER NOT NULL,
+  expires_at INTEGER NOT NULL,
+  ended_at INTEGER NOT NULL
+) STRICT;
+CREATE INDEX tasks_by_spiffe_id ON tasks (spiffe_id, status);
+CREATE INDEX tasks_by_status ON tasks (status, expires_at);
+
+CREATE TABLE task_scopes (
+  task_id TEXT NOT NULL REFERENCES tasks (id) ON DELETE CASCADE,
+  position INTEGER NOT NULL,
+  scope TEXT NOT NULL,
+  PRIMARY KEY (task_id, position),
+  UNIQUE (task_id, scope)
+) STRICT, WITHOUT ROWID;
+
+CREATE TABLE task_audiences (
+  task_id TEXT NOT NULL REFERENCES tasks (id) ON DELETE CASCADE,
+  position INTEGER NOT NULL,
+  audience TEXT NOT NULL,
+  PRIMARY KEY (task_id, position),
+  UNIQUE (task_id, audience)
+) STRICT, WITHOUT ROWID;
+)sql";
+
+constexpr std::array<SqliteMigration, 4> kMigrations = {{
     {1, "entries, nodes, join tokens", kV1Sql},
     {2, "previous node certificate serial", kV2Sql},
     {3, "TPM boot counters per EK", kV3Sql},
+    {4, "tasks", kV4Sql},
 }};
 
 }  // namespace

@@ -381,6 +381,107 @@ absl::StatusOr<std::vector<AttestedNode>> LoadNodes(sqlite3* db, const NodeQueri
   return nodes;
 }
 
+// ---- Tasks ----
+
+// The list without its later duplicates, in the order given: task scopes and audiences are
+// ordered (the order the agent asked for), unlike entry scope sets.
+std::vector<std::string> DedupeKeepingOrder(const std::vector<std::string>& values) {
+  std::vector<std::string> unique;
+  unique.reserve(values.size());
+  for (const std::string& value : values) {
+    if (std::find(unique.begin(), unique.end(), value) == unique.end()) unique.push_back(value);
+  }
+  return unique;
+}
+
+// Inserts (task_id, position, element) rows with "INSERT ... VALUES (?1, ?2, ?3)".
+absl::Status InsertListRows(sqlite3* db, std::string_view sql, std::string_view task_id,
+                            const std::vector<std::string>& elements) {
+  if (elements.empty()) return absl::OkStatus();
+  ASSIGN_OR_RETURN(Statement stmt, Statement::Prepare(db, sql));
+  for (size_t position = 0; position < elements.size(); ++position) {
+    stmt.Reset();
+    RETURN_IF_ERROR(stmt.BindText(1, task_id));
+    RETURN_IF_ERROR(stmt.BindInt64(2, static_cast<int64_t>(position)));
+    RETURN_IF_ERROR(stmt.BindText(3, elements[position]));
+    RETURN_IF_ERROR(stmt.Run());
+  }
+  return absl::OkStatus();
+}
+
+#define MANDATE_TASK_COLUMNS \
+  "SELECT id, spiffe_id, purpose, status, created_at, expires_at, ended_at FROM tasks "
+
+constexpr std::string_view kTaskById = MANDATE_TASK_COLUMNS "WHERE id = ?1";
+constexpr std::string_view kAllTasks = MANDATE_TASK_COLUMNS "ORDER BY created_at, id";
+constexpr std::string_view kAllActiveTasks =
+    MANDATE_TASK_COLUMNS "WHERE status = 'active' ORDER BY created_at, id";
+constexpr std::string_view kTasksOfSpiffeId =
+    MANDATE_TASK_COLUMNS "WHERE spiffe_id = ?1 ORDER BY created_at, id";
+constexpr std::string_view kActiveTasksOfSpiffeId =
+    MANDATE_TASK_COLUMNS "WHERE spiffe_id = ?1 AND status = 'active' ORDER BY created_at, id";
+
+#undef MANDATE_TASK_COLUMNS
+
+// Loads the tasks `tasks_sql` selects (binding `arg` as ?1 when given) with their scopes and
+// audiences. The caller holds a transaction, so the rows are one consistent snapshot.
+absl::StatusOr<std::vector<Task>> LoadTasksInTransaction(sqlite3* db, std::string_view tasks_sql,
+                                                         std::optional<std::string_view> arg) {
+  std::vector<Task> tasks;
+  {
+    ASSIGN_OR_RETURN(Statement stmt, Statement::Prepare(db, tasks_sql));
+    if (arg.has_value()) RETURN_IF_ERROR(stmt.BindText(1, *arg));
+    while (true) {
+      ASSIGN_OR_RETURN(bool has_row, stmt.Step());
+      if (!has_row) break;
+      Task& task = tasks.emplace_back();
+      task.id = stmt.ColumnText(0);
+      task.spiffe_id = stmt.ColumnText(1);
+      task.purpose = stmt.ColumnText(2);
+      task.status = stmt.ColumnText(3);
+      task.created_at = stmt.ColumnInt64(4);
+      task.expires_at = stmt.ColumnInt64(5);
+      task.ended_at = stmt.ColumnInt64(6);
+    }
+  }
+  if (tasks.empty()) return tasks;
+  // One primary-key range scan per task and list; the statements are prepared once.
+  ASSIGN_OR_RETURN(
+      Statement scopes,
+      Statement::Prepare(db, "SELECT scope FROM task_scopes WHERE task_id = ?1 ORDER BY position"));
+  ASSIGN_OR_RETURN(Statement audiences,
+                   Statement::Prepare(db,
+                                      "SELECT audience FROM task_audiences WHERE task_id = ?1 "
+                                      "ORDER BY position"));
+  auto load_list = [](Statement& stmt, std::string_view task_id,
+                      std::vector<std::string>& list) -> absl::Status {
+    stmt.Reset();
+    RETURN_IF_ERROR(stmt.BindText(1, task_id));
+    while (true) {
+      ASSIGN_OR_RETURN(bool has_row, stmt.Step());
+      if (!has_row) return absl::OkStatus();
+      list.push_back(stmt.ColumnText(0));
+    }
+  };
+  for (Task& task : tasks) {
+    RETURN_IF_ERROR(load_list(scopes, task.id, task.scopes));
+    RETURN_IF_ERROR(load_list(audiences, task.id, task.audiences));
+  }
+  return tasks;
+}
+
+absl::StatusOr<std::vector<Task>> LoadTasks(sqlite3* db, std::string_view tasks_sql,
+                                            std::optional<std::string_view> arg) {
+  ASSIGN_OR_RETURN(Transaction txn, Transaction::BeginRead(db));
+  ASSIGN_OR_RETURN(std::vector<Task> tasks, LoadTasksInTransaction(db, tasks_sql, arg));
+  RETURN_IF_ERROR(txn.Commit());
+  return tasks;
+}
+
+absl::Status TaskNotFound(std::string_view id) {
+  return absl::NotFoundError(absl::StrCat("task '", AbslView(id), "' not found"));
+}
+
 // ---- Opening ----
 
 // Creates `path` with mode 0600 if it does not exist, so SQLite never creates it with the
@@ -899,6 +1000,86 @@ absl::Status SqliteStore::ResetTpmCounters(std::string_view ek_hash) {
                    Statement::Prepare(db_, "DELETE FROM tpm_counters WHERE ek_hash = ?1"));
   RETURN_IF_ERROR(stmt.BindText(1, ek_hash));
   return stmt.Run();
+}
+
+absl::Status SqliteStore::CreateTask(const Task& task) {
+  if (task.id.empty()) return absl::InvalidArgumentError("task id is empty");
+  if (task.spiffe_id.empty()) return absl::InvalidArgumentError("task SPIFFE ID is empty");
+  if (task.status.empty()) return absl::InvalidArgumentError("task status is empty");
+  RETURN_IF_ERROR(CheckNoEmptyElement(task.scopes, "scope in task"));
+  RETURN_IF_ERROR(CheckNoEmptyElement(task.audiences, "audience in task"));
+  const std::vector<std::string> scopes = DedupeKeepingOrder(task.scopes);
+  const std::vector<std::string> audiences = DedupeKeepingOrder(task.audiences);
+
+  absl::MutexLock lock(&mu_);
+  ASSIGN_OR_RETURN(Transaction txn, Transaction::BeginWrite(db_));
+  {
+    ASSIGN_OR_RETURN(Statement stmt,
+                     Statement::Prepare(db_,
+                                        "INSERT INTO tasks (id, spiffe_id, purpose, status, "
+                                        "created_at, expires_at, ended_at) "
+                                        "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"));
+    RETURN_IF_ERROR(stmt.BindText(1, task.id));
+    RETURN_IF_ERROR(stmt.BindText(2, task.spiffe_id));
+    RETURN_IF_ERROR(stmt.BindText(3, task.purpose));
+    RETURN_IF_ERROR(stmt.BindText(4, task.status));
+    RETURN_IF_ERROR(stmt.BindInt64(5, task.created_at));
+    RETURN_IF_ERROR(stmt.BindInt64(6, task.expires_at));
+    RETURN_IF_ERROR(stmt.BindInt64(7, task.ended_at));
+    absl::Status status = stmt.Run();
+    if (absl::IsAlreadyExists(status)) {
+      return absl::AlreadyExistsError(absl::StrCat("task '", task.id, "' already exists"));
+    }
+    RETURN_IF_ERROR(status);
+  }
+  RETURN_IF_ERROR(
+      InsertListRows(db_, "INSERT INTO task_scopes (task_id, position, scope) VALUES (?1, ?2, ?3)",
+                     task.id, scopes));
+  RETURN_IF_ERROR(InsertListRows(
+      db_, "INSERT INTO task_audiences (task_id, position, audience) VALUES (?1, ?2, ?3)", task.id,
+      audiences));
+  return txn.Commit();
+}
+
+absl::StatusOr<Task> SqliteStore::GetTask(std::string_view id) {
+  absl::MutexLock lock(&mu_);
+  ASSIGN_OR_RETURN(std::vector<Task> tasks, LoadTasks(db_, kTaskById, id));
+  if (tasks.empty()) return TaskNotFound(id);
+  return std::move(tasks.front());
+}
+
+absl::StatusOr<Task> SqliteStore::EndTask(std::string_view id, int64_t now) {
+  absl::MutexLock lock(&mu_);
+  ASSIGN_OR_RETURN(Transaction txn, Transaction::BeginWrite(db_));
+  {
+    // The status test is part of the UPDATE, so of two concurrent enders (threads or
+    // processes) exactly one succeeds.
+    ASSIGN_OR_RETURN(Statement stmt, Statement::Prepare(db_,
+                                                        "UPDATE tasks SET status = 'ended', "
+                                                        "ended_at = ?2 WHERE id = ?1 "
+                                                        "AND status = 'active'"));
+    RETURN_IF_ERROR(stmt.BindText(1, id));
+    RETURN_IF_ERROR(stmt.BindInt64(2, now));
+    RETURN_IF_ERROR(stmt.Run());
+  }
+  const bool ended_now = sqlite3_changes(db_) != 0;
+  ASSIGN_OR_RETURN(std::vector<Task> tasks, LoadTasksInTransaction(db_, kTaskById, id));
+  if (tasks.empty()) return TaskNotFound(id);
+  if (!ended_now) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "task '", AbslView(id), "' is not active (status '", tasks.front().status, "')"));
+  }
+  RETURN_IF_ERROR(txn.Commit());
+  return std::move(tasks.front());
+}
+
+absl::StatusOr<std::vector<Task>> SqliteStore::ListTasks(std::string_view spiffe_id,
+                                                         bool active_only) {
+  absl::MutexLock lock(&mu_);
+  if (spiffe_id.empty()) {
+    return LoadTasks(db_, active_only ? kAllActiveTasks : kAllTasks, std::nullopt);
+  }
+  return LoadTasks(db_, active_only ? kActiveTasksOfSpiffeId : kTasksOfSpiffeId, spiffe_id);
 }
 
 absl::StatusOr<int> SqliteStore::SchemaVersion() {

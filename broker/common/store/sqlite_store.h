@@ -91,6 +91,12 @@ class SqliteStore final : public Store {
   absl::Status AdvanceTpmCounters(std::string_view ek_hash, const TpmCounters& counters) override;
   absl::Status ResetTpmCounters(std::string_view ek_hash) override;
 
+  absl::Status CreateTask(const Task& task) override;
+  absl::StatusOr<Task> GetTask(std::string_view id) override;
+  absl::StatusOr<Task> EndTask(std::string_view id, int64_t now) override;
+  absl::StatusOr<std::vector<Task>> ListTasks(std::string_view spiffe_id,
+                                              bool active_only) override;
+
   absl::StatusOr<int> SchemaVersion() override;
 
  private:

@@ -2,7 +2,7 @@
 //
 // Only implementations of `Store` touch SQL; everything else in the broker works with the plain
 // record types below. Today there is `SqliteStore` (sqlite_store.h); a `PostgresStore` for several
-// brokers sharing one state will implement the same interface. Later work adds tasks, the issued
+// brokers sharing one state will implement the same interface. Later work adds the issued
 // credential index, revocations, trusted issuers, approvals and the audit log here, each as new
 // record types + methods and a new numbered schema migration in each implementation.
 //
@@ -84,6 +84,27 @@ struct TpmCounters {
   int64_t reset_count = 0;
   int64_t restart_count = 0;
   friend bool operator==(const TpmCounters&, const TpmCounters&) = default;
+};
+
+// A task an agent declared (DESIGN.md §5): what it is for, the scopes and audiences its tokens
+// may carry, and until when. Scopes and audiences are ordered lists: the store keeps the order
+// they were given in (it is the order the agent asked for, shown back to it) and drops later
+// duplicates; an empty element is refused.
+struct Task {
+  std::string id;         // Chosen by the caller ("task_..."); non-empty, unique.
+  std::string spiffe_id;  // The agent the task belongs to.
+  std::string purpose;    // Agent-controlled text: data, escaped wherever it is shown.
+  std::vector<std::string> scopes;
+  std::vector<std::string> audiences;
+  // "active" or "ended" today; approvals and revocation will add "pending_approval" and
+  // "revoked". The store treats the value as an opaque non-empty string, except that EndTask
+  // ends only "active" tasks, so readers must not assume the list is closed.
+  std::string status;
+  int64_t created_at = 0;
+  int64_t expires_at = 0;  // Usable while now < expires_at (callers check; the store has no clock).
+  int64_t ended_at = 0;    // 0 while not ended.
+
+  friend bool operator==(const Task&, const Task&) = default;
 };
 
 // Thread-safety: every method may be called concurrently from any thread; each call is atomic
@@ -172,6 +193,27 @@ class Store {
                                           const TpmCounters& counters) = 0;
   // Forgets the counters of `ek_hash` (operator override after a TPM clear). OK when absent.
   virtual absl::Status ResetTpmCounters(std::string_view ek_hash) = 0;
+
+  // ---- Tasks ----
+
+  // Stores `task` as given (scopes and audiences deduplicated, order kept).
+  // InvalidArgument: empty id, spiffe_id or status, or an empty scope/audience string.
+  // AlreadyExists: a task with this id exists.
+  virtual absl::Status CreateTask(const Task& task) = 0;
+
+  // NotFound when no task has this id.
+  virtual absl::StatusOr<Task> GetTask(std::string_view id) = 0;
+
+  // Sets status "ended" and ended_at = `now`, atomically against concurrent callers, and returns
+  // the task as stored. NotFound when absent; FailedPrecondition when its status is not "active"
+  // (already ended, or any later status), and nothing changes.
+  virtual absl::StatusOr<Task> EndTask(std::string_view id, int64_t now) = 0;
+
+  // Tasks of `spiffe_id` (every task when empty), ordered by created_at then id. With
+  // `active_only`, only those whose status is "active" - including any past their expires_at,
+  // since the store does not know the time.
+  virtual absl::StatusOr<std::vector<Task>> ListTasks(std::string_view spiffe_id,
+                                                      bool active_only) = 0;
 
   // ---- Maintenance ----
 

@@ -2,6 +2,8 @@
 
 #include <gtest/gtest.h>
 
+#include <functional>
+
 #include "broker/common/crypto/keys.h"
 #include "broker/common/jose/jose.h"
 #include "tests/unit/broker_server/test_env.h"
@@ -33,7 +35,9 @@ class IssuerTest : public ::testing::Test {
     entry.selectors = {"unix:uid:1000"};
     entry.jwt_ttl_s = 120;
     ASSERT_TRUE(registry_->Create(entry).ok());
-    issuer_ = std::make_unique<Issuer>(*authority_, *registry_, clock_, IssuerDefaults{});
+    IssuerDefaults defaults;
+    defaults.issuer_url = "https://broker.example.org";
+    issuer_ = std::make_unique<Issuer>(*authority_, *registry_, clock_, defaults);
   }
 
   std::string Csr(const std::string& id) {
@@ -107,6 +111,62 @@ TEST_F(IssuerTest, JwtSvidAudienceIsRequiredAndBounded) {
             absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(issuer_->IssueJwtSvid(kNode, "e1", {std::string(513, 'a')}).status().code(),
             absl::StatusCode::kInvalidArgument);
+}
+
+TaskTokenGrant Grant() {
+  TaskTokenGrant grant;
+  grant.spiffe_id = "spiffe://example.org/agent/bot";
+  grant.task_id = "task_abc";
+  grant.task_purpose = "triage \"ticket\" 42";
+  grant.task_expires_at = kNow + 3600;
+  grant.audience = "https://api.example.org";
+  grant.scopes = {"tickets:read", "tickets:write"};
+  grant.jkt = "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I";
+  return grant;
+}
+
+TEST_F(IssuerTest, TaskTokenFollowsTheRfc9068ProfileAndIsDpopBound) {
+  auto token = issuer_->IssueTaskToken(Grant());
+  ASSERT_TRUE(token.ok()) << token.status();
+  auto parsed = jose::ParseCompact(token->token);
+  ASSERT_TRUE(parsed.ok());
+  EXPECT_EQ(parsed->header["typ"], "at+jwt");
+  EXPECT_EQ(parsed->header["alg"], "ES256");
+  EXPECT_EQ(parsed->header["kid"], authority_->jwt_key_id());
+  const auto& claims = parsed->payload;
+  EXPECT_EQ(claims["iss"], "https://broker.example.org");
+  EXPECT_EQ(claims["sub"], "spiffe://example.org/agent/bot");
+  EXPECT_EQ(claims["client_id"], "spiffe://example.org/agent/bot");
+  EXPECT_EQ(claims["aud"], "https://api.example.org");
+  EXPECT_EQ(claims["scope"], "tickets:read tickets:write");
+  EXPECT_EQ(claims["cnf"]["jkt"], "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I");
+  EXPECT_EQ(claims["task"]["id"], "task_abc");
+  EXPECT_EQ(claims["task"]["purpose"], "triage \"ticket\" 42");
+  EXPECT_EQ(claims["iat"], kNow);
+  EXPECT_EQ(claims["exp"], kNow + 300);  // default 5 min
+  EXPECT_EQ(claims["jti"], token->jti);
+  auto set = jose::JwkSet::Parse(authority_->oidc_jwks());
+  EXPECT_TRUE(jose::VerifySignature(*parsed, set->FindByKid(authority_->jwt_key_id())->key).ok());
+}
+
+TEST_F(IssuerTest, TaskTokenNeverOutlivesItsTask) {
+  auto grant = Grant();
+  grant.task_expires_at = kNow + 42;
+  auto token = issuer_->IssueTaskToken(grant);
+  ASSERT_TRUE(token.ok());
+  EXPECT_EQ(token->expires_at, kNow + 42);
+  grant.task_expires_at = kNow;
+  EXPECT_EQ(issuer_->IssueTaskToken(grant).status().code(), absl::StatusCode::kFailedPrecondition);
+}
+
+TEST_F(IssuerTest, TaskTokenNeedsAudienceScopesAndKey) {
+  for (auto mutate : std::vector<std::function<void(TaskTokenGrant&)>>{
+           [](TaskTokenGrant& g) { g.audience.clear(); },
+           [](TaskTokenGrant& g) { g.scopes.clear(); }, [](TaskTokenGrant& g) { g.jkt.clear(); }}) {
+    auto grant = Grant();
+    mutate(grant);
+    EXPECT_EQ(issuer_->IssueTaskToken(grant).status().code(), absl::StatusCode::kInvalidArgument);
+  }
 }
 
 TEST_F(IssuerTest, NodeSvidNamesTheNode) {

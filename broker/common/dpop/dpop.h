@@ -1,0 +1,164 @@
+// DPoP (RFC 9449) for Mandate: creating proofs (SDK side), verifying them (broker /token, Workload
+// API and resource-server verifier) and remembering their jti so a proof cannot be replayed.
+//
+// Every JWS operation goes through mandate::jose (DESIGN.md §8); this module only adds the DPoP
+// rules on top of it.
+//
+// Error codes returned by VerifyProof, so callers can pick the OAuth error without parsing text:
+// - Unauthenticated: the proof is not acceptable (map to `invalid_dpop_proof`). The message names
+//   the rule that failed, e.g. "DPoP proof htm 'GET' does not match the request method 'POST'".
+// - FailedPrecondition: the server requires a nonce and the proof carries none or a stale one.
+//   The message starts with "use_dpop_nonce" (map to `use_dpop_nonce` plus a fresh DPoP-Nonce).
+// - AlreadyExists: the proof was already used ("DPoP proof replayed"; map to
+//   `invalid_dpop_proof`).
+// - ResourceExhausted: the replay cache is full of unexpired entries; the proof is refused
+//   (fail closed) rather than accepted unremembered (map to `invalid_dpop_proof` or 503).
+// - InvalidArgument: the caller's own VerifyOptions are unusable (e.g. an expected htu that is
+//   not an absolute http(s) URL).
+//
+// Thread-safety: free functions are reentrant; ReplayCache is internally synchronised and may be
+// shared by any number of threads.
+#ifndef MANDATE_BROKER_COMMON_DPOP_DPOP_H_
+#define MANDATE_BROKER_COMMON_DPOP_DPOP_H_
+
+#include <cstddef>
+#include <cstdint>
+#include <map>
+#include <optional>
+#include <set>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "broker/common/crypto/keys.h"
+
+namespace mandate::dpop {
+
+// Proofs longer than this are refused before any parsing (an RSA-4096 proof with ath and nonce
+// is well under 2 KiB).
+inline constexpr size_t kMaxProofLength = 8192;
+// jti length bounds: RFC 9449 asks for at least 96 random bits (16 base64url characters); the
+// upper bound keeps replay-cache input small.
+inline constexpr size_t kMinJtiLength = 16;
+inline constexpr size_t kMaxJtiLength = 256;
+
+// Normalises an absolute http(s) URL for htu comparison (RFC 9449 §4.3 step 9, RFC 3986 §6.2.2
+// syntax-based normalisation): scheme and host lowercased, the default port (80 for http, 443
+// for https) removed, an empty path becomes "/", percent-encodings get uppercase hex and encoded
+// unreserved characters are decoded, query and fragment dropped.
+// InvalidArgument for: another scheme, a relative URL, userinfo ("user@host"), an empty or
+// malformed host, a bad port, a malformed percent-encoding, a path with "." or ".." segments
+// (refused rather than resolved, so two differently spelt paths never compare equal by
+// accident), and control, space or non-ASCII characters anywhere.
+absl::StatusOr<std::string> NormalizeHtu(std::string_view url);
+
+// The `ath` value for an access token: base64url(SHA-256(token)) (RFC 9449 §4.2).
+std::string AccessTokenHash(std::string_view access_token);
+
+// Creates a proof signed with `key` (ES256 for P-256, ES384 for P-384, RS256 for RSA, EdDSA for
+// Ed25519). Header {"typ":"dpop+jwt","alg":...,"jwk":<public JWK>}; claims jti (128 random
+// bits, base64url), htm, htu (normalised with NormalizeHtu), iat, plus ath when `access_token`
+// is non-empty and nonce when `nonce` is non-empty.
+// InvalidArgument: `htm` not an RFC 9110 method token, `htu` refused by NormalizeHtu, `nonce`
+// not 1*NQCHAR (RFC 9449 §8.1). Unimplemented: a key type without a JWS algorithm.
+absl::StatusOr<std::string> CreateProof(const crypto::PrivateKey& key, std::string_view htm,
+                                        std::string_view htu, int64_t iat,
+                                        std::string_view access_token = "",
+                                        std::string_view nonce = "");
+
+// Remembers (htu, jti) pairs of accepted proofs until they expire, so a proof is accepted once.
+// Only SHA-256 hashes of the pairs are stored, never the raw values, so memory per entry is
+// fixed and attacker-chosen strings are not retained.
+//
+// Bounded: holds at most `max_entries`. Expired entries are evicted on every call; when the
+// cache is still full of unexpired entries it refuses new proofs with ResourceExhausted (fail
+// closed: accepting a proof we cannot remember would allow a replay). Since VerifyProof only
+// consults the cache after every other check passed, filling it requires many valid proofs
+// signed within the iat window, i.e. a legitimate-looking flood; size it for the peak rate
+// times the window.
+//
+// In-memory only: after a restart the cache is empty, which is why the broker refuses proofs
+// whose iat is before its start (VerifyOptions::not_before, DESIGN.md §10).
+//
+// Thread-safe.
+class ReplayCache {
+ public:
+  explicit ReplayCache(size_t max_entries = 100000);
+
+  ReplayCache(const ReplayCache&) = delete;
+  ReplayCache& operator=(const ReplayCache&) = delete;
+
+  // Records (htu, jti), to be remembered while now <= expires_at.
+  // AlreadyExists "DPoP proof replayed" when the pair is present and unexpired (the stored
+  // entry is left unchanged); ResourceExhausted when full of unexpired entries.
+  absl::Status CheckAndRemember(std::string_view htu, std::string_view jti, int64_t expires_at,
+                                int64_t now);
+
+  // Number of entries currently held (expired ones included until the next eviction).
+  size_t size() const;
+  size_t max_entries() const { return max_entries_; }
+
+ private:
+  void EvictExpiredLocked(int64_t now) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+
+  const size_t max_entries_;
+  mutable absl::Mutex mu_;
+  // SHA-256(htu, jti) -> expires_at.
+  std::map<std::string, int64_t> entries_ ABSL_GUARDED_BY(mu_);
+  // (expires_at, hash), ordered so eviction pops the oldest first.
+  std::set<std::pair<int64_t, std::string>> by_expiry_ ABSL_GUARDED_BY(mu_);
+};
+
+struct VerifyOptions {
+  // The request's method, compared case-sensitively (RFC 9110 methods are case-sensitive).
+  std::string htm;
+  // The request's absolute URL; compared with the proof's htu after NormalizeHtu on both.
+  std::string htu;
+  // Current time, seconds since the epoch (from mandate::Clock, so tests control it).
+  int64_t now = 0;
+  // Accepted iat window: [now - max_age_seconds, now + max_future_seconds] (DESIGN.md §10).
+  int64_t max_age_seconds = 60;
+  int64_t max_future_seconds = 5;
+  // Set: the proof must carry ath = AccessTokenHash(*access_token). Unset: ath must be absent
+  // (a proof bound to some token is not a token-request proof).
+  std::optional<std::string> access_token;
+  // Non-empty: the RFC 7638 thumbprint of the proof's jwk must equal it (the token's cnf.jkt).
+  std::string expected_jkt;
+  // Non-empty: the proof's nonce must equal it, else FailedPrecondition "use_dpop_nonce".
+  std::string nonce;
+  // Proofs with iat before this are refused: the broker's replay cache does not know proofs
+  // accepted before it started (DESIGN.md §10).
+  int64_t not_before = 0;
+};
+
+struct VerifiedProof {
+  std::string jti;
+  std::string jkt;  // RFC 7638 SHA-256 thumbprint of the proof key (for cnf.jkt)
+  crypto::PublicKey key;
+  int64_t iat = 0;
+};
+
+// Verifies a DPoP proof against the request described by `options` (RFC 9449 §4.3): size cap,
+// well-formed compact JWS, typ "dpop+jwt", an allowed asymmetric alg (ES256, ES384, RS256, PS256,
+// EdDSA), a public-only jwk that the signature verifies with, jti (string of 16..256 chars), htm,
+// htu, iat window and not_before, the ath rule, expected_jkt, the nonce and finally the replay
+// cache. `cache` may be null (no replay protection; only for callers that remember jti
+// elsewhere). The cache is consulted last, so proofs failing any other check are never
+// remembered. The (normalised htu, jti) pair is remembered until iat + max_age_seconds.
+// Error codes: see the top of this file.
+absl::StatusOr<VerifiedProof> VerifyProof(std::string_view proof, const VerifyOptions& options,
+                                          ReplayCache* cache);
+
+// Returns the single DPoP header value of a request given all its values (RFC 9449 §4.3 step 1).
+// Unauthenticated "missing DPoP header" for none (or one empty value), "more than one DPoP
+// header" for several.
+absl::StatusOr<std::string> ExtractSingleDpopHeader(const std::vector<std::string>& header_values);
+
+}  // namespace mandate::dpop
+
+#endif  // MANDATE_BROKER_COMMON_DPOP_DPOP_H_

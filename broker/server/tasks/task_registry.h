@@ -1,0 +1,109 @@
+// The broker's rules for tasks agents declare (DESIGN.md §5, §10): what a declaration may hold,
+// which scopes it is granted, how long it lives, and who may use or end it.
+//
+// A task belongs to the SPIFFE ID of the caller that declared it. Its granted scopes are the
+// requested ones that the caller's registration entry is entitled to (`--scope`), in the order
+// asked for; requested scopes outside the entitlement are dropped silently rather than refusing
+// the whole task, because an agent often asks for a superset and the answer (which shows the
+// granted scopes) tells it what it got. Only when nothing at all is granted is the declaration
+// refused. The policy hook, when it exists, narrows the grant further; approvals and revocation
+// will add the statuses "pending_approval" and "revoked" (store.h): code here treats any status
+// other than "active" as unusable, so new statuses need no change to be refused.
+//
+// Ownership: the registry borrows the store and the clock, which must outlive it.
+// Thread-safety: every method may be called concurrently; the registry keeps no state of its own
+// beyond its immutable limits, and each store call is atomic.
+#ifndef MANDATE_BROKER_SERVER_TASKS_TASK_REGISTRY_H_
+#define MANDATE_BROKER_SERVER_TASKS_TASK_REGISTRY_H_
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "broker/common/store/store.h"
+#include "broker/common/util/clock.h"
+
+namespace mandate::broker {
+
+struct TaskLimits {
+  // A request with ttl 0 gets this lifetime (15 minutes), capped like any other by max_ttl.
+  int64_t default_ttl_seconds = 900;
+  // --max-task-ttl: no task outlives this (8 hours).
+  int64_t max_ttl_seconds = 8 * 3600;
+  size_t max_scopes = 32;
+  size_t max_audiences = 16;
+  size_t max_purpose_bytes = 512;
+};
+
+// Everything here is agent-controlled and validated by TaskRegistry::Declare.
+struct TaskRequest {
+  std::string purpose;
+  std::vector<std::string> scopes;
+  std::vector<std::string> audiences;
+  int64_t ttl_seconds = 0;  // 0 = TaskLimits::default_ttl_seconds.
+};
+
+// Longest accepted scope or audience, in bytes. Scopes are only stored when an entry grants them,
+// but the request is checked before the intersection, so this bounds the work done on it.
+inline constexpr size_t kMaxTaskScopeBytes = 512;
+inline constexpr size_t kMaxTaskAudienceBytes = 512;
+
+class TaskRegistry {
+ public:
+  TaskRegistry(store::Store& store, const Clock& clock, TaskLimits limits);
+
+  TaskRegistry(const TaskRegistry&) = delete;
+  TaskRegistry& operator=(const TaskRegistry&) = delete;
+
+  // Declares and durably stores a task for `spiffe_id` (the authenticated caller), whose
+  // registration entry grants `entitled_scopes`. Returns the task as stored: id "task_" + 22
+  // base64url characters (128 random bits), status "active", granted scopes = requested ∩
+  // entitled in request order (duplicates dropped), audiences in request order (duplicates
+  // dropped), created_at = now, expires_at = now + min(ttl or default, max).
+  //
+  // InvalidArgument, naming the rule broken, when:
+  //   - the purpose is empty, longer than max_purpose_bytes, not valid UTF-8, or holds a control
+  //     character other than tab (C0, DEL, C1) or a Unicode bidirectional override/isolate -
+  //     it is shown to humans approving and auditing the task, who must see what is there;
+  //   - there is no scope, more than max_scopes, or one that is not an RFC 6749 scope-token
+  //     (1*( %x21 / %x23-5B / %x5D-7E )) or is longer than kMaxTaskScopeBytes;
+  //   - there is no audience, more than max_audiences, or one that is empty, longer than
+  //     kMaxTaskAudienceBytes, not valid UTF-8 or holds a control character;
+  //   - the ttl is negative.
+  // Messages name offending elements by position, never echo their bytes.
+  // PermissionDenied("none of the requested scopes is granted to <spiffe_id>") when the
+  // intersection is empty. Store errors are passed through.
+  absl::StatusOr<store::Task> Declare(const std::string& spiffe_id,
+                                      const std::vector<std::string>& entitled_scopes,
+                                      const TaskRequest& request);
+
+  // The task `task_id` if it belongs to `spiffe_id` and is usable now (status "active" and
+  // now < expires_at). NotFound("task not found") both for an unknown id and for another
+  // identity's task, so a caller cannot probe for others' tasks. FailedPrecondition("task ended")
+  // when ended, ("task expired") when past its deadline, ("task is <status>") for any other
+  // status.
+  absl::StatusOr<store::Task> GetUsable(const std::string& spiffe_id,
+                                        std::string_view task_id) const;
+
+  // Ends the caller's task (an expired but not yet ended task may be ended) and returns it as
+  // stored. NotFound as for GetUsable; FailedPrecondition("task ended") when already ended,
+  // ("task is <status>") for any other status that is not "active".
+  absl::StatusOr<store::Task> End(const std::string& spiffe_id, std::string_view task_id);
+
+ private:
+  // The task if it exists and belongs to `spiffe_id`; NotFound("task not found") otherwise.
+  absl::StatusOr<store::Task> GetOwned(const std::string& spiffe_id,
+                                       std::string_view task_id) const;
+
+  store::Store& store_;
+  const Clock& clock_;
+  const TaskLimits limits_;
+};
+
+}  // namespace mandate::broker
+
+#endif  // MANDATE_BROKER_SERVER_TASKS_TASK_REGISTRY_H_
