@@ -255,6 +255,7 @@ void Agent::ApplySync(const mandate::node::v1::SyncResponse& response) {
     next->trust_domain = response.trust_domain();
     next->bundle_der = response.x509_bundle();
     next->jwt_bundle = response.jwt_bundle();
+    next->issuer_url = response.issuer_url();
     next->serving = true;
     int64_t now = clock_.NowSeconds();
     for (const auto& e : response.entries()) {

@@ -56,6 +56,7 @@ struct Snapshot {
   std::map<std::string, std::shared_ptr<const HeldX509Svid>> svids;  // by entry id
   std::string bundle_der;  // concatenated DER CA certificates
   std::string jwt_bundle;  // JWKS
+  std::string issuer_url;  // the broker's; its token endpoint is <issuer_url>/token
   bool serving = false;    // false until the first sync and after eviction
 };
 
@@ -92,6 +93,9 @@ class Agent {
   // Entries of `snapshot` whose selectors are all among `caller`.
   static std::vector<const AssignedEntry*> Match(const Snapshot& snapshot,
                                                  const spiffe::SelectorSet& caller);
+
+  // The connection to the broker, for calls forwarded on a workload's behalf (tasks).
+  BrokerClient& broker() { return broker_; }
 
   // A JWT-SVID for `entry` and `audiences`, from the cache while more than half its lifetime
   // remains, else freshly minted by the broker.

@@ -15,6 +15,7 @@ namespace mandate::agent {
 namespace {
 
 namespace nodepb = mandate::node::v1;
+namespace workloadpb = mandate::workload::v1;
 using grpcutil::ToAbslStatus;
 
 constexpr auto kCallTimeout = std::chrono::seconds(15);
@@ -208,6 +209,38 @@ absl::StatusOr<MintedJwt> BrokerClient::MintJwtSvid(const std::string& entry_id,
   grpc::Status status = stub->MintJwtSvid(&context, request, &response);
   if (!status.ok()) return ToAbslStatus(status);
   return MintedJwt{response.spiffe_id(), response.token(), response.expires_at()};
+}
+
+absl::Status BrokerClient::DeclareTask(const nodepb::NodeDeclareTaskRequest& request,
+                                       workloadpb::Task* response) {
+  auto stub = nodepb::NodeApi::NewStub(Channel());
+  grpc::ClientContext context;
+  SetDeadline(context);
+  return ToAbslStatus(stub->DeclareTask(&context, request, response));
+}
+
+absl::Status BrokerClient::GetTask(const nodepb::NodeGetTaskRequest& request,
+                                   workloadpb::Task* response) {
+  auto stub = nodepb::NodeApi::NewStub(Channel());
+  grpc::ClientContext context;
+  SetDeadline(context);
+  return ToAbslStatus(stub->GetTask(&context, request, response));
+}
+
+absl::Status BrokerClient::EndTask(const nodepb::NodeEndTaskRequest& request,
+                                   workloadpb::Task* response) {
+  auto stub = nodepb::NodeApi::NewStub(Channel());
+  grpc::ClientContext context;
+  SetDeadline(context);
+  return ToAbslStatus(stub->EndTask(&context, request, response));
+}
+
+absl::Status BrokerClient::FetchTaskToken(const nodepb::NodeFetchTaskTokenRequest& request,
+                                          workloadpb::FetchTaskTokenResponse* response) {
+  auto stub = nodepb::NodeApi::NewStub(Channel());
+  grpc::ClientContext context;
+  SetDeadline(context);
+  return ToAbslStatus(stub->FetchTaskToken(&context, request, response));
 }
 
 absl::Status BrokerClient::RunSync(

@@ -27,7 +27,16 @@ class ClientContext;
 
 namespace mandate::node::v1 {
 class SyncResponse;
-}
+class NodeDeclareTaskRequest;
+class NodeGetTaskRequest;
+class NodeEndTaskRequest;
+class NodeFetchTaskTokenRequest;
+}  // namespace mandate::node::v1
+
+namespace mandate::workload::v1 {
+class Task;
+class FetchTaskTokenResponse;
+}  // namespace mandate::workload::v1
 
 namespace mandate::agent {
 
@@ -71,6 +80,17 @@ class BrokerClient {
       const std::vector<std::pair<std::string, std::string>>& entry_csrs);
   absl::StatusOr<MintedJwt> MintJwtSvid(const std::string& entry_id,
                                         const std::vector<std::string>& audiences);
+
+  // Task calls forwarded for a workload; the broker's status (code and message) is returned
+  // unchanged so the workload sees the broker's verdict.
+  absl::Status DeclareTask(const mandate::node::v1::NodeDeclareTaskRequest& request,
+                           mandate::workload::v1::Task* task);
+  absl::Status GetTask(const mandate::node::v1::NodeGetTaskRequest& request,
+                       mandate::workload::v1::Task* task);
+  absl::Status EndTask(const mandate::node::v1::NodeEndTaskRequest& request,
+                       mandate::workload::v1::Task* task);
+  absl::Status FetchTaskToken(const mandate::node::v1::NodeFetchTaskTokenRequest& request,
+                              mandate::workload::v1::FetchTaskTokenResponse* response);
 
   // Opens the sync stream and calls `on_snapshot` for every snapshot until the stream ends,
   // `stop` is set, or Cancel() is called. Returns the stream's final status.

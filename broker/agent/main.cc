@@ -17,6 +17,8 @@
 #include "attestors/node/tpm/agent/tpm_agent_attestor.h"
 #include "attestors/workload/unix/unix_attestor.h"
 #include "broker/agent/agent.h"
+#include "broker/agent/caller_identity.h"
+#include "broker/agent/tasks_service.h"
 #include "broker/agent/workload_service.h"
 #include "broker/common/config/config_file.h"
 #include "broker/common/crypto/keys.h"
@@ -151,9 +153,12 @@ int Run(AgentFlags flags) {
   unix_attestor::UnixAttestorOptions attestor_options;
   attestor_options.max_hash_bytes = flags.max_exe_hash_bytes;
   unix_attestor::UnixAttestor attestor(attestor_options);
-  WorkloadService service(**agent, attestor);
+  CallerIdentifier identifier(attestor);
+  WorkloadService service(**agent, identifier);
+  TasksService tasks_service(**agent, identifier);
   grpc::ServerBuilder builder;
   builder.RegisterService(&service);
+  builder.RegisterService(&tasks_service);
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   std::string socket = flags.socket.empty() ? flags.data_dir + "/agent.sock" : flags.socket;
   // Callers are identified per call; anyone may connect (mode 0666).
@@ -161,7 +166,7 @@ int Run(AgentFlags flags) {
       grpcutil::UdsListener::Start(server.get(), socket, 0666, nullptr,
                                    [&attestor](pid_t pid) { return attestor.ReadStartTime(pid); });
   if (!listener.ok()) return Fail(listener.status());
-  service.set_listener(listener->get());
+  identifier.set_listener(listener->get());
   spdlog::info("mandate-agent ready node={} socket={} serving={}", (*agent)->node_id(), socket,
                (*agent)->Current()->serving);
 

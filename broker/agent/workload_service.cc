@@ -33,50 +33,6 @@ std::string TrustDomainId(const Snapshot& snapshot) {
 
 }  // namespace
 
-absl::StatusOr<WorkloadService::Caller> WorkloadService::IdentifyCaller(
-    grpc::ServerContext* context) const {
-  const auto& metadata = context->client_metadata();
-  auto header = metadata.find("workload.spiffe.io");
-  if (header == metadata.end()) {
-    return absl::InvalidArgumentError("security header missing from request");
-  }
-  if (std::string_view(header->second.data(), header->second.size()) != "true") {
-    return absl::InvalidArgumentError("security header workload.spiffe.io must be \"true\"");
-  }
-  const grpcutil::UdsListener* listener = listener_.load();
-  if (listener == nullptr) return absl::UnavailableError("workload API is starting");
-  auto peer = listener->PeerOf(*context);
-  if (!peer.ok()) return absl::PermissionDeniedError(peer.status().message());
-  // Without a pidfd nothing pins the pid to the process that connected.
-  if (peer->pidfd < 0) {
-    return absl::PermissionDeniedError("caller process exited before it could be identified");
-  }
-  uint64_t expected_start = peer->start_time;
-  if (expected_start == 0) {
-    auto start_time = attestor_.ReadStartTime(peer->pid);
-    if (!start_time.ok()) return absl::PermissionDeniedError("caller process no longer exists");
-    expected_start = *start_time;
-  }
-  auto attested = attestor_.AttestDetailed(peer->pid, expected_start);
-  if (!attested.ok()) {
-    return absl::PermissionDeniedError(
-        absl::StrCat("cannot attest caller: ", attested.status().message()));
-  }
-  // What /proc showed must belong to the process that connected: it is still alive (so its pid
-  // was not reused) and still runs as the user the kernel recorded at connect().
-  if (!grpcutil::PidfdAlive(peer->pidfd)) {
-    return absl::PermissionDeniedError("caller exited during attestation");
-  }
-  if (attested->identity.uid != peer->uid || attested->identity.gid != peer->gid) {
-    return absl::PermissionDeniedError("caller changed user or group after connecting");
-  }
-  Caller caller;
-  caller.pid = peer->pid;
-  caller.uid = peer->uid;
-  caller.selectors = spiffe::SelectorSet(attested->selectors);
-  return caller;
-}
-
 template <typename Message, typename Build>
 grpc::Status WorkloadService::StreamUpdates(grpc::ServerContext* context,
                                             grpc::ServerWriter<Message>* writer, Build build) {
@@ -103,7 +59,7 @@ grpc::Status WorkloadService::StreamUpdates(grpc::ServerContext* context,
 
 grpc::Status WorkloadService::FetchX509SVID(grpc::ServerContext* context, const X509SVIDRequest*,
                                             grpc::ServerWriter<X509SVIDResponse>* writer) {
-  auto caller = IdentifyCaller(context);
+  auto caller = identifier_.Identify(context);
   if (!caller.ok()) return ToGrpcStatus(caller.status());
   return StreamUpdates(context, writer,
                        [&](const Snapshot& snapshot, X509SVIDResponse* out) -> grpc::Status {
@@ -130,7 +86,7 @@ grpc::Status WorkloadService::FetchX509SVID(grpc::ServerContext* context, const 
 grpc::Status WorkloadService::FetchX509Bundles(grpc::ServerContext* context,
                                                const X509BundlesRequest*,
                                                grpc::ServerWriter<X509BundlesResponse>* writer) {
-  auto caller = IdentifyCaller(context);
+  auto caller = identifier_.Identify(context);
   if (!caller.ok()) return ToGrpcStatus(caller.status());
   return StreamUpdates(context, writer,
                        [&](const Snapshot& snapshot, X509BundlesResponse* out) -> grpc::Status {
@@ -146,7 +102,7 @@ grpc::Status WorkloadService::FetchX509Bundles(grpc::ServerContext* context,
 grpc::Status WorkloadService::FetchJWTBundles(grpc::ServerContext* context,
                                               const JWTBundlesRequest*,
                                               grpc::ServerWriter<JWTBundlesResponse>* writer) {
-  auto caller = IdentifyCaller(context);
+  auto caller = identifier_.Identify(context);
   if (!caller.ok()) return ToGrpcStatus(caller.status());
   return StreamUpdates(context, writer,
                        [&](const Snapshot& snapshot, JWTBundlesResponse* out) -> grpc::Status {
@@ -162,7 +118,7 @@ grpc::Status WorkloadService::FetchJWTBundles(grpc::ServerContext* context,
 grpc::Status WorkloadService::FetchJWTSVID(grpc::ServerContext* context,
                                            const JWTSVIDRequest* request,
                                            JWTSVIDResponse* response) {
-  auto caller = IdentifyCaller(context);
+  auto caller = identifier_.Identify(context);
   if (!caller.ok()) return ToGrpcStatus(caller.status());
   if (request->audience().empty()) {
     return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "audience must be specified");
@@ -187,7 +143,7 @@ grpc::Status WorkloadService::FetchJWTSVID(grpc::ServerContext* context,
 grpc::Status WorkloadService::ValidateJWTSVID(grpc::ServerContext* context,
                                               const ValidateJWTSVIDRequest* request,
                                               ValidateJWTSVIDResponse* response) {
-  auto caller = IdentifyCaller(context);
+  auto caller = identifier_.Identify(context);
   if (!caller.ok()) return ToGrpcStatus(caller.status());
   if (request->audience().empty()) {
     return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "audience must be specified");

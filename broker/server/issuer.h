@@ -79,6 +79,13 @@ class Issuer {
   // FailedPrecondition when the task has expired; InvalidArgument for an empty audience, scope list
   // or jkt.
   absl::StatusOr<IssuedTaskToken> IssueTaskToken(const TaskTokenGrant& grant) const;
+  // The registration entry `entry_id` if it is assigned to node `node_id`; PermissionDenied
+  // otherwise (the same answer for an absent entry, so a node cannot probe others' entries).
+  // For callers that act on an entry's behalf without minting through this class (tasks).
+  absl::StatusOr<store::RegistrationEntry> AuthorizedEntry(const std::string& node_id,
+                                                           const std::string& entry_id) const {
+    return AuthorizeEntry(node_id, entry_id);
+  }
   // Signs the node agent's own X509-SVID.
   absl::StatusOr<crypto::Certificate> IssueNodeSvid(const std::string& node_id,
                                                     std::string_view csr_der) const;

@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <iostream>
@@ -20,6 +21,7 @@
 #include "attestors/node/tpm/server/tpm_server_attestor.h"
 #include "broker/common/config/config_file.h"
 #include "broker/common/crypto/keys.h"
+#include "broker/common/dpop/dpop.h"
 #include "broker/common/grpcutil/uds_listener.h"
 #include "broker/common/log/log.h"
 #include "broker/common/store/sqlite_store.h"
@@ -29,6 +31,7 @@
 #include "broker/server/http_endpoints.h"
 #include "broker/server/issuer.h"
 #include "broker/server/node_service.h"
+#include "broker/server/tasks/task_registry.h"
 #include "broker/server/trust_authority.h"
 
 namespace mandate::broker {
@@ -51,6 +54,7 @@ struct BrokerFlags {
   int64_t jwt_svid_ttl = 300;
   int64_t agent_svid_ttl = 3600;
   int max_node_threads = 1024;
+  int64_t max_task_ttl = 8 * 3600;
   std::vector<std::string> tpm_ek_ca_files;
   std::vector<std::string> tpm_ek_hashes;
 };
@@ -106,6 +110,7 @@ absl::Status ApplyConfigFile(const std::string& path, CLI::App& app, BrokerFlags
   RETURN_IF_ERROR(file.GetInt("x509_svid_ttl", given("--x509-svid-ttl"), flags.x509_svid_ttl));
   RETURN_IF_ERROR(file.GetInt("jwt_svid_ttl", given("--jwt-svid-ttl"), flags.jwt_svid_ttl));
   RETURN_IF_ERROR(file.GetInt("agent_svid_ttl", given("--agent-svid-ttl"), flags.agent_svid_ttl));
+  RETURN_IF_ERROR(file.GetInt("max_task_ttl", given("--max-task-ttl"), flags.max_task_ttl));
   int64_t threads = flags.max_node_threads;
   RETURN_IF_ERROR(file.GetInt("max_node_threads", given("--max-node-threads"), threads));
   if (threads < 16 || threads > 65536) {
@@ -218,7 +223,18 @@ int Run(const BrokerFlags& flags) {
     spdlog::info("TPM node attestation enabled: {} EK CA certificate(s), {} allowlisted EK(s)",
                  flags.tpm_ek_ca_files.size(), flags.tpm_ek_hashes.size());
   }
-  NodeService node_service(**authority, **store, **entries, issuer, clock, node_attestors);
+  TaskLimits task_limits;
+  task_limits.max_ttl_seconds = flags.max_task_ttl;
+  task_limits.default_ttl_seconds = std::min(task_limits.default_ttl_seconds, flags.max_task_ttl);
+  TaskRegistry task_registry(**store, clock, task_limits);
+  // One cache for every path that accepts token-request proofs, so a proof is used once.
+  dpop::ReplayCache replay_cache;
+  NodeTaskSupport task_support{.registry = &task_registry,
+                               .replay_cache = &replay_cache,
+                               .issuer_url = issuer_url,
+                               .started_at = clock.NowSeconds()};
+  NodeService node_service(**authority, **store, **entries, issuer, clock, node_attestors,
+                           task_support);
   AdminService admin_service(**authority, **store, **entries, clock);
 
   // TLS for the agent-facing port: a fresh key each start, certificate from our CA.
@@ -334,6 +350,10 @@ int main(int argc, char** argv) {
                  "Threads for the node API (one per connected agent plus calls in flight)")
       ->capture_default_str()
       ->check(CLI::Range(16, 65536));
+  app.add_option("--max-task-ttl", flags.max_task_ttl,
+                 "Longest lifetime of a declared task (s); longer requests are capped")
+      ->capture_default_str()
+      ->check(CLI::Range(int64_t{60}, int64_t{30 * 24 * 3600}));
   app.add_option("--tpm-ek-ca", flags.tpm_ek_ca_files,
                  "PEM bundle of TPM EK CA certificates to trust (repeatable; enables TPM "
                  "attestation)");
@@ -356,6 +376,10 @@ int main(int argc, char** argv) {
       std::cerr << "mandate-broker: SVID TTLs must be between 60 s and 30 days\n";
       return 2;
     }
+  }
+  if (flags.max_task_ttl < 60 || flags.max_task_ttl > 30 * 24 * 3600) {
+    std::cerr << "mandate-broker: --max-task-ttl must be between 60 s and 30 days\n";
+    return 2;
   }
   if (auto s = mandate::log::InitLogging("mandate-broker", flags.log_format, flags.log_level);
       !s.ok()) {

@@ -3,6 +3,8 @@
 #include <grpcpp/grpcpp.h>
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
+
 #include "absl/strings/str_cat.h"
 #include "broker/common/grpcutil/status.h"
 #include "broker/common/log/log.h"
@@ -13,22 +15,34 @@ namespace mandate::broker {
 namespace {
 
 namespace nodepb = mandate::node::v1;
+namespace workloadpb = mandate::workload::v1;
 using grpcutil::ToGrpcStatus;
 
 std::string PeerAddress(const grpc::ServerContext* context) { return context->peer(); }
+
+std::string TokenEndpoint(std::string_view issuer_url) {
+  if (issuer_url.ends_with('/')) issuer_url.remove_suffix(1);
+  return std::string(issuer_url) + "/token";
+}
+
+grpc::Status TasksDisabled() {
+  return grpc::Status(grpc::StatusCode::UNIMPLEMENTED, "tasks are not enabled on this broker");
+}
 
 }  // namespace
 
 NodeService::NodeService(
     const TrustAuthority& authority, store::Store& store, EntryRegistry& entries,
     const Issuer& issuer, const Clock& clock,
-    std::map<std::string, attestors::ServerNodeAttestor*, std::less<>> attestors)
+    std::map<std::string, attestors::ServerNodeAttestor*, std::less<>> attestors,
+    NodeTaskSupport tasks)
     : authority_(authority),
       store_(store),
       entries_(entries),
       issuer_(issuer),
       clock_(clock),
-      attestors_(std::move(attestors)) {}
+      attestors_(std::move(attestors)),
+      tasks_(std::move(tasks)) {}
 
 void NodeService::Shutdown() {
   shutting_down_ = true;
@@ -225,6 +239,7 @@ grpc::Status NodeService::Sync(grpc::ServerContext* context, const nodepb::SyncR
     snapshot.set_trust_domain(authority_.trust_domain().name());
     snapshot.set_x509_bundle(authority_.bundle_der());
     snapshot.set_jwt_bundle(authority_.jwt_bundle_jwks());
+    snapshot.set_issuer_url(tasks_.issuer_url);
     for (const auto& entry : entries_.ForParent(node_id)) {
       auto* e = snapshot.add_entries();
       e->set_id(entry.id);
@@ -292,6 +307,115 @@ grpc::Status NodeService::MintJwtSvid(grpc::ServerContext* context,
   response->set_spiffe_id(jwt->spiffe_id);
   response->set_token(jwt->token);
   response->set_expires_at(jwt->expires_at);
+  return grpc::Status::OK;
+}
+
+absl::StatusOr<store::RegistrationEntry> NodeService::AuthorizeEntryCall(
+    grpc::ServerContext* context, const std::string& entry_id) const {
+  ASSIGN_OR_RETURN(AuthenticatedNode caller, AuthenticateNode(context));
+  return issuer_.AuthorizedEntry(caller.node.spiffe_id, entry_id);
+}
+
+void NodeService::FillTask(const store::Task& task, workloadpb::Task* out) const {
+  out->set_id(task.id);
+  out->set_spiffe_id(task.spiffe_id);
+  out->set_purpose(task.purpose);
+  for (const auto& s : task.scopes) out->add_scopes(s);
+  for (const auto& a : task.audiences) out->add_audiences(a);
+  out->set_status(task.status);
+  out->set_created_at(task.created_at);
+  out->set_expires_at(task.expires_at);
+  out->set_token_endpoint(TokenEndpoint(tasks_.issuer_url));
+}
+
+grpc::Status NodeService::DeclareTask(grpc::ServerContext* context,
+                                      const nodepb::NodeDeclareTaskRequest* request,
+                                      workloadpb::Task* response) {
+  if (tasks_.registry == nullptr) return TasksDisabled();
+  auto entry = AuthorizeEntryCall(context, request->entry_id());
+  if (!entry.ok()) return ToGrpcStatus(entry.status());
+  TaskRequest task_request;
+  task_request.purpose = request->purpose();
+  task_request.scopes.assign(request->scopes().begin(), request->scopes().end());
+  task_request.audiences.assign(request->audiences().begin(), request->audiences().end());
+  task_request.ttl_seconds = request->ttl_seconds();
+  auto task = tasks_.registry->Declare(entry->spiffe_id, entry->scopes, task_request);
+  if (!task.ok()) return ToGrpcStatus(task.status());
+  spdlog::info("task declared task={} spiffe_id={} entry={} scopes={} expires_at={}", task->id,
+               task->spiffe_id, entry->id, task->scopes.size(), task->expires_at);
+  FillTask(*task, response);
+  return grpc::Status::OK;
+}
+
+grpc::Status NodeService::GetTask(grpc::ServerContext* context,
+                                  const nodepb::NodeGetTaskRequest* request,
+                                  workloadpb::Task* response) {
+  if (tasks_.registry == nullptr) return TasksDisabled();
+  auto entry = AuthorizeEntryCall(context, request->entry_id());
+  if (!entry.ok()) return ToGrpcStatus(entry.status());
+  auto task = tasks_.registry->GetUsable(entry->spiffe_id, request->task_id());
+  if (!task.ok()) return ToGrpcStatus(task.status());
+  FillTask(*task, response);
+  return grpc::Status::OK;
+}
+
+grpc::Status NodeService::EndTask(grpc::ServerContext* context,
+                                  const nodepb::NodeEndTaskRequest* request,
+                                  workloadpb::Task* response) {
+  if (tasks_.registry == nullptr) return TasksDisabled();
+  auto entry = AuthorizeEntryCall(context, request->entry_id());
+  if (!entry.ok()) return ToGrpcStatus(entry.status());
+  auto task = tasks_.registry->End(entry->spiffe_id, request->task_id());
+  if (!task.ok()) return ToGrpcStatus(task.status());
+  spdlog::info("task ended task={} spiffe_id={}", task->id, task->spiffe_id);
+  FillTask(*task, response);
+  return grpc::Status::OK;
+}
+
+grpc::Status NodeService::FetchTaskToken(grpc::ServerContext* context,
+                                         const nodepb::NodeFetchTaskTokenRequest* request,
+                                         workloadpb::FetchTaskTokenResponse* response) {
+  if (tasks_.registry == nullptr || tasks_.replay_cache == nullptr) return TasksDisabled();
+  auto entry = AuthorizeEntryCall(context, request->entry_id());
+  if (!entry.ok()) return ToGrpcStatus(entry.status());
+  dpop::VerifyOptions options;
+  options.htm = "POST";
+  options.htu = TokenEndpoint(tasks_.issuer_url);
+  options.now = clock_.NowSeconds();
+  options.not_before = tasks_.started_at;
+  auto proof = dpop::VerifyProof(request->dpop_proof(), options, tasks_.replay_cache);
+  if (!proof.ok()) {
+    // Internal mistakes (our own options unusable) keep their code; every verdict on the proof
+    // itself is the caller's fault.
+    absl::StatusCode code = proof.status().code() == absl::StatusCode::kResourceExhausted
+                                ? absl::StatusCode::kResourceExhausted
+                            : proof.status().code() == absl::StatusCode::kFailedPrecondition
+                                ? absl::StatusCode::kFailedPrecondition
+                                : absl::StatusCode::kInvalidArgument;
+    return ToGrpcStatus(
+        absl::Status(code, absl::StrCat("invalid DPoP proof: ", proof.status().message())));
+  }
+  auto task = tasks_.registry->GetUsable(entry->spiffe_id, request->task_id());
+  if (!task.ok()) return ToGrpcStatus(task.status());
+  std::vector<std::string> requested(request->scopes().begin(), request->scopes().end());
+  auto scopes = TokenScopesForTask(*task, request->audience(), requested);
+  if (!scopes.ok()) return ToGrpcStatus(scopes.status());
+  TaskTokenGrant grant;
+  grant.spiffe_id = entry->spiffe_id;
+  grant.task_id = task->id;
+  grant.task_purpose = task->purpose;
+  grant.task_expires_at = task->expires_at;
+  grant.audience = request->audience();
+  grant.scopes = *scopes;
+  grant.jkt = proof->jkt;
+  grant.ttl_seconds = entry->token_ttl_s;
+  auto token = issuer_.IssueTaskToken(grant);
+  if (!token.ok()) return ToGrpcStatus(token.status());
+  response->set_access_token(token->token);
+  response->set_token_type("DPoP");
+  response->set_expires_in(std::max<int64_t>(0, token->expires_at - clock_.NowSeconds()));
+  for (const auto& s : *scopes) response->add_scopes(s);
+  response->set_jkt(proof->jkt);
   return grpc::Status::OK;
 }
 

@@ -8,21 +8,38 @@
 #include <string>
 
 #include "attestors/node/node_attestor.h"
+#include "broker/common/dpop/dpop.h"
 #include "broker/common/grpcutil/call_watchdog.h"
 #include "broker/common/store/store.h"
 #include "broker/server/entry_registry.h"
 #include "broker/server/issuer.h"
+#include "broker/server/tasks/task_registry.h"
 #include "broker/server/trust_authority.h"
 #include "mandate/node/v1/node.grpc.pb.h"
 
 namespace mandate::broker {
 
+// Task calls on behalf of a node's workloads: the broker checks the entry is assigned to the
+// calling node, and the task belongs to the entry's SPIFFE ID.
+struct NodeTaskSupport {
+  TaskRegistry* registry = nullptr;
+  // Remembers DPoP proofs accepted for task tokens (shared with the HTTP /token endpoint so a
+  // proof is accepted once whichever path carries it).
+  dpop::ReplayCache* replay_cache = nullptr;
+  // `iss` of tokens; the DPoP htu is issuer_url + "/token".
+  std::string issuer_url;
+  // Proofs with iat before this are refused: the replay cache forgets everything on restart.
+  int64_t started_at = 0;
+};
+
 class NodeService final : public mandate::node::v1::NodeApi::Service {
  public:
-  // All references must outlive the service. `attestors` maps attestor name -> broker half.
+  // All references (and the pointers in `tasks`) must outlive the service. `attestors` maps
+  // attestor name -> broker half.
   NodeService(const TrustAuthority& authority, store::Store& store, EntryRegistry& entries,
               const Issuer& issuer, const Clock& clock,
-              std::map<std::string, attestors::ServerNodeAttestor*, std::less<>> attestors);
+              std::map<std::string, attestors::ServerNodeAttestor*, std::less<>> attestors,
+              NodeTaskSupport tasks);
 
   grpc::Status Attest(grpc::ServerContext* context,
                       grpc::ServerReaderWriter<mandate::node::v1::AttestResponse,
@@ -38,6 +55,21 @@ class NodeService final : public mandate::node::v1::NodeApi::Service {
   grpc::Status MintJwtSvid(grpc::ServerContext* context,
                            const mandate::node::v1::MintJwtSvidRequest* request,
                            mandate::node::v1::MintJwtSvidResponse* response) override;
+
+  grpc::Status DeclareTask(grpc::ServerContext* context,
+                           const mandate::node::v1::NodeDeclareTaskRequest* request,
+                           mandate::workload::v1::Task* response) override;
+  grpc::Status GetTask(grpc::ServerContext* context,
+                       const mandate::node::v1::NodeGetTaskRequest* request,
+                       mandate::workload::v1::Task* response) override;
+  grpc::Status EndTask(grpc::ServerContext* context,
+                       const mandate::node::v1::NodeEndTaskRequest* request,
+                       mandate::workload::v1::Task* response) override;
+  // Verifies the workload's DPoP proof (htm POST, htu <issuer_url>/token, replay cache) before
+  // anything else about the task, so a refused call never mints.
+  grpc::Status FetchTaskToken(grpc::ServerContext* context,
+                              const mandate::node::v1::NodeFetchTaskTokenRequest* request,
+                              mandate::workload::v1::FetchTaskTokenResponse* response) override;
 
   // Stops open Sync streams promptly (called before server shutdown).
   void Shutdown();
@@ -55,6 +87,10 @@ class NodeService final : public mandate::node::v1::NodeApi::Service {
   // Re-checks a node during a long-lived stream: PermissionDenied when it was evicted, banned or
   // its certificate superseded or expired; Unavailable when the store cannot tell.
   absl::Status RecheckNode(const AuthenticatedNode& caller) const;
+  // AuthenticateNode + the entry `entry_id` assigned to that node.
+  absl::StatusOr<store::RegistrationEntry> AuthorizeEntryCall(grpc::ServerContext* context,
+                                                              const std::string& entry_id) const;
+  void FillTask(const store::Task& task, mandate::workload::v1::Task* out) const;
   absl::Status RecordNode(const attestors::NodeAttestationResult& result, std::string_view attestor,
                           const crypto::Certificate& svid) const;
 
@@ -64,6 +100,7 @@ class NodeService final : public mandate::node::v1::NodeApi::Service {
   const Issuer& issuer_;
   const Clock& clock_;
   const std::map<std::string, attestors::ServerNodeAttestor*, std::less<>> attestors_;
+  const NodeTaskSupport tasks_;
   std::atomic<bool> shutting_down_{false};
   // Attestation streams must finish within this budget; silent clients are cut off.
   grpcutil::CallWatchdog attest_watchdog_;

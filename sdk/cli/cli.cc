@@ -612,6 +612,87 @@ absl::Status ValidateJwt(const Io& io, const std::string& audience, std::string 
   return absl::OkStatus();
 }
 
+// ---------------------------------------------------------------------------- task commands
+
+json VectorJson(const std::vector<std::string>& values) {
+  json arr = json::array();
+  for (const std::string& v : values) arr.push_back(v);
+  return arr;
+}
+
+std::string JoinPrintable(const std::vector<std::string>& values) {
+  std::vector<std::string> parts;
+  for (const std::string& v : values) parts.push_back(Printable(v));
+  return parts.empty() ? "-" : absl::StrJoin(parts, ",");
+}
+
+void PrintTask(const Io& io, const TaskInfo& task) {
+  if (io.json()) {
+    json doc{{"id", task.id},
+             {"spiffe_id", task.spiffe_id},
+             {"purpose", task.purpose},
+             {"status", task.status},
+             {"scopes", VectorJson(task.scopes)},
+             {"audiences", VectorJson(task.audiences)},
+             {"created_at", TimeJson(task.created_at)},
+             {"expires_at", TimeJson(task.expires_at)}};
+    if (!task.approval_id.empty()) doc["approval_id"] = task.approval_id;
+    PrintJson(io.out, doc);
+    return;
+  }
+  io.out << "Task:      " << Printable(task.id) << "\n"
+         << "SPIFFE ID: " << Printable(task.spiffe_id) << "\n"
+         << "Purpose:   " << Printable(task.purpose) << "\n"
+         << "Status:    " << Printable(task.status) << "\n"
+         << "Scopes:    " << JoinPrintable(task.scopes) << "\n"
+         << "Audiences: " << JoinPrintable(task.audiences) << "\n"
+         << "Expires:   " << TimeText(task.expires_at) << "\n";
+}
+
+struct TaskStartArgs {
+  std::string purpose;
+  std::vector<std::string> scopes;
+  std::vector<std::string> audiences;
+  int64_t ttl = 0;
+  std::string spiffe_id;
+};
+
+absl::Status TaskStart(const Io& io, const TaskStartArgs& a) {
+  ASSIGN_OR_RETURN(auto client, ConnectWorkload(io));
+  ASSIGN_OR_RETURN(TaskInfo task, client->DeclareTask(a.purpose, a.scopes, a.audiences,
+                                                      std::chrono::seconds(a.ttl), a.spiffe_id));
+  PrintTask(io, task);
+  return absl::OkStatus();
+}
+
+absl::Status TaskEnd(const Io& io, const std::string& id, const std::string& spiffe_id) {
+  ASSIGN_OR_RETURN(auto client, ConnectWorkload(io));
+  ASSIGN_OR_RETURN(TaskInfo task, client->EndTask(id, spiffe_id));
+  PrintTask(io, task);
+  return absl::OkStatus();
+}
+
+absl::Status TaskTokenCommand(const Io& io, const std::string& id, const std::string& audience,
+                              const std::vector<std::string>& scopes,
+                              const std::string& spiffe_id) {
+  ASSIGN_OR_RETURN(auto client, ConnectWorkload(io));
+  // This process is the workload: it learns the token endpoint from the task, signs the proof
+  // with a key that lives only as long as it does, and prints the token and its key thumbprint.
+  ASSIGN_OR_RETURN(TaskInfo task, client->GetTask(id, spiffe_id));
+  ASSIGN_OR_RETURN(mandate::TaskToken token, client->FetchTaskToken(task, audience, scopes));
+  if (io.json()) {
+    PrintJson(io.out, json{{"access_token", token.access_token},
+                           {"token_type", token.token_type},
+                           {"expires_in", token.expires_in},
+                           {"scopes", VectorJson(token.scopes)},
+                           {"jkt", token.jkt}});
+  } else {
+    io.out << token.access_token << "\n"
+           << "jkt: " << Printable(token.jkt) << "\n";
+  }
+  return absl::OkStatus();
+}
+
 // ---------------------------------------------------------------------------- parsing
 
 int RunCliImpl(int argc, char** argv, std::ostream& out, std::ostream& err) {
@@ -743,6 +824,41 @@ int RunCliImpl(int argc, char** argv, std::ostream& out, std::ostream& err) {
   set_action(validate_jwt,
              [&](const Io& io) { return ValidateJwt(io, validate_audience, validate_token); });
   validate->require_subcommand(0, 1);
+
+  // task start|end|token (Workload API)
+  auto* task = app.add_subcommand("task", "Declared tasks and their DPoP-bound tokens");
+  TaskStartArgs task_start_args;
+  auto* task_start = task->add_subcommand("start", "Declare a task");
+  task_start->add_option("--purpose", task_start_args.purpose, "What the task is for")->required();
+  task_start->add_option("--scope", task_start_args.scopes, "Scope (repeatable)")->required();
+  task_start->add_option("--audience", task_start_args.audiences, "Audience (repeatable)")
+      ->required();
+  task_start->add_option("--ttl", task_start_args.ttl, "Lifetime in seconds (0: broker default)")
+      ->check(CLI::NonNegativeNumber);
+  task_start->add_option("--spiffe-id", task_start_args.spiffe_id,
+                         "Which identity, when this process has several");
+  set_action(task_start, [&](const Io& io) { return TaskStart(io, task_start_args); });
+  std::string task_id;
+  std::string task_spiffe_id;
+  auto* task_end = task->add_subcommand("end", "End a task");
+  task_end->add_option("id", task_id, "Task ID")->required();
+  task_end->add_option("--spiffe-id", task_spiffe_id,
+                       "Which identity, when this process has several");
+  set_action(task_end, [&](const Io& io) { return TaskEnd(io, task_id, task_spiffe_id); });
+  std::string task_token_audience;
+  std::vector<std::string> task_token_scopes;
+  auto* task_token = task->add_subcommand("token", "Print a DPoP-bound token for a task");
+  task_token->add_option("id", task_id, "Task ID")->required();
+  task_token->add_option("--audience", task_token_audience, "One of the task's audiences")
+      ->required();
+  task_token->add_option("--scope", task_token_scopes,
+                         "Scope (repeatable; default: all of the task's)");
+  task_token->add_option("--spiffe-id", task_spiffe_id,
+                         "Which identity, when this process has several");
+  set_action(task_token, [&](const Io& io) {
+    return TaskTokenCommand(io, task_id, task_token_audience, task_token_scopes, task_spiffe_id);
+  });
+  task->require_subcommand(0, 1);
 
   token->require_subcommand(0, 1);
   app.require_subcommand(0, 1);

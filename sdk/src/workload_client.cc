@@ -6,6 +6,7 @@
 #include <condition_variable>
 #include <cstdlib>
 #include <mutex>
+#include <optional>
 #include <thread>
 #include <utility>
 
@@ -13,10 +14,14 @@
 #include "absl/strings/str_cat.h"
 #include "broker/common/crypto/keys.h"
 #include "broker/common/crypto/x509.h"
+#include "broker/common/dpop/dpop.h"
+#include "broker/common/jose/jose.h"
 #include "broker/common/spiffe/spiffe_id.h"
+#include "broker/common/util/clock.h"
 #include "broker/common/util/status_macros.h"
 #include "google/protobuf/util/json_util.h"
 #include "mandate/jwtsvid.h"
+#include "mandate/workload/v1/tasks.grpc.pb.h"
 #include "spiffe/workload.grpc.pb.h"
 
 namespace mandate {
@@ -363,7 +368,39 @@ absl::StatusOr<std::string> ResolveWorkloadEndpoint(std::string_view endpoint) {
 
 struct WorkloadClient::Impl {
   Connection conn;
+  std::shared_ptr<mandate::workload::v1::Tasks::Stub> tasks;
+  std::mutex dpop_mu;
+  std::optional<crypto::PrivateKey> dpop_key;  // GUARDED_BY(dpop_mu); generated on first use
+
+  absl::StatusOr<const crypto::PrivateKey*> DpopKey() {
+    std::lock_guard<std::mutex> lock(dpop_mu);
+    if (!dpop_key.has_value()) {
+      ASSIGN_OR_RETURN(crypto::PrivateKey key, crypto::PrivateKey::GenerateP256());
+      dpop_key.emplace(std::move(key));
+    }
+    // The key is never replaced once set, so the pointer stays valid for the client's life.
+    return &*dpop_key;
+  }
 };
+
+namespace {
+
+TaskInfo ConvertTask(const mandate::workload::v1::Task& in) {
+  TaskInfo out;
+  out.id = in.id();
+  out.spiffe_id = in.spiffe_id();
+  out.purpose = in.purpose();
+  out.scopes.assign(in.scopes().begin(), in.scopes().end());
+  out.audiences.assign(in.audiences().begin(), in.audiences().end());
+  out.status = in.status();
+  out.approval_id = in.approval_id();
+  out.created_at = in.created_at();
+  out.expires_at = in.expires_at();
+  out.token_endpoint = in.token_endpoint();
+  return out;
+}
+
+}  // namespace
 
 WorkloadClient::WorkloadClient(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 WorkloadClient::~WorkloadClient() = default;
@@ -384,10 +421,94 @@ absl::StatusOr<std::unique_ptr<WorkloadClient>> WorkloadClient::Connect(
   impl->conn.target = std::move(target);
   impl->conn.options = options;
   impl->conn.stub = std::shared_ptr<SpiffeWorkloadAPI::Stub>(SpiffeWorkloadAPI::NewStub(channel));
+  impl->tasks = std::shared_ptr<mandate::workload::v1::Tasks::Stub>(
+      mandate::workload::v1::Tasks::NewStub(channel));
   return std::unique_ptr<WorkloadClient>(new WorkloadClient(std::move(impl)));
 }
 
 const std::string& WorkloadClient::target() const { return impl_->conn.target; }
+
+absl::StatusOr<TaskInfo> WorkloadClient::DeclareTask(std::string purpose,
+                                                     std::vector<std::string> scopes,
+                                                     std::vector<std::string> audiences,
+                                                     std::chrono::seconds ttl,
+                                                     std::string spiffe_id) {
+  mandate::workload::v1::DeclareTaskRequest req;
+  req.set_purpose(std::move(purpose));
+  for (std::string& s : scopes) req.add_scopes(std::move(s));
+  for (std::string& a : audiences) req.add_audiences(std::move(a));
+  req.set_ttl_seconds(ttl.count());
+  req.set_spiffe_id(std::move(spiffe_id));
+  grpc::ClientContext ctx;
+  PrepareContext(ctx, impl_->conn, /*with_deadline=*/true);
+  mandate::workload::v1::Task resp;
+  grpc::Status status = impl_->tasks->DeclareTask(&ctx, req, &resp);
+  if (!status.ok()) return FromGrpc(status, "declaring a task", impl_->conn.target);
+  return ConvertTask(resp);
+}
+
+absl::StatusOr<TaskInfo> WorkloadClient::GetTask(std::string task_id, std::string spiffe_id) {
+  mandate::workload::v1::GetTaskRequest req;
+  req.set_task_id(std::move(task_id));
+  req.set_spiffe_id(std::move(spiffe_id));
+  grpc::ClientContext ctx;
+  PrepareContext(ctx, impl_->conn, /*with_deadline=*/true);
+  mandate::workload::v1::Task resp;
+  grpc::Status status = impl_->tasks->GetTask(&ctx, req, &resp);
+  if (!status.ok()) return FromGrpc(status, "looking up the task", impl_->conn.target);
+  return ConvertTask(resp);
+}
+
+absl::StatusOr<TaskInfo> WorkloadClient::EndTask(std::string task_id, std::string spiffe_id) {
+  mandate::workload::v1::EndTaskRequest req;
+  req.set_task_id(std::move(task_id));
+  req.set_spiffe_id(std::move(spiffe_id));
+  grpc::ClientContext ctx;
+  PrepareContext(ctx, impl_->conn, /*with_deadline=*/true);
+  mandate::workload::v1::Task resp;
+  grpc::Status status = impl_->tasks->EndTask(&ctx, req, &resp);
+  if (!status.ok()) return FromGrpc(status, "ending the task", impl_->conn.target);
+  return ConvertTask(resp);
+}
+
+absl::StatusOr<TaskToken> WorkloadClient::FetchTaskToken(const TaskInfo& task, std::string audience,
+                                                         std::vector<std::string> scopes) {
+  if (task.token_endpoint.empty()) {
+    return absl::InvalidArgumentError(
+        "the task has no token endpoint; use a TaskInfo from DeclareTask or GetTask");
+  }
+  ASSIGN_OR_RETURN(std::string proof, CreateProof("POST", task.token_endpoint));
+  mandate::workload::v1::FetchTaskTokenRequest req;
+  req.set_task_id(task.id);
+  req.set_audience(std::move(audience));
+  for (std::string& s : scopes) req.add_scopes(std::move(s));
+  req.set_dpop_proof(std::move(proof));
+  req.set_spiffe_id(task.spiffe_id);
+  grpc::ClientContext ctx;
+  PrepareContext(ctx, impl_->conn, /*with_deadline=*/true);
+  mandate::workload::v1::FetchTaskTokenResponse resp;
+  grpc::Status status = impl_->tasks->FetchTaskToken(&ctx, req, &resp);
+  if (!status.ok()) return FromGrpc(status, "fetching a task token", impl_->conn.target);
+  TaskToken out;
+  out.access_token = resp.access_token();
+  out.token_type = resp.token_type();
+  out.expires_in = resp.expires_in();
+  out.scopes.assign(resp.scopes().begin(), resp.scopes().end());
+  out.jkt = resp.jkt();
+  return out;
+}
+
+absl::StatusOr<std::string> WorkloadClient::CreateProof(std::string_view method,
+                                                        std::string_view url,
+                                                        std::string_view access_token) {
+  ASSIGN_OR_RETURN(const crypto::PrivateKey* key, impl_->DpopKey());
+  return dpop::CreateProof(*key, method, url, Clock::Real().NowSeconds(), access_token);
+}
+
+absl::StatusOr<std::string> WorkloadClient::DpopKeyThumbprint() {
+  ASSIGN_OR_RETURN(const crypto::PrivateKey* key, impl_->DpopKey());
+  return jose::JwkThumbprint(key->public_key());
+}
 
 absl::StatusOr<X509Context> WorkloadClient::FetchX509Context() {
   const Connection& conn = impl_->conn;

@@ -187,6 +187,29 @@ absl::Status CheckUsable(const store::Task& task, int64_t now) {
 
 }  // namespace
 
+absl::StatusOr<std::vector<std::string>> TokenScopesForTask(
+    const store::Task& task, std::string_view audience,
+    const std::vector<std::string>& requested_scopes) {
+  if (std::find(task.audiences.begin(), task.audiences.end(), audience) == task.audiences.end()) {
+    return absl::InvalidArgumentError("audience outside the task");
+  }
+  if (requested_scopes.empty()) return task.scopes;
+  for (size_t i = 0; i < requested_scopes.size(); ++i) {
+    if (std::find(task.scopes.begin(), task.scopes.end(), requested_scopes[i]) ==
+        task.scopes.end()) {
+      return absl::InvalidArgumentError(absl::StrCat("scope outside the task (scope ", i + 1, ")"));
+    }
+  }
+  std::vector<std::string> granted;
+  for (const std::string& scope : task.scopes) {
+    if (std::find(requested_scopes.begin(), requested_scopes.end(), scope) !=
+        requested_scopes.end()) {
+      granted.push_back(scope);
+    }
+  }
+  return granted;
+}
+
 TaskRegistry::TaskRegistry(store::Store& store, const Clock& clock, TaskLimits limits)
     : store_(store), clock_(clock), limits_(std::move(limits)) {}
 

@@ -52,6 +52,15 @@ struct TaskRequest {
 inline constexpr size_t kMaxTaskScopeBytes = 512;
 inline constexpr size_t kMaxTaskAudienceBytes = 512;
 
+// What a token request for `task` may be granted: `audience` must be one of the task's audiences
+// (InvalidArgument "audience outside the task"), and `requested_scopes` a subset of the task's
+// scopes (InvalidArgument "scope outside the task"; messages name the position, never the bytes).
+// An empty request means all of the task's scopes. Returns the scopes to grant, in the task's
+// order, without duplicates.
+absl::StatusOr<std::vector<std::string>> TokenScopesForTask(
+    const store::Task& task, std::string_view audience,
+    const std::vector<std::string>& requested_scopes);
+
 class TaskRegistry {
  public:
   TaskRegistry(store::Store& store, const Clock& clock, TaskLimits limits);

@@ -14,6 +14,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <cstdint>
 #include <functional>
 #include <memory>
 #include <string>
@@ -54,6 +55,31 @@ struct WorkloadClientOptions {
 struct ValidatedJwtSvidResponse {
   std::string spiffe_id;
   std::string claims_json;  // the token's claims as a JSON object
+};
+
+// A task the broker accepted (DESIGN.md §4): what the caller declared, narrowed to what it is
+// entitled to. `purpose` is agent-supplied text: escape it wherever it is shown.
+struct TaskInfo {
+  std::string id;
+  std::string spiffe_id;  // the owner
+  std::string purpose;
+  std::vector<std::string> scopes;  // granted
+  std::vector<std::string> audiences;
+  std::string status;  // "active", "ended", ...
+  std::string approval_id;
+  int64_t created_at = 0;  // Unix seconds
+  int64_t expires_at = 0;
+  std::string token_endpoint;  // the broker's /token URL: the htu of token-request DPoP proofs
+};
+
+// A DPoP-bound access token (RFC 9068 at+jwt) for one task and audience. Present it with a
+// proof from WorkloadClient::CreateProof (same key) for every upstream request.
+struct TaskToken {
+  std::string access_token;
+  std::string token_type;  // "DPoP"
+  int64_t expires_in = 0;  // seconds
+  std::vector<std::string> scopes;
+  std::string jkt;  // RFC 7638 thumbprint of the key the token is bound to (cnf.jkt)
 };
 
 // Delivers X509Context updates from a background thread until closed (go-spiffe's X509Source
@@ -101,6 +127,31 @@ class WorkloadClient {
   // Asks the agent to validate `token` for `audience` (ValidateJWTSVID).
   absl::StatusOr<ValidatedJwtSvidResponse> ValidateJwtSvid(std::string_view token,
                                                            std::string_view audience);
+
+  // ---- Tasks (mandate.workload.v1.Tasks on the same socket) ----
+  // `spiffe_id` names the identity to act as; needed only when this process has several.
+
+  // Declares a task. `ttl` zero means the broker's default.
+  absl::StatusOr<TaskInfo> DeclareTask(std::string purpose, std::vector<std::string> scopes,
+                                       std::vector<std::string> audiences,
+                                       std::chrono::seconds ttl = std::chrono::seconds(0),
+                                       std::string spiffe_id = "");
+  // This identity's usable task `task_id` (NotFound for unknown and others' tasks).
+  absl::StatusOr<TaskInfo> GetTask(std::string task_id, std::string spiffe_id = "");
+  // Ends the task; returns it as stored.
+  absl::StatusOr<TaskInfo> EndTask(std::string task_id, std::string spiffe_id = "");
+  // A token for `task` and `audience` (one of the task's) with `scopes` (empty: all the task's),
+  // bound to this client's DPoP key: the SDK signs the proof for task.token_endpoint and the
+  // agent forwards it to the broker. The key is generated on first use (ES256), kept in memory
+  // and never exported; every later token of this client is bound to the same key.
+  absl::StatusOr<TaskToken> FetchTaskToken(const TaskInfo& task, std::string audience,
+                                           std::vector<std::string> scopes = {});
+  // A DPoP proof with this client's key for `method` `url`, with `ath` when `access_token` is
+  // non-empty (RFC 9449 §7: what an upstream request carries next to the token).
+  absl::StatusOr<std::string> CreateProof(std::string_view method, std::string_view url,
+                                          std::string_view access_token = "");
+  // RFC 7638 thumbprint of this client's DPoP key (what its tokens' cnf.jkt holds).
+  absl::StatusOr<std::string> DpopKeyThumbprint();
 
   // Starts watching FetchX509SVID in a background thread. `on_update` gets every snapshot;
   // `on_error` (optional) every stream failure before the retry. Callbacks run on the watcher's

@@ -391,5 +391,38 @@ TEST_F(TaskRegistryTest, RefusedDeclarationStoresNothing) {
   EXPECT_TRUE(store_->ListTasks("", false)->empty());
 }
 
+store::Task TaskWith(std::vector<std::string> scopes, std::vector<std::string> audiences) {
+  store::Task task;
+  task.id = "task_x";
+  task.scopes = std::move(scopes);
+  task.audiences = std::move(audiences);
+  return task;
+}
+
+TEST(TokenScopesForTaskTest, EmptyRequestGrantsAllTaskScopes) {
+  auto granted = TokenScopesForTask(TaskWith({"a", "b"}, {"aud"}), "aud", {});
+  ASSERT_TRUE(granted.ok()) << granted.status();
+  EXPECT_THAT(*granted, ElementsAre("a", "b"));
+}
+
+TEST(TokenScopesForTaskTest, SubsetIsGrantedInTaskOrderWithoutDuplicates) {
+  auto granted = TokenScopesForTask(TaskWith({"a", "b", "c"}, {"x", "y"}), "y", {"c", "a", "c"});
+  ASSERT_TRUE(granted.ok()) << granted.status();
+  EXPECT_THAT(*granted, ElementsAre("a", "c"));
+}
+
+TEST(TokenScopesForTaskTest, RefusesAudienceOutsideTheTask) {
+  auto granted = TokenScopesForTask(TaskWith({"a"}, {"aud"}), "other", {});
+  EXPECT_EQ(granted.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(granted.status().message(), HasSubstr("audience outside the task"));
+}
+
+TEST(TokenScopesForTaskTest, RefusesScopeOutsideTheTaskNamingItsPosition) {
+  auto granted = TokenScopesForTask(TaskWith({"a", "b"}, {"aud"}), "aud", {"a", "admin"});
+  EXPECT_EQ(granted.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(granted.status().message(), HasSubstr("scope outside the task (scope 2)"));
+  EXPECT_THAT(granted.status().message(), ::testing::Not(HasSubstr("admin")));
+}
+
 }  // namespace
 }  // namespace mandate::broker

@@ -1,0 +1,219 @@
+// Declared tasks and DPoP-bound task tokens end to end: CLI and SDK through the agent's Tasks
+// service to the broker (DESIGN.md §4, §6, §10).
+#include <gmock/gmock.h>
+#include <grpcpp/grpcpp.h>
+#include <gtest/gtest.h>
+
+#include <nlohmann/json.hpp>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "broker/common/jose/jose.h"
+#include "mandate/workload/v1/tasks.grpc.pb.h"
+#include "mandate/workload_client.h"
+#include "tests/integration/harness.h"
+
+namespace mandate::integration {
+namespace {
+
+using ::nlohmann::json;
+using ::testing::ElementsAre;
+using ::testing::HasSubstr;
+
+json PayloadOf(const std::string& token) {
+  std::vector<std::string> parts = absl::StrSplit(token, '.');
+  if (parts.size() != 3) return json();
+  auto decoded = jose::Base64UrlDecode(parts[1]);
+  if (!decoded.ok()) return json();
+  return json::parse(*decoded, nullptr, false);
+}
+
+class TasksFixture : public IntegrationTest {
+ protected:
+  // Entry with task-scope entitlements (the harness's CreateEntry has no --scope).
+  absl::StatusOr<std::string> CreateScopedEntry(const std::string& id, const std::string& selector,
+                                                const std::vector<std::string>& scopes) {
+    std::vector<std::string> args = {"--output",    "json",
+                                     "entry",       "create",
+                                     "--parent-id", broker_.JoinNodeId("node-tasks"),
+                                     "--spiffe-id", id,
+                                     "--selector",  selector};
+    for (const auto& s : scopes) args.insert(args.end(), {"--scope", s});
+    CommandResult r = Admin(broker_, args);
+    json created = json::parse(r.out, nullptr, false);
+    if (r.exit_code != 0 || !created.is_object() || !created.contains("id") ||
+        !created["id"].is_string()) {
+      return absl::InternalError(absl::StrCat("entry create failed: ", r.out, r.err));
+    }
+    return created["id"].get<std::string>();
+  }
+
+  void StartAll() {
+    auto broker = StartBroker();
+    ASSERT_TRUE(broker.ok()) << broker.status();
+    broker_ = *broker;
+    auto agent = StartAttestedAgent(broker_, "node-tasks");
+    ASSERT_TRUE(agent.ok()) << agent.status();
+    agent_ = *agent;
+    spiffe_id_ = broker_.Id("/agent/tasks");
+    auto entry = CreateScopedEntry(spiffe_id_, OwnUidSelector(), {"tickets:read", "tickets:write"});
+    ASSERT_TRUE(entry.ok()) << entry.status();
+    // Wait until the agent serves the new entry.
+    ASSERT_TRUE(WaitUntil(
+        [&] {
+          return Workload(agent_, {"fetch", "jwt", "--audience", "x"}).exit_code == 0;
+        },
+        15s, 100ms));
+  }
+  BrokerProcess broker_;
+  AgentProcess agent_;
+  std::string spiffe_id_;
+};
+
+TEST_F(TasksFixture, CliTaskStartTokenAndEnd) {
+  ASSERT_NO_FATAL_FAILURE(StartAll());
+  CommandResult started = Workload(
+      agent_, {"--output", "json", "task", "start", "--purpose", "triage \"#42\"", "--scope",
+               "tickets:read", "--scope", "admin", "--audience", "https://tickets.example.org"});
+  ASSERT_EQ(started.exit_code, 0) << started;
+  json task = json::parse(started.out, nullptr, false);
+  ASSERT_TRUE(task.is_object()) << started;
+  EXPECT_EQ(task["status"], "active");
+  EXPECT_EQ(task["scopes"], json::array({"tickets:read"}));
+  EXPECT_EQ(task["audiences"], json::array({"https://tickets.example.org"}));
+  ASSERT_TRUE(task["expires_at"].is_string());
+  EXPECT_THAT(task["expires_at"].get<std::string>(), ::testing::EndsWith("Z"));
+  const std::string id = task["id"].get<std::string>();
+
+  CommandResult text = Workload(agent_, {"task", "start", "--purpose", "evil \x1b[2J", "--scope",
+                                         "tickets:read", "--audience", "a"});
+  // The broker refuses control characters in purposes outright.
+  EXPECT_NE(text.exit_code, 0) << text;
+
+  CommandResult token =
+      Workload(agent_, {"task", "token", id, "--audience", "https://tickets.example.org"});
+  ASSERT_EQ(token.exit_code, 0) << token;
+  std::vector<std::string> lines = absl::StrSplit(token.out, '\n', absl::SkipEmpty());
+  ASSERT_EQ(lines.size(), 2u) << token;
+  ASSERT_TRUE(lines[1].starts_with("jkt: ")) << token;
+  const std::string jkt = lines[1].substr(5);
+  json claims = PayloadOf(lines[0]);
+  ASSERT_TRUE(claims.is_object()) << token;
+  EXPECT_EQ(claims["cnf"]["jkt"], jkt);
+  EXPECT_EQ(claims["task"]["id"], id);
+  EXPECT_EQ(claims["scope"], "tickets:read");
+  EXPECT_EQ(claims["aud"], "https://tickets.example.org");
+  EXPECT_EQ(claims["client_id"], spiffe_id_);
+  EXPECT_EQ(token.out.find("PRIVATE"), std::string::npos);
+
+  CommandResult wrong_aud = Workload(agent_, {"task", "token", id, "--audience", "other"});
+  EXPECT_NE(wrong_aud.exit_code, 0);
+  EXPECT_THAT(wrong_aud.err, HasSubstr("audience outside the task"));
+  CommandResult wrong_scope =
+      Workload(agent_, {"task", "token", id, "--audience", "https://tickets.example.org", "--scope",
+                        "tickets:write"});
+  EXPECT_NE(wrong_scope.exit_code, 0);
+  EXPECT_THAT(wrong_scope.err, HasSubstr("scope outside the task"));
+
+  // Another uid with its own identity on the same node cannot use the task.
+  auto other = CreateScopedEntry(broker_.Id("/agent/nobody"), "unix:uid:65534", {"tickets:read"});
+  ASSERT_TRUE(other.ok()) << other.status();
+  ::chmod(temp_dir().c_str(), 0755);
+  ::chmod((temp_dir() + "/run").c_str(), 0755);
+  std::vector<std::string> as_nobody = {"/usr/bin/setpriv",
+                                        "--reuid=65534",
+                                        "--regid=65534",
+                                        "--clear-groups",
+                                        CliBinary(),
+                                        "--socket",
+                                        "unix://" + agent_.socket,
+                                        "task",
+                                        "token",
+                                        id,
+                                        "--audience",
+                                        "https://tickets.example.org"};
+  CommandResult stolen;
+  ASSERT_TRUE(WaitUntil(
+      [&] {
+        stolen = RunCommand(as_nobody);
+        return stolen.err.find("no identity issued") == std::string::npos;
+      },
+      15s, 100ms))
+      << stolen;
+  EXPECT_NE(stolen.exit_code, 0) << stolen;
+  EXPECT_THAT(stolen.err, HasSubstr("task not found"));
+
+  CommandResult ended = Workload(agent_, {"--output", "json", "task", "end", id});
+  ASSERT_EQ(ended.exit_code, 0) << ended;
+  EXPECT_EQ(json::parse(ended.out, nullptr, false)["status"], "ended");
+  CommandResult after =
+      Workload(agent_, {"task", "token", id, "--audience", "https://tickets.example.org"});
+  EXPECT_NE(after.exit_code, 0) << after;
+  EXPECT_THAT(after.err, HasSubstr("task ended"));
+}
+
+TEST_F(TasksFixture, SdkTokenVerifiesWithBrokerKeysAndProofsAreSingleUse) {
+  ASSERT_NO_FATAL_FAILURE(StartAll());
+  auto client = WorkloadClient::Connect("unix://" + agent_.socket);
+  ASSERT_TRUE(client.ok()) << client.status();
+  auto task = (*client)->DeclareTask("sdk task", {"tickets:write", "other"}, {"aud-a", "aud-b"});
+  ASSERT_TRUE(task.ok()) << task.status();
+  EXPECT_THAT(task->scopes, ElementsAre("tickets:write"));
+  EXPECT_EQ(task->token_endpoint, broker_.issuer_url + "/token");
+  auto token = (*client)->FetchTaskToken(*task, "aud-b");
+  ASSERT_TRUE(token.ok()) << token.status();
+  EXPECT_EQ(token->token_type, "DPoP");
+  EXPECT_THAT(token->scopes, ElementsAre("tickets:write"));
+  auto thumbprint = (*client)->DpopKeyThumbprint();
+  ASSERT_TRUE(thumbprint.ok()) << thumbprint.status();
+  EXPECT_EQ(token->jkt, *thumbprint);
+
+  auto parsed = jose::ParseCompact(token->access_token);
+  ASSERT_TRUE(parsed.ok()) << parsed.status();
+  EXPECT_EQ(parsed->header["typ"], "at+jwt");
+  EXPECT_EQ(parsed->payload["cnf"]["jkt"], *thumbprint);
+  auto keys = HttpGet(broker_.http_address, "/keys");
+  ASSERT_TRUE(keys.ok()) << keys.status();
+  json jwks = json::parse(keys->body, nullptr, false);
+  ASSERT_TRUE(jwks.is_object() && jwks.contains("keys")) << keys->body;
+  bool verified = false;
+  for (const json& jwk : jwks["keys"]) {
+    if (!jwk.contains("kid") || jwk["kid"] != parsed->header["kid"]) continue;
+    auto key = jose::PublicKeyFromJwk(jwk);
+    ASSERT_TRUE(key.ok()) << key.status();
+    EXPECT_TRUE(jose::VerifySignature(*parsed, *key).ok());
+    verified = true;
+  }
+  EXPECT_TRUE(verified) << keys->body;
+
+  // The same proof twice through the raw Tasks API: the second is a replay.
+  auto proof = (*client)->CreateProof("POST", task->token_endpoint);
+  ASSERT_TRUE(proof.ok()) << proof.status();
+  auto stub = mandate::workload::v1::Tasks::NewStub(
+      grpc::CreateChannel("unix:" + agent_.socket, grpc::InsecureChannelCredentials()));
+  mandate::workload::v1::FetchTaskTokenRequest request;
+  request.set_task_id(task->id);
+  request.set_audience("aud-a");
+  request.set_dpop_proof(*proof);
+  for (int attempt = 0; attempt < 2; ++attempt) {
+    grpc::ClientContext context;
+    context.AddMetadata("workload.spiffe.io", "true");
+    mandate::workload::v1::FetchTaskTokenResponse response;
+    grpc::Status status = stub->FetchTaskToken(&context, request, &response);
+    if (attempt == 0) {
+      EXPECT_TRUE(status.ok()) << status.error_message();
+    } else {
+      EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+      EXPECT_THAT(status.error_message(), HasSubstr("replayed"));
+    }
+  }
+
+  auto ended = (*client)->EndTask(task->id);
+  ASSERT_TRUE(ended.ok()) << ended.status();
+  EXPECT_EQ(ended->status, "ended");
+  EXPECT_EQ((*client)->FetchTaskToken(*task, "aud-a").status().code(),
+            absl::StatusCode::kFailedPrecondition);
+}
+
+}  // namespace
+}  // namespace mandate::integration
