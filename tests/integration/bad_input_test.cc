@@ -156,8 +156,10 @@ TEST_F(BadInputTest, ReusedJoinTokenIsRefused) {
   CommandResult agents_before = Admin(*broker, {"agent", "list", "--output", "json"});
   ASSERT_EQ(agents_before.exit_code, 0) << agents_before;
 
-  CommandResult second = RunAgentUntilExit(
-      *broker, *token, {.data_dir = temp_dir() + "/agent2", .socket = temp_dir() + "/run/a2.sock"});
+  CommandResult second = RunAgentUntilExit(*broker, *token,
+                                           {.data_dir = temp_dir() + "/agent2",
+                                            .socket = temp_dir() + "/run/a2.sock",
+                                            .extra_args = {}});
   EXPECT_NE(second.exit_code, 0) << second;
   EXPECT_NE(second.exit_code, -1) << "the second agent did not exit: " << second;
   EXPECT_THAT(second.err, HasSubstr("join token unknown or already used"));

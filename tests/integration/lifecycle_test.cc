@@ -195,7 +195,8 @@ TEST_F(LifecycleTest, AgentRestartWithoutTokenServesAgain) {
             << " ms\n";
   EXPECT_FALSE(Exists(agent_.socket)) << "a stopped agent leaves no socket behind";
   // No token at all (and MANDATE_JOIN_TOKEN is stripped from the child's environment).
-  auto restarted = StartAgent(broker_, "", {.data_dir = agent_.data_dir, .socket = agent_.socket});
+  auto restarted = StartAgent(
+      broker_, "", {.data_dir = agent_.data_dir, .socket = agent_.socket, .extra_args = {}});
   ASSERT_TRUE(restarted.ok()) << restarted.status();
   agent_ = *restarted;
   absl::StatusOr<X509Svid> svid = absl::UnknownError("not fetched");
@@ -248,8 +249,10 @@ TEST_F(LifecycleTest, AgentEvictStopsServingButAllowsReattestation) {
   // since the old agent SVID is no longer recognised) and serves the same entry.
   auto token = GenerateJoinToken(broker_, "node-evict");
   ASSERT_TRUE(token.ok()) << token.status();
-  auto again = StartAgent(
-      broker_, *token, {.data_dir = temp_dir() + "/agent2", .socket = temp_dir() + "/run/a2.sock"});
+  auto again = StartAgent(broker_, *token,
+                          {.data_dir = temp_dir() + "/agent2",
+                           .socket = temp_dir() + "/run/a2.sock",
+                           .extra_args = {}});
   ASSERT_TRUE(again.ok()) << again.status();
   json listed = FindAgent(node_id_);
   ASSERT_TRUE(listed.is_object());
@@ -284,8 +287,10 @@ TEST_F(LifecycleTest, AgentBanStopsServingAndRefusesReattestation) {
   // A fresh token for the banned node ID is issued but refused at attestation.
   auto token = GenerateJoinToken(broker_, "node-ban");
   ASSERT_TRUE(token.ok()) << token.status();
-  CommandResult again = RunAgentUntilExit(
-      broker_, *token, {.data_dir = temp_dir() + "/agent2", .socket = temp_dir() + "/run/a2.sock"});
+  CommandResult again = RunAgentUntilExit(broker_, *token,
+                                          {.data_dir = temp_dir() + "/agent2",
+                                           .socket = temp_dir() + "/run/a2.sock",
+                                           .extra_args = {}});
   EXPECT_NE(again.exit_code, 0) << again;
   EXPECT_NE(again.exit_code, -1) << "the agent did not exit: " << again;
   EXPECT_THAT(again.err, HasSubstr("banned"));
