@@ -19,6 +19,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "attestors/node/tpm/tcg_ek_template.h"
 #include "broker/common/crypto/keys.h"
 #include "broker/common/util/status_macros.h"
 #include "mandate/node/v1/tpm.pb.h"
@@ -37,17 +38,10 @@ constexpr TPM2_HANDLE kEccP384EkPersistent = 0x81010016;
 
 // EK Credential Profile policy digests. PolicyA = PolicySecret(TPM_RH_ENDORSEMENT); the high-range
 // templates use PolicyB = PolicyOR(PolicyA, PolicyC) with PolicyC = PolicyAuthorizeNV(0x01c07f01).
-constexpr std::array<uint8_t, 32> kPolicyASha256 = {
-    0x83, 0x71, 0x97, 0x67, 0x44, 0x84, 0xB3, 0xF8, 0x1A, 0x90, 0xCC, 0x8D, 0x46, 0xA5, 0xD7, 0x24,
-    0xFD, 0x52, 0xD7, 0x6E, 0x06, 0x52, 0x0B, 0x64, 0xF2, 0xA1, 0xDA, 0x1B, 0x33, 0x14, 0x69, 0xAA};
 constexpr std::array<uint8_t, 48> kPolicyASha384 = {
     0x8B, 0xBF, 0x22, 0x66, 0x53, 0x7C, 0x17, 0x1C, 0xB5, 0x6E, 0x40, 0x3C, 0x4D, 0xC1, 0xD4, 0xB6,
     0x4F, 0x43, 0x26, 0x11, 0xDC, 0x38, 0x6E, 0x6F, 0x53, 0x20, 0x50, 0xC3, 0x27, 0x8C, 0x93, 0x0E,
     0x14, 0x3E, 0x8B, 0xB1, 0x13, 0x38, 0x24, 0xCC, 0xB4, 0x31, 0x05, 0x38, 0x71, 0xC6, 0xDB, 0x53};
-constexpr std::array<uint8_t, 48> kPolicyBSha384 = {
-    0xB2, 0x6E, 0x7D, 0x28, 0xD1, 0x1A, 0x50, 0xBC, 0x53, 0xD8, 0x82, 0xBC, 0xF5, 0xFD, 0x3A, 0x1A,
-    0x07, 0x41, 0x48, 0xBB, 0x35, 0xD3, 0xB4, 0xE4, 0xCB, 0x1C, 0x0A, 0xD9, 0xBD, 0xE4, 0x19, 0xCA,
-    0xCB, 0x47, 0xBA, 0x09, 0x69, 0x96, 0x46, 0x15, 0x0F, 0x9F, 0xC0, 0x00, 0xF3, 0xF8, 0x0E, 0x12};
 constexpr std::array<uint8_t, 48> kPolicyCSha384 = {
     0xD6, 0x03, 0x2C, 0xE6, 0x1F, 0x2F, 0xB3, 0xC2, 0x40, 0xEB, 0x3C, 0xF6, 0xA3, 0x32, 0x37, 0xEF,
     0x2B, 0x6A, 0x16, 0xF4, 0x29, 0x3C, 0x22, 0xB4, 0x55, 0xE2, 0x61, 0xCF, 0xFD, 0x21, 0x7A, 0xD5,
@@ -97,50 +91,15 @@ class ScopedHandle {
 
 TPM2B_PUBLIC EkTemplate(TpmEkType type) {
   TPM2B_PUBLIC t{};
-  TPMT_PUBLIC& p = t.publicArea;
-  p.objectAttributes = TPMA_OBJECT_FIXEDTPM | TPMA_OBJECT_FIXEDPARENT |
-                       TPMA_OBJECT_SENSITIVEDATAORIGIN | TPMA_OBJECT_ADMINWITHPOLICY |
-                       TPMA_OBJECT_RESTRICTED | TPMA_OBJECT_DECRYPT;
   switch (type) {
-    case TpmEkType::kRsa2048:  // L-1
-      p.type = TPM2_ALG_RSA;
-      p.nameAlg = TPM2_ALG_SHA256;
-      p.authPolicy.size = kPolicyASha256.size();
-      std::memcpy(p.authPolicy.buffer, kPolicyASha256.data(), kPolicyASha256.size());
-      p.parameters.rsaDetail.symmetric.algorithm = TPM2_ALG_AES;
-      p.parameters.rsaDetail.symmetric.keyBits.aes = 128;
-      p.parameters.rsaDetail.symmetric.mode.aes = TPM2_ALG_CFB;
-      p.parameters.rsaDetail.scheme.scheme = TPM2_ALG_NULL;
-      p.parameters.rsaDetail.keyBits = 2048;
-      p.parameters.rsaDetail.exponent = 0;
-      p.unique.rsa.size = 256;  // zero-filled, as the template requires
+    case TpmEkType::kRsa2048:
+      t.publicArea = tpm::TcgEkPublicArea(tpm::TcgEkTemplate::kRsa2048L1);
       break;
-    case TpmEkType::kEccP256:  // L-2
-      p.type = TPM2_ALG_ECC;
-      p.nameAlg = TPM2_ALG_SHA256;
-      p.authPolicy.size = kPolicyASha256.size();
-      std::memcpy(p.authPolicy.buffer, kPolicyASha256.data(), kPolicyASha256.size());
-      p.parameters.eccDetail.symmetric.algorithm = TPM2_ALG_AES;
-      p.parameters.eccDetail.symmetric.keyBits.aes = 128;
-      p.parameters.eccDetail.symmetric.mode.aes = TPM2_ALG_CFB;
-      p.parameters.eccDetail.scheme.scheme = TPM2_ALG_NULL;
-      p.parameters.eccDetail.curveID = TPM2_ECC_NIST_P256;
-      p.parameters.eccDetail.kdf.scheme = TPM2_ALG_NULL;
-      p.unique.ecc.x.size = 32;
-      p.unique.ecc.y.size = 32;
+    case TpmEkType::kEccP256:
+      t.publicArea = tpm::TcgEkPublicArea(tpm::TcgEkTemplate::kEccP256L2);
       break;
-    case TpmEkType::kEccP384:  // H-3: userWithAuth set, policy B, empty unique
-      p.type = TPM2_ALG_ECC;
-      p.nameAlg = TPM2_ALG_SHA384;
-      p.objectAttributes |= TPMA_OBJECT_USERWITHAUTH;
-      p.authPolicy.size = kPolicyBSha384.size();
-      std::memcpy(p.authPolicy.buffer, kPolicyBSha384.data(), kPolicyBSha384.size());
-      p.parameters.eccDetail.symmetric.algorithm = TPM2_ALG_AES;
-      p.parameters.eccDetail.symmetric.keyBits.aes = 256;
-      p.parameters.eccDetail.symmetric.mode.aes = TPM2_ALG_CFB;
-      p.parameters.eccDetail.scheme.scheme = TPM2_ALG_NULL;
-      p.parameters.eccDetail.curveID = TPM2_ECC_NIST_P384;
-      p.parameters.eccDetail.kdf.scheme = TPM2_ALG_NULL;
+    case TpmEkType::kEccP384:
+      t.publicArea = tpm::TcgEkPublicArea(tpm::TcgEkTemplate::kEccP384H3);
       break;
   }
   return t;

@@ -17,6 +17,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "attestors/node/tpm/tcg_ek_template.h"
 #include "broker/common/crypto/openssl_free.h"
 #include "broker/common/util/status_macros.h"
 
@@ -34,15 +35,6 @@ using KdfPtr = std::unique_ptr<EVP_KDF, Deleter<EVP_KDF_free>>;
 using KdfCtxPtr = std::unique_ptr<EVP_KDF_CTX, Deleter<EVP_KDF_CTX_free>>;
 using CipherCtxPtr = std::unique_ptr<EVP_CIPHER_CTX, Deleter<EVP_CIPHER_CTX_free>>;
 using EcdsaSigPtr = std::unique_ptr<ECDSA_SIG, Deleter<ECDSA_SIG_free>>;
-
-// TCG EK Credential Profile 2.x, B.3.3 / B.3.4: PolicyA (SHA-256) and PolicyB (SHA-384).
-constexpr uint8_t kPolicyASha256[32] = {
-    0x83, 0x71, 0x97, 0x67, 0x44, 0x84, 0xB3, 0xF8, 0x1A, 0x90, 0xCC, 0x8D, 0x46, 0xA5, 0xD7, 0x24,
-    0xFD, 0x52, 0xD7, 0x6E, 0x06, 0x52, 0x0B, 0x64, 0xF2, 0xA1, 0xDA, 0x1B, 0x33, 0x14, 0x69, 0xAA};
-constexpr uint8_t kPolicyBSha384[48] = {
-    0xB2, 0x6E, 0x7D, 0x28, 0xD1, 0x1A, 0x50, 0xBC, 0x53, 0xD8, 0x82, 0xBC, 0xF5, 0xFD, 0x3A, 0x1A,
-    0x07, 0x41, 0x48, 0xBB, 0x35, 0xD3, 0xB4, 0xE4, 0xCB, 0x1C, 0x0A, 0xD9, 0xBD, 0xE4, 0x19, 0xCA,
-    0xCB, 0x47, 0xBA, 0x09, 0x69, 0x96, 0x46, 0x15, 0x0F, 0x9F, 0xC0, 0x00, 0xF3, 0xF8, 0x0E, 0x12};
 
 // This abseil's string_view is its own type; StrCat needs it spelled out.
 absl::string_view Sv(std::string_view v) { return absl::string_view(v.data(), v.size()); }
@@ -204,13 +196,6 @@ absl::StatusOr<crypto::PublicKey> PublicKeyFromTpm(const TPMT_PUBLIC& area) {
 }
 
 absl::StatusOr<TPMT_PUBLIC> EkPublicAreaFromKey(const crypto::PublicKey& key) {
-  TPMT_PUBLIC p{};
-  p.nameAlg = TPM2_ALG_SHA256;
-  p.objectAttributes = TPMA_OBJECT_FIXEDTPM | TPMA_OBJECT_FIXEDPARENT |
-                       TPMA_OBJECT_SENSITIVEDATAORIGIN | TPMA_OBJECT_ADMINWITHPOLICY |
-                       TPMA_OBJECT_RESTRICTED | TPMA_OBJECT_DECRYPT;
-  p.authPolicy.size = sizeof kPolicyASha256;
-  std::memcpy(p.authPolicy.buffer, kPolicyASha256, sizeof kPolicyASha256);
   EVP_PKEY* evp = key.evp();
   switch (key.type()) {
     case crypto::KeyType::kRsa: {
@@ -226,13 +211,7 @@ absl::StatusOr<TPMT_PUBLIC> EkPublicAreaFromKey(const crypto::PublicKey& key) {
       if (!BN_is_word(e.get(), 65537)) {
         return absl::PermissionDeniedError("EK key type not supported: RSA exponent is not 65537");
       }
-      p.type = TPM2_ALG_RSA;
-      p.parameters.rsaDetail.symmetric.algorithm = TPM2_ALG_AES;
-      p.parameters.rsaDetail.symmetric.keyBits.aes = 128;
-      p.parameters.rsaDetail.symmetric.mode.aes = TPM2_ALG_CFB;
-      p.parameters.rsaDetail.scheme.scheme = TPM2_ALG_NULL;
-      p.parameters.rsaDetail.keyBits = 2048;
-      p.parameters.rsaDetail.exponent = 0;
+      TPMT_PUBLIC p = TcgEkPublicArea(TcgEkTemplate::kRsa2048L1);
       ASSIGN_OR_RETURN(std::string modulus, GetBnParam(evp, OSSL_PKEY_PARAM_RSA_N, 256));
       RETURN_IF_ERROR(CopyInto(modulus, p.unique.rsa));
       return p;
@@ -241,20 +220,7 @@ absl::StatusOr<TPMT_PUBLIC> EkPublicAreaFromKey(const crypto::PublicKey& key) {
     case crypto::KeyType::kEcP384: {
       bool p384 = key.type() == crypto::KeyType::kEcP384;
       size_t coordinate = p384 ? 48 : 32;
-      p.type = TPM2_ALG_ECC;
-      p.parameters.eccDetail.symmetric.algorithm = TPM2_ALG_AES;
-      p.parameters.eccDetail.symmetric.keyBits.aes = p384 ? 256 : 128;
-      p.parameters.eccDetail.symmetric.mode.aes = TPM2_ALG_CFB;
-      p.parameters.eccDetail.scheme.scheme = TPM2_ALG_NULL;
-      p.parameters.eccDetail.curveID = p384 ? TPM2_ECC_NIST_P384 : TPM2_ECC_NIST_P256;
-      p.parameters.eccDetail.kdf.scheme = TPM2_ALG_NULL;
-      if (p384) {
-        // H-3: SHA-384 name, PolicyB, and userWithAuth set (high-range templates).
-        p.nameAlg = TPM2_ALG_SHA384;
-        p.objectAttributes |= TPMA_OBJECT_USERWITHAUTH;
-        p.authPolicy.size = sizeof kPolicyBSha384;
-        std::memcpy(p.authPolicy.buffer, kPolicyBSha384, sizeof kPolicyBSha384);
-      }
+      TPMT_PUBLIC p = TcgEkPublicArea(p384 ? TcgEkTemplate::kEccP384H3 : TcgEkTemplate::kEccP256L2);
       ASSIGN_OR_RETURN(std::string x, GetBnParam(evp, OSSL_PKEY_PARAM_EC_PUB_X, coordinate));
       ASSIGN_OR_RETURN(std::string y, GetBnParam(evp, OSSL_PKEY_PARAM_EC_PUB_Y, coordinate));
       RETURN_IF_ERROR(CopyInto(x, p.unique.ecc.x));
