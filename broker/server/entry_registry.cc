@@ -3,13 +3,27 @@
 #include "broker/common/util/status_macros.h"
 
 namespace mandate::broker {
+namespace {
+
+void EraseIndexed(std::multimap<std::string, std::string, std::less<>>& index,
+                  const std::string& key, const std::string& id) {
+  auto range = index.equal_range(key);
+  for (auto it = range.first; it != range.second; ++it) {
+    if (it->second == id) {
+      index.erase(it);
+      return;
+    }
+  }
+}
+
+}  // namespace
 
 absl::StatusOr<std::unique_ptr<EntryRegistry>> EntryRegistry::Load(store::Store& store) {
   std::unique_ptr<EntryRegistry> registry(new EntryRegistry(store));
   ASSIGN_OR_RETURN(auto entries, store.ListEntries());
   std::lock_guard<std::mutex> lock(registry->mu_);
   for (auto& entry : entries) {
-    registry->ids_by_parent_.emplace(entry.parent_id, entry.id);
+    registry->IndexLocked(entry);
     std::string id = entry.id;
     registry->by_id_.emplace(std::move(id), std::move(entry));
   }
@@ -19,7 +33,8 @@ absl::StatusOr<std::unique_ptr<EntryRegistry>> EntryRegistry::Load(store::Store&
 absl::StatusOr<store::RegistrationEntry> EntryRegistry::Create(store::RegistrationEntry entry) {
   ASSIGN_OR_RETURN(store::RegistrationEntry stored, store_.CreateEntry(std::move(entry)));
   std::lock_guard<std::mutex> lock(mu_);
-  ids_by_parent_.emplace(stored.parent_id, stored.id);
+  if (auto old = by_id_.find(stored.id); old != by_id_.end()) UnindexLocked(old->second);
+  IndexLocked(stored);
   by_id_[stored.id] = stored;
   BumpLocked();
   return stored;
@@ -30,13 +45,7 @@ absl::Status EntryRegistry::Delete(std::string_view id) {
   std::lock_guard<std::mutex> lock(mu_);
   auto it = by_id_.find(id);
   if (it != by_id_.end()) {
-    auto range = ids_by_parent_.equal_range(it->second.parent_id);
-    for (auto p = range.first; p != range.second; ++p) {
-      if (p->second == id) {
-        ids_by_parent_.erase(p);
-        break;
-      }
-    }
+    UnindexLocked(it->second);
     by_id_.erase(it);
   }
   BumpLocked();
@@ -62,13 +71,33 @@ std::vector<store::RegistrationEntry> EntryRegistry::List() const {
 
 std::vector<store::RegistrationEntry> EntryRegistry::ForParent(std::string_view node_id) const {
   std::lock_guard<std::mutex> lock(mu_);
+  return LookupLocked(ids_by_parent_, node_id);
+}
+
+std::vector<store::RegistrationEntry> EntryRegistry::ForSpiffeId(std::string_view spiffe_id) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return LookupLocked(ids_by_spiffe_id_, spiffe_id);
+}
+
+std::vector<store::RegistrationEntry> EntryRegistry::LookupLocked(
+    const std::multimap<std::string, std::string, std::less<>>& index, std::string_view key) const {
   std::vector<store::RegistrationEntry> out;
-  auto range = ids_by_parent_.equal_range(node_id);
+  auto range = index.equal_range(key);
   for (auto it = range.first; it != range.second; ++it) {
     auto entry = by_id_.find(it->second);
     if (entry != by_id_.end()) out.push_back(entry->second);
   }
   return out;
+}
+
+void EntryRegistry::IndexLocked(const store::RegistrationEntry& entry) {
+  ids_by_parent_.emplace(entry.parent_id, entry.id);
+  ids_by_spiffe_id_.emplace(entry.spiffe_id, entry.id);
+}
+
+void EntryRegistry::UnindexLocked(const store::RegistrationEntry& entry) {
+  EraseIndexed(ids_by_parent_, entry.parent_id, entry.id);
+  EraseIndexed(ids_by_spiffe_id_, entry.spiffe_id, entry.id);
 }
 
 size_t EntryRegistry::size() const {

@@ -33,6 +33,8 @@ class EntryRegistry {
   std::vector<store::RegistrationEntry> List() const;
   // Entries whose parent is `node_id`.
   std::vector<store::RegistrationEntry> ForParent(std::string_view node_id) const;
+  // Entries that issue `spiffe_id` (several nodes may run the same workload).
+  std::vector<store::RegistrationEntry> ForSpiffeId(std::string_view spiffe_id) const;
   size_t size() const;
 
   // A counter bumped by every change that may alter what some node is allowed to serve.
@@ -45,13 +47,19 @@ class EntryRegistry {
  private:
   explicit EntryRegistry(store::Store& store) : store_(store) {}
   void BumpLocked();
+  void IndexLocked(const store::RegistrationEntry& entry);
+  void UnindexLocked(const store::RegistrationEntry& entry);
+  std::vector<store::RegistrationEntry> LookupLocked(
+      const std::multimap<std::string, std::string, std::less<>>& index,
+      std::string_view key) const;
 
   store::Store& store_;
   mutable std::mutex mu_;
   mutable std::condition_variable changed_;
-  std::map<std::string, store::RegistrationEntry, std::less<>> by_id_;  // GUARDED_BY(mu_)
-  std::multimap<std::string, std::string, std::less<>> ids_by_parent_;  // GUARDED_BY(mu_)
-  uint64_t generation_ = 1;                                             // GUARDED_BY(mu_)
+  std::map<std::string, store::RegistrationEntry, std::less<>> by_id_;     // GUARDED_BY(mu_)
+  std::multimap<std::string, std::string, std::less<>> ids_by_parent_;     // GUARDED_BY(mu_)
+  std::multimap<std::string, std::string, std::less<>> ids_by_spiffe_id_;  // GUARDED_BY(mu_)
+  uint64_t generation_ = 1;                                                // GUARDED_BY(mu_)
 };
 
 }  // namespace mandate::broker

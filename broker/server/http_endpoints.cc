@@ -15,7 +15,7 @@ HttpEndpoints::HttpEndpoints(const TrustAuthority& authority) : authority_(autho
 
 HttpEndpoints::~HttpEndpoints() { Stop(); }
 
-void HttpEndpoints::Serve(const std::string& issuer_url) {
+void HttpEndpoints::Serve(const std::string& issuer_url, const TokenEndpoint* token_endpoint) {
   nlohmann::json doc = {
       {"issuer", issuer_url},
       {"jwks_uri", issuer_url + "/keys"},
@@ -23,6 +23,14 @@ void HttpEndpoints::Serve(const std::string& issuer_url) {
       {"subject_types_supported", {"public"}},
       {"id_token_signing_alg_values_supported", {"ES256"}},
   };
+  token_endpoint_ = token_endpoint;
+  if (token_endpoint_ != nullptr) {
+    doc["token_endpoint"] = token_endpoint_->url();
+    doc["grant_types_supported"] = {kTokenExchangeGrantType};
+    // The workload authenticates with its JWT-SVID (subject_token), not as an OAuth client.
+    doc["token_endpoint_auth_methods_supported"] = {"none"};
+    doc["dpop_signing_alg_values_supported"] = dpop::kProofAlgorithms;
+  }
   discovery_ = doc.dump();
   thread_ = std::thread([this] { server_->listen_after_bind(); });
 }
@@ -53,6 +61,27 @@ absl::Status HttpEndpoints::Bind(const std::string& host, int port,
   s.Get("/bundle", [this](const httplib::Request&, httplib::Response& r) {
     r.set_header("Cache-Control", "max-age=300");
     r.set_content(authority_.spiffe_bundle_jwks(), kJson);
+  });
+  s.Post("/token", [this](const httplib::Request& req, httplib::Response& r) {
+    r.set_header("Cache-Control", "no-store");
+    r.set_header("Pragma", "no-cache");
+    if (token_endpoint_ == nullptr) {
+      r.status = 404;
+      r.set_content("{\"error\":\"not_found\"}", kJson);
+      return;
+    }
+    TokenRequest request;
+    request.content_type = req.get_header_value("Content-Type");
+    request.body = req.body;
+    request.has_query = req.target.find('?') != std::string::npos;
+    size_t proofs = req.get_header_value_count("DPoP");
+    for (size_t i = 0; i < proofs; ++i) {
+      request.dpop_headers.push_back(req.get_header_value("DPoP", i));
+    }
+    TokenResponse response = token_endpoint_->Handle(request);
+    r.status = response.status;
+    if (!response.dpop_nonce.empty()) r.set_header("DPoP-Nonce", response.dpop_nonce);
+    r.set_content(response.body, kJson);
   });
   s.Get("/healthz", [](const httplib::Request&, httplib::Response& r) {
     r.set_content("{\"status\":\"ok\"}", kJson);

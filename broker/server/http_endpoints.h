@@ -1,5 +1,6 @@
-// The broker's HTTP endpoints (DESIGN.md §6): OIDC discovery, JWKS, SPIFFE bundle, health.
-// Serves on its own threads; documents are prebuilt by the TrustAuthority.
+// The broker's HTTP endpoints (DESIGN.md §6): OIDC discovery, JWKS, SPIFFE bundle, the OAuth
+// token endpoint, health. Serves on its own threads; documents are prebuilt by the
+// TrustAuthority, token requests are answered by TokenEndpoint.
 #ifndef MANDATE_BROKER_SERVER_HTTP_ENDPOINTS_H_
 #define MANDATE_BROKER_SERVER_HTTP_ENDPOINTS_H_
 
@@ -9,6 +10,7 @@
 #include <thread>
 
 #include "absl/status/status.h"
+#include "broker/server/token_endpoint.h"
 #include "broker/server/trust_authority.h"
 
 namespace httplib {
@@ -27,8 +29,9 @@ class HttpEndpoints {
   // and key file it serves HTTPS.
   absl::Status Bind(const std::string& host, int port, const std::string& tls_cert_file = "",
                     const std::string& tls_key_file = "");
-  // Starts serving on the bound socket; the discovery document names `issuer_url`.
-  void Serve(const std::string& issuer_url);
+  // Starts serving on the bound socket; the discovery document names `issuer_url`. With a
+  // `token_endpoint` (borrowed; must outlive Stop) POST /token is served and advertised.
+  void Serve(const std::string& issuer_url, const TokenEndpoint* token_endpoint = nullptr);
   int port() const { return port_; }
   void SetReady(bool ready) { ready_ = ready; }
   void Stop();
@@ -36,6 +39,7 @@ class HttpEndpoints {
  private:
   const TrustAuthority& authority_;
   std::string discovery_;
+  const TokenEndpoint* token_endpoint_ = nullptr;  // set before serving, then read-only
   std::unique_ptr<httplib::Server> server_;
   std::thread thread_;
   std::atomic<bool> ready_{false};

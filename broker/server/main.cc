@@ -32,6 +32,7 @@
 #include "broker/server/issuer.h"
 #include "broker/server/node_service.h"
 #include "broker/server/tasks/task_registry.h"
+#include "broker/server/token_endpoint.h"
 #include "broker/server/trust_authority.h"
 
 namespace mandate::broker {
@@ -55,6 +56,9 @@ struct BrokerFlags {
   int64_t agent_svid_ttl = 3600;
   int max_node_threads = 1024;
   int64_t max_task_ttl = 8 * 3600;
+  bool dpop_nonce = false;
+  int64_t dpop_proof_max_age = 60;
+  int64_t dpop_proof_max_future = 5;
   std::vector<std::string> tpm_ek_ca_files;
   std::vector<std::string> tpm_ek_hashes;
 };
@@ -111,6 +115,11 @@ absl::Status ApplyConfigFile(const std::string& path, CLI::App& app, BrokerFlags
   RETURN_IF_ERROR(file.GetInt("jwt_svid_ttl", given("--jwt-svid-ttl"), flags.jwt_svid_ttl));
   RETURN_IF_ERROR(file.GetInt("agent_svid_ttl", given("--agent-svid-ttl"), flags.agent_svid_ttl));
   RETURN_IF_ERROR(file.GetInt("max_task_ttl", given("--max-task-ttl"), flags.max_task_ttl));
+  RETURN_IF_ERROR(file.GetBool("dpop_nonce", given("--dpop-nonce"), flags.dpop_nonce));
+  RETURN_IF_ERROR(
+      file.GetInt("dpop_proof_max_age", given("--dpop-proof-max-age"), flags.dpop_proof_max_age));
+  RETURN_IF_ERROR(file.GetInt("dpop_proof_max_future", given("--dpop-proof-max-future"),
+                              flags.dpop_proof_max_future));
   int64_t threads = flags.max_node_threads;
   RETURN_IF_ERROR(file.GetInt("max_node_threads", given("--max-node-threads"), threads));
   if (threads < 16 || threads > 65536) {
@@ -229,10 +238,27 @@ int Run(const BrokerFlags& flags) {
   TaskRegistry task_registry(**store, clock, task_limits);
   // One cache for every path that accepts token-request proofs, so a proof is used once.
   dpop::ReplayCache replay_cache;
+  const int64_t started_at = clock.NowSeconds();
   NodeTaskSupport task_support{.registry = &task_registry,
                                .replay_cache = &replay_cache,
                                .issuer_url = issuer_url,
-                               .started_at = clock.NowSeconds()};
+                               .started_at = started_at,
+                               .proof_max_age_seconds = flags.dpop_proof_max_age,
+                               .proof_max_future_seconds = flags.dpop_proof_max_future};
+  // Nonces rotate once per proof lifetime; the previous one stays valid, so a client's nonce
+  // works for one to two proof lifetimes and every answer hands out the current one.
+  std::unique_ptr<DpopNonceSource> dpop_nonces;
+  if (flags.dpop_nonce) {
+    dpop_nonces = std::make_unique<DpopNonceSource>(clock, flags.dpop_proof_max_age);
+  }
+  TokenEndpoint token_endpoint(**authority, **entries, task_registry, issuer, replay_cache, clock,
+                               TokenEndpointOptions{
+                                   .issuer_url = issuer_url,
+                                   .started_at = started_at,
+                                   .proof_max_age_seconds = flags.dpop_proof_max_age,
+                                   .proof_max_future_seconds = flags.dpop_proof_max_future,
+                                   .nonces = dpop_nonces.get(),
+                               });
   NodeService node_service(**authority, **store, **entries, issuer, clock, node_attestors,
                            task_support);
   AdminService admin_service(**authority, **store, **entries, clock);
@@ -276,7 +302,7 @@ int Run(const BrokerFlags& flags) {
       [self](const grpcutil::PeerCredentials& peer) { return peer.uid == self || peer.uid == 0; });
   if (!admin_listener.ok()) return Fail(admin_listener.status());
 
-  http.Serve(issuer_url);
+  http.Serve(issuer_url, &token_endpoint);
 
   nlohmann::json endpoints = {{"agent_address", absl::StrCat(agent_host, ":", bound_agent_port)},
                               {"http_address", absl::StrCat(http_host, ":", http.port())},
@@ -354,6 +380,14 @@ int main(int argc, char** argv) {
                  "Longest lifetime of a declared task (s); longer requests are capped")
       ->capture_default_str()
       ->check(CLI::Range(int64_t{60}, int64_t{30 * 24 * 3600}));
+  app.add_flag("--dpop-nonce", flags.dpop_nonce,
+               "Require a server-issued DPoP nonce in /token proofs (RFC 9449 §8)");
+  app.add_option("--dpop-proof-max-age", flags.dpop_proof_max_age,
+                 "Oldest DPoP proof iat accepted (s before now)")
+      ->capture_default_str();
+  app.add_option("--dpop-proof-max-future", flags.dpop_proof_max_future,
+                 "Newest DPoP proof iat accepted (s after now: clock skew)")
+      ->capture_default_str();
   app.add_option("--tpm-ek-ca", flags.tpm_ek_ca_files,
                  "PEM bundle of TPM EK CA certificates to trust (repeatable; enables TPM "
                  "attestation)");
@@ -379,6 +413,12 @@ int main(int argc, char** argv) {
   }
   if (flags.max_task_ttl < 60 || flags.max_task_ttl > 30 * 24 * 3600) {
     std::cerr << "mandate-broker: --max-task-ttl must be between 60 s and 30 days\n";
+    return 2;
+  }
+  if (flags.dpop_proof_max_age < 5 || flags.dpop_proof_max_age > 600 ||
+      flags.dpop_proof_max_future < 0 || flags.dpop_proof_max_future > 60) {
+    std::cerr << "mandate-broker: --dpop-proof-max-age must be 5-600 s and "
+                 "--dpop-proof-max-future 0-60 s\n";
     return 2;
   }
   if (auto s = mandate::log::InitLogging("mandate-broker", flags.log_format, flags.log_level);

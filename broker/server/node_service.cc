@@ -10,6 +10,7 @@
 #include "broker/common/log/log.h"
 #include "broker/common/spiffe/spiffe_id.h"
 #include "broker/common/util/status_macros.h"
+#include "broker/server/token_endpoint.h"
 
 namespace mandate::broker {
 namespace {
@@ -19,11 +20,6 @@ namespace workloadpb = mandate::workload::v1;
 using grpcutil::ToGrpcStatus;
 
 std::string PeerAddress(const grpc::ServerContext* context) { return context->peer(); }
-
-std::string TokenEndpoint(std::string_view issuer_url) {
-  if (issuer_url.ends_with('/')) issuer_url.remove_suffix(1);
-  return std::string(issuer_url) + "/token";
-}
 
 grpc::Status TasksDisabled() {
   return grpc::Status(grpc::StatusCode::UNIMPLEMENTED, "tasks are not enabled on this broker");
@@ -325,7 +321,7 @@ void NodeService::FillTask(const store::Task& task, workloadpb::Task* out) const
   out->set_status(task.status);
   out->set_created_at(task.created_at);
   out->set_expires_at(task.expires_at);
-  out->set_token_endpoint(TokenEndpoint(tasks_.issuer_url));
+  out->set_token_endpoint(TokenEndpointUrl(tasks_.issuer_url));
 }
 
 grpc::Status NodeService::DeclareTask(grpc::ServerContext* context,
@@ -380,9 +376,11 @@ grpc::Status NodeService::FetchTaskToken(grpc::ServerContext* context,
   if (!entry.ok()) return ToGrpcStatus(entry.status());
   dpop::VerifyOptions options;
   options.htm = "POST";
-  options.htu = TokenEndpoint(tasks_.issuer_url);
+  options.htu = TokenEndpointUrl(tasks_.issuer_url);
   options.now = clock_.NowSeconds();
   options.not_before = tasks_.started_at;
+  options.max_age_seconds = tasks_.proof_max_age_seconds;
+  options.max_future_seconds = tasks_.proof_max_future_seconds;
   auto proof = dpop::VerifyProof(request->dpop_proof(), options, tasks_.replay_cache);
   if (!proof.ok()) {
     // Internal mistakes (our own options unusable) keep their code; every verdict on the proof

@@ -30,6 +30,9 @@ struct NodeTaskSupport {
   std::string issuer_url;
   // Proofs with iat before this are refused: the replay cache forgets everything on restart.
   int64_t started_at = 0;
+  // Accepted proof iat window (--dpop-proof-max-age / --dpop-proof-max-future).
+  int64_t proof_max_age_seconds = 60;
+  int64_t proof_max_future_seconds = 5;
 };
 
 class NodeService final : public mandate::node::v1::NodeApi::Service {

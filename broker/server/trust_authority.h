@@ -52,6 +52,9 @@ class TrustAuthority {
   absl::StatusOr<std::string> SignJws(std::string_view typ, std::string_view payload_json) const;
 
   const std::string& jwt_key_id() const { return jwt_kid_; }
+  // The public half of the JWT key, for checking tokens this broker signed (JWT-SVIDs presented
+  // back at /token).
+  const crypto::PublicKey& jwt_public_key() const { return jwt_public_key_; }
   // PEM of the CA certificates (what bundle.pem holds).
   const std::string& bundle_pem() const { return bundle_pem_; }
   // Concatenated DER CA certificates (the Workload API's bundle form).
@@ -73,7 +76,8 @@ class TrustAuthority {
         clock_(clock),
         ca_key_(std::move(ca_key)),
         ca_cert_(std::move(ca_cert)),
-        jwt_key_(std::move(jwt_key)) {}
+        jwt_key_(std::move(jwt_key)),
+        jwt_public_key_(jwt_key_.public_key()) {}
   absl::Status BuildDocuments(int64_t refresh_hint);
 
   const spiffe::TrustDomain trust_domain_;
@@ -81,6 +85,7 @@ class TrustAuthority {
   const crypto::PrivateKey ca_key_;
   const crypto::Certificate ca_cert_;
   const crypto::PrivateKey jwt_key_;
+  const crypto::PublicKey jwt_public_key_;
   std::string jwt_kid_;
   std::string bundle_pem_;
   std::string bundle_der_;

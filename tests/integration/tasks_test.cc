@@ -3,11 +3,14 @@
 #include <gmock/gmock.h>
 #include <grpcpp/grpcpp.h>
 #include <gtest/gtest.h>
+#include <httplib.h>
 
 #include <nlohmann/json.hpp>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "broker/common/crypto/keys.h"
+#include "broker/common/dpop/dpop.h"
 #include "broker/common/jose/jose.h"
 #include "mandate/workload/v1/tasks.grpc.pb.h"
 #include "mandate/workload_client.h"
@@ -26,6 +29,38 @@ json PayloadOf(const std::string& token) {
   auto decoded = jose::Base64UrlDecode(parts[1]);
   if (!decoded.ok()) return json();
   return json::parse(*decoded, nullptr, false);
+}
+
+struct TokenHttpAnswer {
+  int status = 0;
+  json body;
+  std::string dpop_nonce;
+};
+
+// POST /token with a real HTTP client: form `params`, one DPoP header per element of `proofs`.
+TokenHttpAnswer PostToken(const std::string& http_address,
+                          const std::vector<std::pair<std::string, std::string>>& params,
+                          const std::vector<std::string>& proofs) {
+  std::vector<std::string> host_port = absl::StrSplit(http_address, ':');
+  httplib::Client http(host_port.at(0), std::stoi(host_port.at(1)));
+  http.set_connection_timeout(5);
+  http.set_read_timeout(10);
+  httplib::Headers headers;
+  for (const auto& p : proofs) headers.emplace("DPoP", p);
+  httplib::Params form(params.begin(), params.end());
+  auto result = http.Post("/token", headers, form);
+  if (!result) return {};
+  return {result->status, json::parse(result->body, nullptr, false),
+          result->get_header_value("DPoP-Nonce")};
+}
+
+// RFC 8693 parameters exchanging `jwt_svid` for a token of task `task_id`.
+std::vector<std::pair<std::string, std::string>> ExchangeParams(const std::string& jwt_svid,
+                                                                const std::string& task_id) {
+  return {{"grant_type", "urn:ietf:params:oauth:grant-type:token-exchange"},
+          {"subject_token", jwt_svid},
+          {"subject_token_type", "urn:ietf:params:oauth:token-type:jwt"},
+          {"task_id", task_id}};
 }
 
 class TasksFixture : public IntegrationTest {
@@ -48,8 +83,8 @@ class TasksFixture : public IntegrationTest {
     return created["id"].get<std::string>();
   }
 
-  void StartAll() {
-    auto broker = StartBroker();
+  void StartAll(BrokerOptions options = {}) {
+    auto broker = StartBroker(std::move(options));
     ASSERT_TRUE(broker.ok()) << broker.status();
     broker_ = *broker;
     auto agent = StartAttestedAgent(broker_, "node-tasks");
@@ -213,6 +248,104 @@ TEST_F(TasksFixture, SdkTokenVerifiesWithBrokerKeysAndProofsAreSingleUse) {
   EXPECT_EQ(ended->status, "ended");
   EXPECT_EQ((*client)->FetchTaskToken(*task, "aud-a").status().code(),
             absl::StatusCode::kFailedPrecondition);
+}
+
+TEST_F(TasksFixture, TokenEndpointExchangesAJwtSvidForADpopBoundTaskToken) {
+  ASSERT_NO_FATAL_FAILURE(StartAll());
+  auto discovery = HttpGet(broker_.http_address, "/.well-known/openid-configuration");
+  ASSERT_TRUE(discovery.ok()) << discovery.status();
+  json metadata = json::parse(discovery->body, nullptr, false);
+  EXPECT_EQ(metadata.value("token_endpoint", ""), broker_.issuer_url + "/token");
+  EXPECT_THAT(metadata["grant_types_supported"].dump(),
+              HasSubstr("urn:ietf:params:oauth:grant-type:token-exchange"));
+  EXPECT_THAT(metadata["dpop_signing_alg_values_supported"].dump(), HasSubstr("ES256"));
+
+  auto client = WorkloadClient::Connect("unix://" + agent_.socket);
+  ASSERT_TRUE(client.ok()) << client.status();
+  auto task = (*client)->DeclareTask("http task", {"tickets:read", "tickets:write"},
+                                     {"https://tickets.example.org"});
+  ASSERT_TRUE(task.ok()) << task.status();
+  auto svid = (*client)->FetchJwtSvid({broker_.issuer_url});
+  ASSERT_TRUE(svid.ok()) << svid.status();
+  auto params = ExchangeParams(svid->token, task->id);
+  params.emplace_back("scope", "tickets:read");
+  auto proof = (*client)->CreateProof("POST", task->token_endpoint);
+  ASSERT_TRUE(proof.ok()) << proof.status();
+
+  TokenHttpAnswer answer = PostToken(broker_.http_address, params, {*proof});
+  ASSERT_EQ(answer.status, 200) << answer.body.dump();
+  EXPECT_EQ(answer.body["token_type"], "DPoP");
+  EXPECT_EQ(answer.body["issued_token_type"], "urn:ietf:params:oauth:token-type:access_token");
+  EXPECT_GT(answer.body["expires_in"].get<int64_t>(), 0);
+  EXPECT_FALSE(answer.body.contains("scope"));  // exactly what was asked
+  json claims = PayloadOf(answer.body["access_token"]);
+  EXPECT_EQ(claims["sub"], spiffe_id_);
+  EXPECT_EQ(claims["aud"], "https://tickets.example.org");
+  EXPECT_EQ(claims["scope"], "tickets:read");
+  EXPECT_EQ(claims["task"]["id"], task->id);
+  EXPECT_EQ(claims["cnf"]["jkt"], *(*client)->DpopKeyThumbprint());
+
+  // The same proof again is a replay; nothing is minted.
+  TokenHttpAnswer replay = PostToken(broker_.http_address, params, {*proof});
+  EXPECT_EQ(replay.status, 400);
+  EXPECT_EQ(replay.body.value("error", ""), "invalid_dpop_proof");
+  EXPECT_FALSE(replay.body.contains("access_token"));
+  TokenHttpAnswer no_proof = PostToken(broker_.http_address, params, {});
+  EXPECT_EQ(no_proof.body.value("error", ""), "invalid_dpop_proof");
+
+  // A JWT-SVID for another audience is not a credential for the broker.
+  auto other_svid = (*client)->FetchJwtSvid({"https://tickets.example.org"});
+  ASSERT_TRUE(other_svid.ok()) << other_svid.status();
+  auto wrong_aud = params;
+  wrong_aud[1].second = other_svid->token;
+  TokenHttpAnswer refused = PostToken(broker_.http_address, wrong_aud,
+                                      {*(*client)->CreateProof("POST", task->token_endpoint)});
+  EXPECT_EQ(refused.status, 400);
+  EXPECT_EQ(refused.body.value("error", ""), "invalid_request");
+
+  // Scope outside the task, then an ended task.
+  auto too_wide = params;
+  too_wide[4].second = "tickets:admin";
+  EXPECT_EQ(PostToken(broker_.http_address, too_wide,
+                      {*(*client)->CreateProof("POST", task->token_endpoint)})
+                .body.value("error", ""),
+            "invalid_scope");
+  ASSERT_TRUE((*client)->EndTask(task->id).ok());
+  EXPECT_EQ(PostToken(broker_.http_address, params,
+                      {*(*client)->CreateProof("POST", task->token_endpoint)})
+                .body.value("error", ""),
+            "invalid_grant");
+}
+
+TEST_F(TasksFixture, TokenEndpointWithDpopNonceHandsOutANonceAndAcceptsIt) {
+  BrokerOptions options;
+  options.extra_args = {"--dpop-nonce"};
+  ASSERT_NO_FATAL_FAILURE(StartAll(options));
+  auto client = WorkloadClient::Connect("unix://" + agent_.socket);
+  ASSERT_TRUE(client.ok()) << client.status();
+  auto task = (*client)->DeclareTask("nonce task", {"tickets:read"}, {"aud-n"});
+  ASSERT_TRUE(task.ok()) << task.status();
+  auto svid = (*client)->FetchJwtSvid({broker_.issuer_url});
+  ASSERT_TRUE(svid.ok()) << svid.status();
+  auto params = ExchangeParams(svid->token, task->id);
+  // A client holding its own key, as any OAuth DPoP client would.
+  auto key = crypto::PrivateKey::GenerateP256();
+  ASSERT_TRUE(key.ok());
+  auto now = [] { return static_cast<int64_t>(::time(nullptr)); };
+  TokenHttpAnswer first =
+      PostToken(broker_.http_address, params,
+                {*dpop::CreateProof(*key, "POST", task->token_endpoint, now())});
+  EXPECT_EQ(first.status, 400);
+  EXPECT_EQ(first.body.value("error", ""), "use_dpop_nonce");
+  ASSERT_FALSE(first.dpop_nonce.empty());
+  TokenHttpAnswer second = PostToken(
+      broker_.http_address, params,
+      {*dpop::CreateProof(*key, "POST", task->token_endpoint, now(), "", first.dpop_nonce)});
+  ASSERT_EQ(second.status, 200) << second.body.dump();
+  EXPECT_EQ(second.body["scope"], "tickets:read");
+  EXPECT_EQ(PayloadOf(second.body["access_token"])["cnf"]["jkt"],
+            *jose::JwkThumbprint(key->public_key()));
+  EXPECT_EQ(second.dpop_nonce, first.dpop_nonce);
 }
 
 }  // namespace

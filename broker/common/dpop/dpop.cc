@@ -159,16 +159,12 @@ bool SecretEquals(std::string_view a, std::string_view b) {
   return a.size() == b.size() && crypto::ConstantTimeEquals(a, b);
 }
 
-// The algorithms RFC 9449 proofs may use here. Spelled out rather than "whatever jose parses" so
-// that adding an algorithm to jose does not silently widen what DPoP accepts.
+// The algorithms RFC 9449 proofs may use here: kProofAlgorithms, spelled out rather than
+// "whatever jose parses" so that adding an algorithm to jose does not silently widen DPoP.
 bool IsAllowedDpopAlgorithm(jose::Algorithm alg) {
-  switch (alg) {
-    case jose::Algorithm::kES256:
-    case jose::Algorithm::kES384:
-    case jose::Algorithm::kRS256:
-    case jose::Algorithm::kPS256:
-    case jose::Algorithm::kEdDSA:
-      return true;
+  std::string_view name = jose::AlgorithmName(alg);
+  for (const char* allowed : kProofAlgorithms) {
+    if (name == allowed) return true;
   }
   return false;
 }
@@ -437,12 +433,17 @@ absl::StatusOr<VerifiedProof> VerifyProof(std::string_view proof, const VerifyOp
     return Refuse("proof key does not match the access token's cnf.jkt");
   }
 
-  if (!options.nonce.empty()) {
+  if (!options.nonces.empty()) {
     auto nonce = payload.find("nonce");
     if (nonce == payload.end()) {
       return absl::FailedPreconditionError("use_dpop_nonce: DPoP proof has no nonce");
     }
-    if (!nonce->is_string() || !SecretEquals(nonce->get<std::string>(), options.nonce)) {
+    bool current = false;
+    if (nonce->is_string()) {
+      const std::string& presented = nonce->get_ref<const std::string&>();
+      for (const auto& accepted : options.nonces) current |= SecretEquals(presented, accepted);
+    }
+    if (!current) {
       return absl::FailedPreconditionError("use_dpop_nonce: DPoP proof nonce is not current");
     }
   }

@@ -21,6 +21,7 @@
 #ifndef MANDATE_BROKER_COMMON_DPOP_DPOP_H_
 #define MANDATE_BROKER_COMMON_DPOP_DPOP_H_
 
+#include <array>
 #include <cstddef>
 #include <cstdint>
 #include <map>
@@ -46,6 +47,10 @@ inline constexpr size_t kMaxProofLength = 8192;
 // upper bound keeps replay-cache input small.
 inline constexpr size_t kMinJtiLength = 16;
 inline constexpr size_t kMaxJtiLength = 256;
+// The JWS algorithms accepted for proofs (asymmetric only; RFC 9449 §4.3 step 5), as advertised
+// in `dpop_signing_alg_values_supported`.
+inline constexpr std::array<const char*, 5> kProofAlgorithms = {"ES256", "ES384", "RS256", "PS256",
+                                                                "EdDSA"};
 
 // Normalises an absolute http(s) URL for htu comparison (RFC 9449 §4.3 step 9, RFC 3986 §6.2.2
 // syntax-based normalisation): scheme and host lowercased, the default port (80 for http, 443
@@ -129,8 +134,9 @@ struct VerifyOptions {
   std::optional<std::string> access_token;
   // Non-empty: the RFC 7638 thumbprint of the proof's jwk must equal it (the token's cnf.jkt).
   std::string expected_jkt;
-  // Non-empty: the proof's nonce must equal it, else FailedPrecondition "use_dpop_nonce".
-  std::string nonce;
+  // Non-empty: the proof's nonce must equal one of these (a server rotating its nonce accepts the
+  // current and the previous one), else FailedPrecondition "use_dpop_nonce".
+  std::vector<std::string> nonces;
   // Proofs with iat before this are refused: the broker's replay cache does not know proofs
   // accepted before it started (DESIGN.md §10).
   int64_t not_before = 0;

@@ -91,5 +91,34 @@ TEST(EntryRegistryTest, NodeChangesBumpGeneration) {
   EXPECT_GT((*registry)->generation(), before);
 }
 
+TEST(EntryRegistryTest, IndexesEntriesBySpiffeIdThroughCreateDeleteAndReload) {
+  TempDir dir;
+  auto store = OpenStore(dir);
+  {
+    auto registry = EntryRegistry::Load(*store);
+    ASSERT_TRUE(registry.ok());
+    // The same workload on two nodes, and another workload.
+    for (const char* id : {"a", "b"}) {
+      store::RegistrationEntry e = Entry(id, std::string("spiffe://example.org/node/join/") + id);
+      e.spiffe_id = "spiffe://example.org/shared";
+      ASSERT_TRUE((*registry)->Create(e).ok());
+    }
+    store::RegistrationEntry other = Entry("c", "spiffe://example.org/node/join/n1");
+    other.spiffe_id = "spiffe://example.org/other";
+    ASSERT_TRUE((*registry)->Create(other).ok());
+  }
+  auto registry = EntryRegistry::Load(*store);
+  ASSERT_TRUE(registry.ok());
+  const std::string shared = "spiffe://example.org/shared";
+  EXPECT_EQ((*registry)->ForSpiffeId(shared).size(), 2u);
+  ASSERT_EQ((*registry)->ForSpiffeId("spiffe://example.org/other").size(), 1u);
+  EXPECT_EQ((*registry)->ForSpiffeId("spiffe://example.org/other")[0].id, "c");
+  ASSERT_TRUE((*registry)->Delete("a").ok());
+  auto left = (*registry)->ForSpiffeId(shared);
+  ASSERT_EQ(left.size(), 1u);
+  EXPECT_EQ(left[0].id, "b");
+  EXPECT_TRUE((*registry)->ForSpiffeId("spiffe://example.org/nobody").empty());
+}
+
 }  // namespace
 }  // namespace mandate::broker

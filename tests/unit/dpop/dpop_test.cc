@@ -177,7 +177,7 @@ TEST(VerifyProofTest, AcceptsMatchingAccessTokenHashAndNonce) {
   crypto::PrivateKey key = NewKey();
   VerifyOptions options = Options();
   options.access_token = "the-token";
-  options.nonce = "server-nonce";
+  options.nonces = {"older-nonce", "server-nonce"};
   options.expected_jkt = *jose::JwkThumbprint(key.public_key());
   auto proof = CreateProof(key, "POST", kTokenUrl, kNow, "the-token", "server-nonce");
   ASSERT_TRUE(proof.ok());
@@ -390,7 +390,7 @@ TEST(VerifyProofTest, RejectsWrongJkt) {
 TEST(VerifyProofTest, MissingOrWrongNonceAsksForUseDpopNonce) {
   crypto::PrivateKey key = NewKey();
   VerifyOptions options = Options();
-  options.nonce = "current-nonce";
+  options.nonces = {"current-nonce", "previous-nonce"};
   ReplayCache cache;
   auto missing = VerifyProof(*CreateProof(key, "POST", kTokenUrl, kNow), options, &cache);
   EXPECT_EQ(missing.status().code(), absl::StatusCode::kFailedPrecondition);
@@ -400,6 +400,10 @@ TEST(VerifyProofTest, MissingOrWrongNonceAsksForUseDpopNonce) {
   EXPECT_EQ(wrong.status().code(), absl::StatusCode::kFailedPrecondition);
   // Refused proofs take no cache slot.
   EXPECT_EQ(cache.size(), 0u);
+  // The previous nonce is still accepted right after a rotation.
+  auto previous = VerifyProof(*CreateProof(key, "POST", kTokenUrl, kNow, "", "previous-nonce"),
+                              options, &cache);
+  EXPECT_TRUE(previous.ok()) << previous.status();
 }
 
 // ---------------------------------------------------------------------------- replay
