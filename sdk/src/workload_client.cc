@@ -500,9 +500,10 @@ absl::StatusOr<TaskToken> WorkloadClient::FetchTaskToken(const TaskInfo& task, s
 
 absl::StatusOr<std::string> WorkloadClient::CreateProof(std::string_view method,
                                                         std::string_view url,
-                                                        std::string_view access_token) {
+                                                        std::string_view access_token,
+                                                        std::string_view nonce) {
   ASSIGN_OR_RETURN(const crypto::PrivateKey* key, impl_->DpopKey());
-  return dpop::CreateProof(*key, method, url, Clock::Real().NowSeconds(), access_token);
+  return dpop::CreateProof(*key, method, url, Clock::Real().NowSeconds(), access_token, nonce);
 }
 
 absl::StatusOr<std::string> WorkloadClient::DpopKeyThumbprint() {

@@ -346,6 +346,12 @@ TEST_F(TasksFixture, TokenEndpointWithDpopNonceHandsOutANonceAndAcceptsIt) {
   EXPECT_EQ(PayloadOf(second.body["access_token"])["cnf"]["jkt"],
             *jose::JwkThumbprint(key->public_key()));
   EXPECT_EQ(second.dpop_nonce, first.dpop_nonce);
+  // The SDK's own key and proof carry the nonce too.
+  auto sdk_proof = (*client)->CreateProof("POST", task->token_endpoint, "", second.dpop_nonce);
+  ASSERT_TRUE(sdk_proof.ok()) << sdk_proof.status();
+  TokenHttpAnswer third = PostToken(broker_.http_address, params, {*sdk_proof});
+  ASSERT_EQ(third.status, 200) << third.body.dump();
+  EXPECT_EQ(PayloadOf(third.body["access_token"])["cnf"]["jkt"], *(*client)->DpopKeyThumbprint());
 }
 
 }  // namespace

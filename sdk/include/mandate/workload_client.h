@@ -147,9 +147,12 @@ class WorkloadClient {
   absl::StatusOr<TaskToken> FetchTaskToken(const TaskInfo& task, std::string audience,
                                            std::vector<std::string> scopes = {});
   // A DPoP proof with this client's key for `method` `url`, with `ath` when `access_token` is
-  // non-empty (RFC 9449 §7: what an upstream request carries next to the token).
+  // non-empty (RFC 9449 §7: what an upstream request carries next to the token) and `nonce`
+  // when non-empty (the server's last DPoP-Nonce header, e.g. from the broker's /token with
+  // --dpop-nonce or an upstream that asks for one).
   absl::StatusOr<std::string> CreateProof(std::string_view method, std::string_view url,
-                                          std::string_view access_token = "");
+                                          std::string_view access_token = "",
+                                          std::string_view nonce = "");
   // RFC 7638 thumbprint of this client's DPoP key (what its tokens' cnf.jkt holds).
   absl::StatusOr<std::string> DpopKeyThumbprint();
 
