@@ -4,6 +4,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <chrono>
 #include <cstdint>
@@ -13,11 +14,13 @@
 #include <iostream>
 #include <memory>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "CLI/CLI.hpp"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -672,23 +675,111 @@ absl::Status TaskEnd(const Io& io, const std::string& id, const std::string& spi
   return absl::OkStatus();
 }
 
+// One upstream request to sign a DPoP proof for (`task token --dpop-request "METHOD URL"`).
+struct DpopRequest {
+  std::string method;
+  std::string url;
+};
+
+// RFC 9110 §5.6.2 tchar.
+bool IsTokenChar(unsigned char c) {
+  return absl::ascii_isalnum(c) ||
+         std::string_view("!#$%&'*+-.^_`|~").find(c) != std::string_view::npos;
+}
+
+// Parses "METHOD URL": an RFC 9110 method token in upper case, exactly one space and an absolute
+// http(s) URL without spaces. The URL's finer rules (host, port, path) are the SDK's, checked when
+// a proof is made.
+absl::StatusOr<DpopRequest> ParseDpopRequest(std::string_view arg) {
+  auto refuse = [arg](const std::string& why) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--dpop-request '", Printable(arg), "': ", why,
+                     "; expected \"METHOD URL\", e.g. \"GET https://api.example.org/v1/items\""));
+  };
+  size_t space = arg.find(' ');
+  if (space == std::string_view::npos) {
+    return refuse("no space between the method and the URL");
+  }
+  std::string method(arg.substr(0, space));
+  std::string url(arg.substr(space + 1));
+  if (method.empty()) {
+    return refuse("the method is empty");
+  }
+  for (unsigned char c : method) {
+    if (!IsTokenChar(c)) {
+      return refuse("the method is not an HTTP method token");
+    }
+  }
+  if (std::any_of(method.begin(), method.end(),
+                  [](unsigned char c) { return absl::ascii_islower(c); })) {
+    return refuse(
+        absl::StrCat("HTTP methods are case-sensitive; write ", absl::AsciiStrToUpper(method)));
+  }
+  if (url.empty()) {
+    return refuse("the URL is empty");
+  }
+  for (unsigned char c : url) {
+    if (c <= 0x20 || c >= 0x7f) {
+      return refuse(
+          "the URL contains a space, a control or a non-ASCII character (exactly one space "
+          "separates the method from the URL)");
+    }
+  }
+  if (!absl::StartsWithIgnoreCase(url, "https://") && !absl::StartsWithIgnoreCase(url, "http://")) {
+    return refuse("the URL is not an absolute http:// or https:// URL");
+  }
+  return DpopRequest{std::move(method), std::move(url)};
+}
+
 absl::Status TaskTokenCommand(const Io& io, const std::string& id, const std::string& audience,
                               const std::vector<std::string>& scopes,
+                              const std::vector<std::string>& dpop_request_args,
                               const std::string& spiffe_id) {
+  std::vector<DpopRequest> requests;
+  for (const std::string& arg : dpop_request_args) {
+    ASSIGN_OR_RETURN(DpopRequest request, ParseDpopRequest(arg));
+    requests.push_back(std::move(request));
+  }
   ASSIGN_OR_RETURN(auto client, ConnectWorkload(io));
+  // Connecting is lazy and proofs are made locally: a throwaway proof per request checks every
+  // URL with the SDK's own rules before anything is asked of the agent, so a typo cannot cost a
+  // minted token.
+  for (const DpopRequest& r : requests) {
+    if (absl::StatusOr<std::string> probe = client->CreateProof(r.method, r.url); !probe.ok()) {
+      return absl::Status(probe.status().code(),
+                          absl::StrCat("--dpop-request '", Printable(r.method), " ",
+                                       Printable(r.url), "': ", probe.status().message()));
+    }
+  }
   // This process is the workload: it learns the token endpoint from the task, signs the proof
   // with a key that lives only as long as it does, and prints the token and its key thumbprint.
+  // The key dies with the process, so the proofs for upstream requests (bound to the token by
+  // ath) are made now, with the same key.
   ASSIGN_OR_RETURN(TaskInfo task, client->GetTask(id, spiffe_id));
   ASSIGN_OR_RETURN(mandate::TaskToken token, client->FetchTaskToken(task, audience, scopes));
+  std::vector<std::string> proofs;
+  for (const DpopRequest& r : requests) {
+    ASSIGN_OR_RETURN(std::string proof, client->CreateProof(r.method, r.url, token.access_token));
+    proofs.push_back(std::move(proof));
+  }
   if (io.json()) {
+    json proofs_json = json::array();
+    for (size_t i = 0; i < requests.size(); ++i) {
+      proofs_json.push_back(
+          json{{"method", requests[i].method}, {"url", requests[i].url}, {"proof", proofs[i]}});
+    }
     PrintJson(io.out, json{{"access_token", token.access_token},
                            {"token_type", token.token_type},
                            {"expires_in", token.expires_in},
                            {"scopes", VectorJson(token.scopes)},
-                           {"jkt", token.jkt}});
+                           {"jkt", token.jkt},
+                           {"dpop_proofs", proofs_json}});
   } else {
     io.out << token.access_token << "\n"
            << "jkt: " << Printable(token.jkt) << "\n";
+    for (const std::string& proof : proofs) {
+      io.out << "dpop: " << proof << "\n";
+    }
   }
   return absl::OkStatus();
 }
@@ -853,10 +944,19 @@ int RunCliImpl(int argc, char** argv, std::ostream& out, std::ostream& err) {
       ->required();
   task_token->add_option("--scope", task_token_scopes,
                          "Scope (repeatable; default: all of the task's)");
+  std::vector<std::string> task_token_dpop_requests;
+  task_token
+      ->add_option(
+          "--dpop-request", task_token_dpop_requests,
+          "\"METHOD URL\" of an upstream request, e.g. \"GET https://api.example.org/v1/x\": "
+          "also print a DPoP proof for it, bound to the token and made with its key "
+          "(repeatable; each proof is single-use and accepted for about 60 s)")
+      ->allow_extra_args(false);
   task_token->add_option("--spiffe-id", task_spiffe_id,
                          "Which identity, when this process has several");
   set_action(task_token, [&](const Io& io) {
-    return TaskTokenCommand(io, task_id, task_token_audience, task_token_scopes, task_spiffe_id);
+    return TaskTokenCommand(io, task_id, task_token_audience, task_token_scopes,
+                            task_token_dpop_requests, task_spiffe_id);
   });
   task->require_subcommand(0, 1);
 
