@@ -14,6 +14,8 @@
 # script fails, and removes the temp dir.
 
 PY=/usr/bin/python3
+# Tests leave nothing behind, not even bytecode caches next to the scripts.
+export PYTHONDONTWRITEBYTECODE=1
 FAILURES=0
 WAIT_SECONDS=30
 BROKER_PID=""
