@@ -683,6 +683,29 @@ int SqliteStore::LatestSchemaVersion() { return static_cast<int>(SqliteSchemaMig
 SqliteStore::~SqliteStore() { sqlite3_close_v2(db_); }
 
 absl::StatusOr<RegistrationEntry> SqliteStore::CreateEntry(RegistrationEntry entry) {
+  std::vector<RegistrationEntry> one;
+  one.push_back(std::move(entry));
+  ASSIGN_OR_RETURN(std::vector<RegistrationEntry> stored, CreateEntries(std::move(one)));
+  return std::move(stored.front());
+}
+
+absl::StatusOr<std::vector<RegistrationEntry>> SqliteStore::CreateEntries(
+    std::vector<RegistrationEntry> entries) {
+  if (entries.empty()) return entries;
+  for (RegistrationEntry& entry : entries) {
+    RETURN_IF_ERROR(CanonicalizeEntry(entry));
+  }
+  absl::MutexLock lock(&mu_);
+  ASSIGN_OR_RETURN(Transaction txn, Transaction::BeginWrite(db_));
+  for (RegistrationEntry& entry : entries) {
+    RETURN_IF_ERROR(InsertEntryLocked(entry));
+  }
+  RETURN_IF_ERROR(txn.Commit());
+  return entries;
+}
+
+// Checks what needs no database and puts selectors and scopes in canonical order.
+absl::Status SqliteStore::CanonicalizeEntry(RegistrationEntry& entry) {
   if (entry.id.empty()) return absl::InvalidArgumentError("registration entry id is empty");
   if (entry.spiffe_id.empty()) {
     return absl::InvalidArgumentError("registration entry SPIFFE ID is empty");
@@ -694,10 +717,12 @@ absl::StatusOr<RegistrationEntry> SqliteStore::CreateEntry(RegistrationEntry ent
   RETURN_IF_ERROR(CheckNoEmptyElement(entry.scopes, "scope in registration entry"));
   entry.selectors = CanonicalSet(std::move(entry.selectors));
   entry.scopes = CanonicalSet(std::move(entry.scopes));
-  const std::string selector_set_key = SelectorSetKey(entry.selectors);
+  return absl::OkStatus();
+}
 
-  absl::MutexLock lock(&mu_);
-  ASSIGN_OR_RETURN(Transaction txn, Transaction::BeginWrite(db_));
+// Inserts one canonical entry inside the caller's write transaction.
+absl::Status SqliteStore::InsertEntryLocked(RegistrationEntry& entry) {
+  const std::string selector_set_key = SelectorSetKey(entry.selectors);
   {
     ASSIGN_OR_RETURN(Statement stmt,
                      Statement::Prepare(db_, "SELECT 1 FROM registration_entries WHERE id = ?1"));
@@ -748,8 +773,7 @@ absl::StatusOr<RegistrationEntry> SqliteStore::CreateEntry(RegistrationEntry ent
   RETURN_IF_ERROR(
       InsertSetRows(db_, "INSERT INTO registration_entry_scopes (entry_id, scope) VALUES (?1, ?2)",
                     entry.id, entry.scopes));
-  RETURN_IF_ERROR(txn.Commit());
-  return entry;
+  return absl::OkStatus();
 }
 
 absl::StatusOr<RegistrationEntry> SqliteStore::GetEntry(std::string_view id) {

@@ -69,6 +69,8 @@ class SqliteStore final : public Store {
   ~SqliteStore() override;
 
   absl::StatusOr<RegistrationEntry> CreateEntry(RegistrationEntry entry) override;
+  absl::StatusOr<std::vector<RegistrationEntry>> CreateEntries(
+      std::vector<RegistrationEntry> entries) override;
   absl::StatusOr<RegistrationEntry> GetEntry(std::string_view id) override;
   absl::StatusOr<std::vector<RegistrationEntry>> ListEntries() override;
   absl::StatusOr<std::vector<RegistrationEntry>> ListEntriesByParent(
@@ -101,6 +103,8 @@ class SqliteStore final : public Store {
 
  private:
   explicit SqliteStore(sqlite3* db) : db_(db) {}
+  static absl::Status CanonicalizeEntry(RegistrationEntry& entry);
+  absl::Status InsertEntryLocked(RegistrationEntry& entry) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   absl::Mutex mu_;
   sqlite3* const db_ ABSL_PT_GUARDED_BY(mu_);  // Owned; closed in the destructor.

@@ -122,6 +122,11 @@ class Store {
   // AlreadyExists: an entry with this id exists, or one with the same (spiffe_id, parent_id,
   // selector set) exists (SPIRE refuses such duplicates; the message names the existing entry).
   virtual absl::StatusOr<RegistrationEntry> CreateEntry(RegistrationEntry entry) = 0;
+  // Stores all of `entries` in one transaction (one fsync), or none of them: the same checks as
+  // CreateEntry, including duplicates within the batch. Returns them as stored, in order, with
+  // consecutive revisions.
+  virtual absl::StatusOr<std::vector<RegistrationEntry>> CreateEntries(
+      std::vector<RegistrationEntry> entries) = 0;
 
   // NotFound when no entry has this id.
   virtual absl::StatusOr<RegistrationEntry> GetEntry(std::string_view id) = 0;

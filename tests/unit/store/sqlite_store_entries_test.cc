@@ -236,5 +236,37 @@ TEST_F(SqliteStoreEntriesTest, SqlMetacharactersInValuesAreStoredVerbatim) {
   EXPECT_EQ(store_->ListEntries()->size(), 1u);
 }
 
+TEST_F(SqliteStoreEntriesTest, CreateEntriesStoresABatchWithConsecutiveRevisions) {
+  std::vector<RegistrationEntry> batch;
+  for (int i = 0; i < 3; ++i) {
+    RegistrationEntry e = MakeEntry("b" + std::to_string(i), kNodeA, {"unix:uid:1", "unix:uid:1"});
+    e.spiffe_id = "spiffe://example.org/agent/b" + std::to_string(i);
+    batch.push_back(e);
+  }
+  absl::StatusOr<std::vector<RegistrationEntry>> created = store_->CreateEntries(batch);
+  ASSERT_TRUE(created.ok()) << created.status();
+  ASSERT_EQ(created->size(), 3u);
+  for (int i = 0; i < 3; ++i) {
+    EXPECT_EQ((*created)[i].revision, i + 1);
+    EXPECT_THAT((*created)[i].selectors, ElementsAre("unix:uid:1"));
+    EXPECT_EQ(*store_->GetEntry((*created)[i].id), (*created)[i]);
+  }
+  EXPECT_EQ(*store_->EntriesRevision(), 3);
+  EXPECT_TRUE(store_->CreateEntries({})->empty());
+}
+
+TEST_F(SqliteStoreEntriesTest, CreateEntriesIsAllOrNothing) {
+  RegistrationEntry first = MakeEntry("x1", kNodeA, {"unix:uid:1"});
+  RegistrationEntry duplicate_of_first = MakeEntry("x2", kNodeA, {"unix:uid:1"});
+  EXPECT_EQ(store_->CreateEntries({first, duplicate_of_first}).status().code(),
+            absl::StatusCode::kAlreadyExists);
+  RegistrationEntry invalid = MakeEntry("x3", kNodeB, {""});
+  EXPECT_EQ(
+      store_->CreateEntries({MakeEntry("x4", kNodeB, {"unix:uid:2"}), invalid}).status().code(),
+      absl::StatusCode::kInvalidArgument);
+  EXPECT_TRUE(store_->ListEntries()->empty());
+  EXPECT_EQ(*store_->EntriesRevision(), 0);
+}
+
 }  // namespace
 }  // namespace mandate::store
