@@ -27,6 +27,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
 #include "nlohmann/json.hpp"
 
@@ -427,6 +428,35 @@ absl::StatusOr<BrokerProcess> IntegrationTest::StartBroker(BrokerOptions options
                      "; log:\n", ReadFileOrEmpty(log_path)));
   }
   return broker;
+}
+
+absl::StatusOr<std::pair<pid_t, std::string>> IntegrationTest::StartService(
+    const std::vector<std::string>& argv, const std::string& ready_prefix) {
+  std::string stem = argv.at(0).substr(argv.at(0).rfind('/') + 1);
+  std::string log_path = NextLogPath(stem);
+  auto spawned = SpawnDaemon(argv, {}, log_path);
+  if (!spawned.ok()) return spawned.status();
+  pid_t pid = *spawned;
+  std::string found;
+  bool exited = false;
+  bool ready = WaitUntil(
+      [&] {
+        std::vector<std::string> lines = absl::StrSplit(ReadFileOrEmpty(log_path), '\n');
+        for (const std::string& line : lines) {
+          if (line.starts_with(ready_prefix)) {
+            found = line.substr(ready_prefix.size());
+            return true;
+          }
+        }
+        exited = !IsRunning(pid);
+        return exited;
+      },
+      kReadyTimeout, 25ms);
+  if (exited || !ready) {
+    return absl::UnavailableError(absl::StrCat(stem, exited ? " exited during start" : " not ready",
+                                               "; log:\n", ReadFileOrEmpty(log_path)));
+  }
+  return std::make_pair(pid, found);
 }
 
 std::vector<std::string> IntegrationTest::AgentArgv(const BrokerProcess& broker,

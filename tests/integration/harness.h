@@ -140,6 +140,12 @@ class IntegrationTest : public ::testing::Test {
                                   AgentOptions options = {},
                                   std::chrono::milliseconds timeout = 10s);
 
+  // Starts `argv` (argv[0] absolute) as a tracked daemon with its output in a log file, and
+  // waits (kReadyTimeout) until a line of the log starts with `ready_prefix`; returns that line's
+  // remainder (e.g. a bound address). The error carries the log.
+  absl::StatusOr<std::pair<pid_t, std::string>> StartService(const std::vector<std::string>& argv,
+                                                             const std::string& ready_prefix);
+
   // Sends `signal` to a process this fixture started and reaps it, waiting up to `timeout`.
   // Returns the exit code (128 + N if killed by signal N), or -1 if it did not exit in time
   // (the process is then left running for TearDown to kill).
