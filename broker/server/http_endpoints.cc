@@ -36,8 +36,8 @@ void HttpEndpoints::Serve(const std::string& issuer_url, const TokenEndpoint* to
 }
 
 absl::Status HttpEndpoints::Bind(const std::string& host, int port,
-                                 const std::string& tls_cert_file,
-                                 const std::string& tls_key_file) {
+                                 const std::string& tls_cert_file, const std::string& tls_key_file,
+                                 int threads) {
   if (!tls_cert_file.empty()) {
     server_ = std::make_unique<httplib::SSLServer>(tls_cert_file.c_str(), tls_key_file.c_str());
     if (!server_->is_valid()) {
@@ -51,6 +51,14 @@ absl::Status HttpEndpoints::Bind(const std::string& host, int port,
   s.set_payload_max_length(64 * 1024);
   s.set_read_timeout(5, 0);
   s.set_write_timeout(5, 0);
+  s.new_task_queue = [threads] { return new httplib::ThreadPool(threads); };
+  // An idle keep-alive connection holds a pool thread: release it soon, and recycle busy
+  // connections now and then so one client cannot keep a thread forever.
+  s.set_keep_alive_timeout(2);
+  s.set_keep_alive_max_count(1000);
+  // Answers are written in pieces (headers, body): without TCP_NODELAY, Nagle plus the client's
+  // delayed ACK stalls every keep-alive request by ~40 ms.
+  s.set_tcp_nodelay(true);
   s.Get("/.well-known/openid-configuration", [this](const httplib::Request&, httplib::Response& r) {
     r.set_content(discovery_, kJson);
   });

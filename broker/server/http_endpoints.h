@@ -26,9 +26,10 @@ class HttpEndpoints {
   ~HttpEndpoints();
 
   // Binds host:port (port 0 picks a free one); port() is known afterwards. With a certificate
-  // and key file it serves HTTPS.
+  // and key file it serves HTTPS. `threads` bounds the connections served at once: cpp-httplib
+  // gives each connection (keep-alive included) a pool thread, so later ones wait for a free one.
   absl::Status Bind(const std::string& host, int port, const std::string& tls_cert_file = "",
-                    const std::string& tls_key_file = "");
+                    const std::string& tls_key_file = "", int threads = 64);
   // Starts serving on the bound socket; the discovery document names `issuer_url`. With a
   // `token_endpoint` (borrowed; must outlive Stop) POST /token is served and advertised.
   void Serve(const std::string& issuer_url, const TokenEndpoint* token_endpoint = nullptr);

@@ -55,6 +55,7 @@ struct BrokerFlags {
   int64_t jwt_svid_ttl = 300;
   int64_t agent_svid_ttl = 3600;
   int max_node_threads = 1024;
+  int http_threads = 64;
   int64_t max_task_ttl = 8 * 3600;
   bool dpop_nonce = false;
   int64_t dpop_proof_max_age = 60;
@@ -126,6 +127,12 @@ absl::Status ApplyConfigFile(const std::string& path, CLI::App& app, BrokerFlags
     return absl::InvalidArgumentError("max_node_threads must be between 16 and 65536");
   }
   flags.max_node_threads = static_cast<int>(threads);
+  int64_t http_threads = flags.http_threads;
+  RETURN_IF_ERROR(file.GetInt("http_threads", given("--http-threads"), http_threads));
+  if (http_threads < 4 || http_threads > 4096) {
+    return absl::InvalidArgumentError("http_threads must be between 4 and 4096");
+  }
+  flags.http_threads = static_cast<int>(http_threads);
   RETURN_IF_ERROR(file.GetStringList("tpm_ek_ca", given("--tpm-ek-ca"), flags.tpm_ek_ca_files));
   RETURN_IF_ERROR(file.GetStringList("tpm_ek_hash", given("--tpm-ek-hash"), flags.tpm_ek_hashes));
   return file.CheckAllKeysKnown();
@@ -204,8 +211,11 @@ int Run(const BrokerFlags& flags) {
   // Bind HTTP first: the issuer URL (iss of every token) may name its port.
   std::string issuer_url = flags.issuer_url;
   HttpEndpoints http(**authority);
-  if (auto s = http.Bind(http_host, http_port, flags.http_tls_cert, flags.http_tls_key); !s.ok())
+  if (auto s = http.Bind(http_host, http_port, flags.http_tls_cert, flags.http_tls_key,
+                         flags.http_threads);
+      !s.ok()) {
     return Fail(s);
+  }
   if (issuer_url.empty()) {
     issuer_url = absl::StrCat(
         http_tls ? "https://" : "http://",
@@ -376,6 +386,10 @@ int main(int argc, char** argv) {
                  "Threads for the node API (one per connected agent plus calls in flight)")
       ->capture_default_str()
       ->check(CLI::Range(16, 65536));
+  app.add_option("--http-threads", flags.http_threads,
+                 "HTTP connections served at once (each keep-alive connection holds a thread)")
+      ->capture_default_str()
+      ->check(CLI::Range(4, 4096));
   app.add_option("--max-task-ttl", flags.max_task_ttl,
                  "Longest lifetime of a declared task (s); longer requests are capped")
       ->capture_default_str()

@@ -2,6 +2,7 @@
 // token, entry deletion, eviction and banning reaching the agent, and SIGTERM draining.
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+#include <httplib.h>
 #include <signal.h>
 #include <sys/stat.h>
 
@@ -334,6 +335,30 @@ TEST_F(LifecycleTest, SigtermDrainsAndExitsZeroForBothDaemons) {
   EXPECT_FALSE(Exists(agent_.socket)) << "Workload API socket left behind";
   watcher->Close();
   EXPECT_GE(updates.load(), 1);
+}
+
+// cpp-httplib gives each connection a pool thread for as long as it is kept alive. With a pool
+// smaller than the clients, the extra clients wait for an idle connection's keep-alive timeout
+// (2 s): 32 keep-alive clients interleaving requests must all be answered within 1.5 s each.
+TEST_F(LifecycleTest, BrokerHttpServesManyKeepAliveClientsAtOnce) {
+  auto broker = StartBroker();
+  ASSERT_TRUE(broker.ok()) << broker.status();
+  std::string host = broker->http_address.substr(0, broker->http_address.rfind(':'));
+  int port = std::stoi(broker->http_address.substr(broker->http_address.rfind(':') + 1));
+  std::vector<std::unique_ptr<httplib::Client>> clients;
+  for (int i = 0; i < 32; ++i) {
+    clients.push_back(std::make_unique<httplib::Client>(host, port));
+    clients.back()->set_keep_alive(true);
+    clients.back()->set_read_timeout(1, 500000);
+  }
+  for (int round = 0; round < 2; ++round) {
+    for (size_t i = 0; i < clients.size(); ++i) {
+      auto response = clients[i]->Get("/healthz");
+      ASSERT_TRUE(response) << "client " << i << " round " << round << ": "
+                            << httplib::to_string(response.error());
+      EXPECT_EQ(response->status, 200);
+    }
+  }
 }
 
 }  // namespace
