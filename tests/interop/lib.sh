@@ -48,18 +48,21 @@ interop_init() {
   trap 'exit 130' INT TERM
 }
 
+# stop_pid PID: SIGTERM, up to 5 s to exit, then SIGKILL; reaps it. No-op for a dead pid.
+stop_pid() {
+  if kill -0 "$1" 2>/dev/null; then
+    kill -TERM "$1" 2>/dev/null || true
+    for _ in $(seq 50); do kill -0 "$1" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$1" 2>/dev/null || true
+    wait "$1" 2>/dev/null || true
+  fi
+}
+
 interop_cleanup() {
   local rc=$?
   local pid log
   # Kill only the daemons this script started, by pid.
-  for pid in $AGENT_PID $BROKER_PID; do
-    if kill -0 "$pid" 2>/dev/null; then
-      kill -TERM "$pid" 2>/dev/null || true
-      for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-      kill -KILL "$pid" 2>/dev/null || true
-      wait "$pid" 2>/dev/null || true
-    fi
-  done
+  for pid in $AGENT_PID $BROKER_PID; do stop_pid "$pid"; done
   if [[ $rc -ne 0 && -n $T ]]; then
     for log in "$T/broker.log" "$T/agent.log"; do
       [[ -f $log ]] || continue

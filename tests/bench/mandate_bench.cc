@@ -1,0 +1,464 @@
+// mandate-bench: the end-to-end benchmark driver (tests/bench/run.sh starts the daemons and calls
+// it; docs/performance.md explains the scenarios).
+//
+//   mandate-bench run   --socket S --admin-socket A --issuer URL --http HOST:PORT --broker
+//   HOST:PORT
+//                       --bundle FILE --agent-data-dir DIR --node-id ID [--quick|--smoke]
+//                       [--curve]
+//       the baseline and every scenario against a running broker + agent; one JSON object.
+//   mandate-bench seed  --db FILE --trust-domain TD --count N --nodes K
+//       N registration entries spread over K nodes, written straight into a broker store.
+//   mandate-bench match --count N [--quick]
+//       in-process entry matching for a node holding N entries.
+//
+// Every figure is measured in this process on this machine; nothing is asserted here (run.sh
+// compares with the targets).
+#include <grpcpp/grpcpp.h>
+#include <httplib.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <iostream>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "CLI/CLI.hpp"
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "broker/agent/agent.h"
+#include "broker/agent/broker_client.h"
+#include "broker/common/crypto/keys.h"
+#include "broker/common/crypto/x509.h"
+#include "broker/common/spiffe/selector.h"
+#include "broker/common/spiffe/spiffe_id.h"
+#include "broker/common/store/sqlite_store.h"
+#include "mandate/admin/v1/admin.grpc.pb.h"
+#include "mandate/token_verifier.h"
+#include "mandate/workload_client.h"
+#include "tests/bench/load.h"
+
+namespace mandate::bench {
+namespace {
+
+using json = nlohmann::json;
+using std::chrono::milliseconds;
+namespace adminpb = mandate::admin::v1;
+
+json ToJson(const LoadResult& r) {
+  json out = {{"ops_per_s", static_cast<int64_t>(r.ops_per_s)},
+              {"p50_us", static_cast<int64_t>(r.p50_us)},
+              {"p99_us", static_cast<int64_t>(r.p99_us)},
+              {"errors", r.errors},
+              {"concurrency", r.concurrency},
+              {"ops", r.ops}};
+  if (r.errors > 0) out["first_error"] = r.first_error.substr(0, 300);
+  return out;
+}
+
+// Fails the whole run: a benchmark that cannot set itself up measures nothing.
+[[noreturn]] void Die(const std::string& what, const absl::Status& status) {
+  std::cerr << "mandate-bench: " << what << ": " << status << "\n";
+  std::exit(1);
+}
+
+template <typename T>
+T OrDie(absl::StatusOr<T> value, const std::string& what) {
+  if (!value.ok()) Die(what, value.status());
+  return *std::move(value);
+}
+
+struct RunArgs {
+  std::string socket;
+  std::string admin_socket;
+  std::string issuer;
+  std::string http;
+  std::string broker;
+  std::string bundle;
+  std::string agent_data_dir;
+  std::string node_id;
+  bool quick = false;
+  bool smoke = false;
+  bool curve = false;
+  int concurrency = 16;
+};
+
+class Bench {
+ public:
+  explicit Bench(RunArgs args) : args_(std::move(args)) {
+    duration_ = milliseconds(args_.smoke ? 200 : args_.quick ? 2000 : 8000);
+    auto channel =
+        grpc::CreateChannel("unix:" + args_.admin_socket, grpc::InsecureChannelCredentials());
+    admin_ = adminpb::Admin::NewStub(channel);
+    td_ = OrDie(spiffe::SpiffeId::Parse(args_.node_id), "--node-id").trust_domain().name();
+    main_id_ = absl::StrCat("spiffe://", td_, "/bench/main");
+  }
+
+  json Run() {
+    json out;
+    out["baseline"] = Baseline();
+    main_entry_ = CreateEntry(main_id_);
+    WaitServed(main_id_);
+    json& s = out["scenarios"];
+    s["jwt_svid_mint"] = JwtSvidMint(args_.concurrency, /*cached=*/false);
+    s["jwt_svid_cached"] = JwtSvidMint(args_.concurrency, /*cached=*/true);
+    s["x509_svid_mint"] = X509SvidMint(args_.concurrency);
+    s["task_token"] = TaskToken(args_.concurrency);
+    s["token_endpoint"] = TokenEndpoint(args_.concurrency);
+    s["verify_task_token"] = VerifyTaskToken();
+    s["attest_connection"] = AttestConnection(1);
+    s["revocation_propagation"] = RevocationPropagation();
+    if (args_.curve) {
+      json& curve = out["curve"]["jwt_svid_mint"];
+      for (int c : {1, 2, 4, 8, 16, 32, 64}) curve[std::to_string(c)] = JwtSvidMint(c, false);
+      json& task_curve = out["curve"]["task_token"];
+      for (int c : {1, 4, 16, 64}) task_curve[std::to_string(c)] = TaskToken(c);
+    }
+    return out;
+  }
+
+ private:
+  // OpenSSL's single-core ES256 rates through the crypto module (EVP), measured now: every
+  // target is a ratio to these.
+  json Baseline() {
+    crypto::PrivateKey key = OrDie(crypto::PrivateKey::GenerateP256(), "key");
+    crypto::PublicKey pub = key.public_key();
+    const std::string message(100, 'm');
+    std::string signature = OrDie(key.SignDer(message), "sign");
+    milliseconds each = args_.smoke ? milliseconds(100) : milliseconds(1000);
+    LoadResult sign = RunLoad(1, each, [&](int) { return key.SignDer(message).status(); });
+    LoadResult verify = RunLoad(1, each, [&](int) {
+      return pub.VerifyDer(message, signature) ? absl::OkStatus()
+                                               : absl::InternalError("verify failed");
+    });
+    return {{"es256_sign_per_s", static_cast<int64_t>(sign.ops_per_s)},
+            {"es256_verify_per_s", static_cast<int64_t>(verify.ops_per_s)}};
+  }
+
+  std::unique_ptr<WorkloadClient> Client() {
+    return OrDie(WorkloadClient::Connect("unix://" + args_.socket), "connect to the agent");
+  }
+
+  // An entry for this process (its uid) under the bench agent's node.
+  adminpb::CreateEntryRequest EntryRequest(const std::string& spiffe_id) {
+    adminpb::CreateEntryRequest request;
+    auto* entry = request.mutable_entry();
+    entry->set_spiffe_id(spiffe_id);
+    entry->set_parent_id(args_.node_id);
+    entry->add_selectors(absl::StrCat("unix:uid:", ::getuid()));
+    entry->add_scopes("bench:read");
+    entry->add_scopes("bench:write");
+    return request;
+  }
+
+  std::string CreateEntry(const std::string& spiffe_id) {
+    grpc::ClientContext context;
+    mandate::common::v1::Entry created;
+    grpc::Status status = admin_->CreateEntry(&context, EntryRequest(spiffe_id), &created);
+    if (!status.ok()) Die("create entry", absl::InternalError(status.error_message()));
+    return created.id();
+  }
+
+  absl::Status DeleteEntry(const std::string& id) {
+    grpc::ClientContext context;
+    adminpb::DeleteEntryRequest request;
+    request.set_id(id);
+    adminpb::DeleteEntryResponse response;
+    grpc::Status status = admin_->DeleteEntry(&context, request, &response);
+    return status.ok() ? absl::OkStatus() : absl::InternalError(status.error_message());
+  }
+
+  // Waits until the agent serves `spiffe_id` to this process.
+  void WaitServed(const std::string& spiffe_id) {
+    auto client = Client();
+    for (int i = 0; i < 500; ++i) {
+      if (client->FetchJwtSvid({"https://bench.example/ready"}, spiffe_id).ok()) return;
+      std::this_thread::sleep_for(milliseconds(20));
+    }
+    Die("agent never served " + spiffe_id, absl::DeadlineExceededError("10 s"));
+  }
+
+  // SDK -> agent -> broker -> sign. With `cached`, one audience per thread: after the first call
+  // the agent answers from its JWT-SVID cache.
+  json JwtSvidMint(int concurrency, bool cached) {
+    std::vector<std::unique_ptr<WorkloadClient>> clients;
+    for (int t = 0; t < concurrency; ++t) clients.push_back(Client());
+    std::vector<int64_t> counters(concurrency, 0);
+    const std::string run = std::to_string(++run_counter_);
+    LoadResult r = RunLoad(concurrency, duration_, [&](int t) {
+      std::string audience =
+          cached ? absl::StrCat("https://cached.bench.example/", t)
+                 : absl::StrCat("https://bench.example/", run, "/", t, "/", counters[t]++);
+      return clients[t]->FetchJwtSvid({audience}, main_id_).status();
+    });
+    return ToJson(r);
+  }
+
+  // The node API's CSR signing as the agent calls it: mTLS with the agent's own SVID, one CSR
+  // per call, signed by the broker for the bench entry.
+  json X509SvidMint(int concurrency) {
+    std::string pem =
+        OrDie(crypto::ReadFile(args_.agent_data_dir + "/agent_svid.pem"), "agent_svid.pem");
+    auto chain = OrDie(crypto::Certificate::ParsePemChain(pem), "agent chain");
+    auto key = OrDie(crypto::PrivateKey::FromPem(pem), "agent key");
+    std::string bundle = OrDie(crypto::ReadFile(args_.bundle), "bundle");
+    agent::BrokerClient broker(args_.broker, bundle,
+                               OrDie(spiffe::TrustDomain::Parse(td_), "trust domain"));
+    if (auto s = broker.SetIdentity(chain, key); !s.ok()) Die("agent identity", s);
+    crypto::PrivateKey workload_key = OrDie(crypto::PrivateKey::GenerateP256(), "key");
+    std::string csr = OrDie(crypto::CreateCsrDer(workload_key, main_id_), "csr");
+    LoadResult r = RunLoad(concurrency, duration_, [&](int) {
+      return broker.SignX509Svids({{main_entry_, csr}}).status();
+    });
+    return ToJson(r);
+  }
+
+  // Workload API FetchTaskToken: the SDK signs a DPoP proof, the agent forwards it, the broker
+  // verifies it (replay cache included) and signs the token.
+  json TaskToken(int concurrency) {
+    std::vector<std::unique_ptr<WorkloadClient>> clients;
+    std::vector<TaskInfo> tasks;
+    for (int t = 0; t < concurrency; ++t) {
+      clients.push_back(Client());
+      tasks.push_back(
+          OrDie(clients[t]->DeclareTask("benchmark", {"bench:read"}, {"https://api.bench.example"},
+                                        std::chrono::seconds(0), main_id_),
+                "declare task"));
+    }
+    LoadResult r = RunLoad(concurrency, duration_, [&](int t) {
+      return clients[t]->FetchTaskToken(tasks[t], "https://api.bench.example").status();
+    });
+    return ToJson(r);
+  }
+
+  // HTTP POST /token: JWT-SVID (fetched once per thread) + a fresh DPoP proof per call, over a
+  // keep-alive connection per thread.
+  json TokenEndpoint(int concurrency) {
+    std::vector<std::unique_ptr<WorkloadClient>> clients;
+    std::vector<std::unique_ptr<httplib::Client>> http;
+    std::vector<httplib::Params> forms;
+    std::string token_endpoint;
+    std::string host = args_.http.substr(0, args_.http.rfind(':'));
+    int port = std::stoi(args_.http.substr(args_.http.rfind(':') + 1));
+    for (int t = 0; t < concurrency; ++t) {
+      clients.push_back(Client());
+      TaskInfo task =
+          OrDie(clients[t]->DeclareTask("benchmark", {"bench:read"}, {"https://api.bench.example"},
+                                        std::chrono::seconds(0), main_id_),
+                "declare task");
+      token_endpoint = task.token_endpoint;
+      JwtSvid svid = OrDie(clients[t]->FetchJwtSvid({args_.issuer}, main_id_), "JWT-SVID");
+      forms.push_back({{"grant_type", "urn:ietf:params:oauth:grant-type:token-exchange"},
+                       {"subject_token", svid.token},
+                       {"subject_token_type", "urn:ietf:params:oauth:token-type:jwt"},
+                       {"task_id", task.id}});
+      http.push_back(std::make_unique<httplib::Client>(host, port));
+      http[t]->set_keep_alive(true);
+      http[t]->set_tcp_nodelay(true);
+    }
+    LoadResult r = RunLoad(concurrency, duration_, [&](int t) -> absl::Status {
+      auto proof = clients[t]->CreateProof("POST", token_endpoint);
+      if (!proof.ok()) return proof.status();
+      auto response = http[t]->Post("/token", {{"DPoP", *proof}}, forms[t]);
+      if (!response) return absl::UnavailableError(httplib::to_string(response.error()));
+      if (response->status != 200) {
+        return absl::InternalError(absl::StrCat(response->status, " ", response->body));
+      }
+      return absl::OkStatus();
+    });
+    return ToJson(r);
+  }
+
+  // The verifier SDK on one thread: token + proof per request. Proofs are made beforehand (each
+  // is single-use), so only verification is timed.
+  json VerifyTaskToken() {
+    auto client = Client();
+    TaskInfo task =
+        OrDie(client->DeclareTask("benchmark", {"bench:read"}, {"https://api.bench.example"},
+                                  std::chrono::seconds(0), main_id_),
+              "declare task");
+    mandate::TaskToken token =
+        OrDie(client->FetchTaskToken(task, "https://api.bench.example"), "task token");
+    TokenVerifierOptions options;
+    options.issuer = args_.issuer;
+    options.audience = "https://api.bench.example";
+    auto verifier = OrDie(TokenVerifier::Create(options), "verifier");
+    const std::string url = "https://api.bench.example/v1/items";
+    const std::string authorization = "DPoP " + token.access_token;
+    int64_t count = args_.smoke ? 200 : args_.quick ? 8000 : 30000;
+    std::vector<std::string> proofs;
+    proofs.reserve(count + 1);
+    for (int64_t i = 0; i <= count; ++i) {
+      proofs.push_back(OrDie(client->CreateProof("GET", url, token.access_token), "proof"));
+    }
+    // The first call fetches the JWKS; it is not part of the steady state.
+    HttpRequestView warm{"GET", url, {authorization}, {proofs.back()}};
+    if (auto v = verifier->Verify(warm); !v.ok()) Die("verify", v.status());
+    std::atomic<int64_t> next{0};
+    LoadResult r = RunLoad(
+        1, duration_ * 4,
+        [&](int) {
+          HttpRequestView request{"GET", url, {authorization}, {proofs[next++]}};
+          return verifier->Verify(request).status();
+        },
+        count);
+    return ToJson(r);
+  }
+
+  // A new Workload API connection per call: connect, attest the caller (exe hash cached by
+  // inode/mtime), answer from the JWT-SVID cache.
+  json AttestConnection(int concurrency) {
+    LoadResult r = RunLoad(concurrency, duration_, [&](int) -> absl::Status {
+      auto client = WorkloadClient::Connect("unix://" + args_.socket);
+      if (!client.ok()) return client.status();
+      return (*client)->FetchJwtSvid({"https://cached.bench.example/attest"}, main_id_).status();
+    });
+    return ToJson(r);
+  }
+
+  // Deleting a registration entry (the admin action that revokes an identity today) until the
+  // agent refuses that identity to its workload. Milliseconds.
+  json RevocationPropagation() {
+    int rounds = args_.smoke ? 2 : args_.quick ? 10 : 40;
+    auto client = Client();
+    std::vector<double> millis;
+    int64_t errors = 0;
+    for (int i = 0; i < rounds; ++i) {
+      std::string id = absl::StrCat("spiffe://", td_, "/bench/revoke-", run_counter_, "-", i);
+      std::string entry = CreateEntry(id);
+      WaitServed(id);
+      auto start = std::chrono::steady_clock::now();
+      if (!DeleteEntry(entry).ok()) {
+        ++errors;
+        continue;
+      }
+      bool refused = false;
+      while (std::chrono::steady_clock::now() - start < std::chrono::seconds(10)) {
+        if (!client->FetchJwtSvid({"https://bench.example/revoked"}, id).ok()) {
+          refused = true;
+          break;
+        }
+        std::this_thread::sleep_for(std::chrono::microseconds(200));
+      }
+      if (!refused) {
+        ++errors;
+        continue;
+      }
+      millis.push_back(
+          std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start)
+              .count());
+    }
+    std::sort(millis.begin(), millis.end());
+    return {{"p50_ms", Quantile(millis, 0.5)},
+            {"p99_ms", Quantile(millis, 0.99)},
+            {"max_ms", millis.empty() ? 0 : millis.back()},
+            {"rounds", rounds},
+            {"errors", errors},
+            {"concurrency", 1}};
+  }
+
+  RunArgs args_;
+  milliseconds duration_;
+  std::unique_ptr<adminpb::Admin::Stub> admin_;
+  std::string td_;
+  std::string main_id_;
+  std::string main_entry_;
+  int run_counter_ = 0;
+};
+
+// Writes `count` entries over `nodes` node IDs into the store at `db` in batches (one
+// transaction each). Their selectors match no real process.
+int Seed(const std::string& db, const std::string& td, int64_t count, int64_t nodes) {
+  auto store = OrDie(store::SqliteStore::Open(db), "open store");
+  const int64_t batch_size = 5000;
+  for (int64_t base = 0; base < count; base += batch_size) {
+    std::vector<store::RegistrationEntry> batch;
+    for (int64_t i = base; i < std::min(count, base + batch_size); ++i) {
+      store::RegistrationEntry e;
+      e.id = absl::StrCat("seed-", i);
+      e.spiffe_id = absl::StrCat("spiffe://", td, "/fleet/agent-", i);
+      e.parent_id = absl::StrCat("spiffe://", td, "/node/join/seed-", i % nodes);
+      e.selectors = {absl::StrCat("unix:uid:", 100000 + i), "unix:path:/opt/agents/bot"};
+      e.scopes = {"tickets:read"};
+      e.created_at = 1700000000;
+      batch.push_back(std::move(e));
+    }
+    OrDie(store->CreateEntries(std::move(batch)), "seed entries");
+  }
+  std::cout << json{{"seeded", count}, {"nodes", nodes}}.dump() << std::endl;
+  return 0;
+}
+
+// Agent-side entry matching for one caller against a node holding `count` entries (the work
+// every Workload API call does after attestation).
+int Match(int64_t count, bool quick) {
+  agent::Snapshot snapshot;
+  snapshot.trust_domain = "example.org";
+  for (int64_t i = 0; i < count; ++i) {
+    agent::AssignedEntry e;
+    e.id = absl::StrCat("seed-", i);
+    e.spiffe_id = absl::StrCat("spiffe://example.org/fleet/agent-", i);
+    e.selectors = spiffe::SelectorSet(
+        std::vector<std::string>{absl::StrCat("unix:uid:", 100000 + i), "unix:path:/opt/bot"});
+    snapshot.entries.push_back(std::move(e));
+  }
+  // A caller with a typical selector set (uid, gid, user, path, sha256, unit).
+  spiffe::SelectorSet caller(std::vector<std::string>{
+      absl::StrCat("unix:uid:", 100000 + count / 2), "unix:gid:1000", "unix:user:bot",
+      "unix:path:/opt/bot", "unix:sha256:" + std::string(64, 'a'), "systemd:unit:bot.service"});
+  size_t matched = 0;
+  LoadResult r = RunLoad(1, milliseconds(quick ? 1000 : 3000), [&](int) {
+    matched = agent::Agent::Match(snapshot, caller).size();
+    return matched == 1 ? absl::OkStatus() : absl::InternalError("wrong match count");
+  });
+  json out = ToJson(r);
+  out["entries"] = count;
+  std::cout << out.dump() << std::endl;
+  return 0;
+}
+
+}  // namespace
+}  // namespace mandate::bench
+
+int main(int argc, char** argv) {
+  using mandate::bench::RunArgs;
+  CLI::App app{"mandate-bench: Mandate's end-to-end benchmark driver"};
+  app.require_subcommand(1);
+  RunArgs run_args;
+  auto* run = app.add_subcommand("run", "Baseline and scenarios against a running stack");
+  run->add_option("--socket", run_args.socket, "Workload API socket path")->required();
+  run->add_option("--admin-socket", run_args.admin_socket, "Broker admin socket")->required();
+  run->add_option("--issuer", run_args.issuer, "Broker issuer URL")->required();
+  run->add_option("--http", run_args.http, "Broker HTTP HOST:PORT")->required();
+  run->add_option("--broker", run_args.broker, "Broker agent API HOST:PORT")->required();
+  run->add_option("--bundle", run_args.bundle, "Trust bundle PEM")->required();
+  run->add_option("--agent-data-dir", run_args.agent_data_dir, "Agent data dir")->required();
+  run->add_option("--node-id", run_args.node_id, "The agent's node SPIFFE ID")->required();
+  run->add_option("--concurrency", run_args.concurrency, "Client threads")->capture_default_str();
+  run->add_flag("--quick", run_args.quick, "Short runs (about 2 s per scenario)");
+  run->add_flag("--smoke", run_args.smoke, "Tiny runs: only checks that every scenario works");
+  run->add_flag("--curve", run_args.curve, "Also ops/s against concurrency 1-64");
+
+  std::string db, td;
+  int64_t count = 0, nodes = 1;
+  bool quick_match = false;
+  auto* seed = app.add_subcommand("seed", "Write registration entries into a broker store");
+  seed->add_option("--db", db, "SQLite file (DATA_DIR/mandate.db)")->required();
+  seed->add_option("--trust-domain", td, "Trust domain")->required();
+  seed->add_option("--count", count, "Entries")->required();
+  seed->add_option("--nodes", nodes, "Spread over this many node IDs")->capture_default_str();
+  auto* match = app.add_subcommand("match", "Agent-side entry matching, in process");
+  match->add_option("--count", count, "Entries on the node")->required();
+  match->add_flag("--quick", quick_match, "Short run");
+  CLI11_PARSE(app, argc, argv);
+
+  if (*run) {
+    mandate::bench::Bench bench(run_args);
+    std::cout << bench.Run().dump() << std::endl;
+    return 0;
+  }
+  if (*seed) return mandate::bench::Seed(db, td, count, std::max<int64_t>(1, nodes));
+  return mandate::bench::Match(count, quick_match);
+}

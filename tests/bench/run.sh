@@ -1,0 +1,244 @@
+#!/usr/bin/env bash
+# Mandate's end-to-end benchmark (docs/performance.md).
+#
+#   tests/bench/run.sh [--quick | --smoke] [--curve] [--build-dir DIR]
+#
+# Builds mandate-broker, mandate-agent, mandate and mandate-bench in Release (build-bench/, tests
+# off) unless --build-dir names an existing build, starts a broker and a join-token agent in a
+# temp dir, runs the baseline and every scenario, then measures a broker holding 100,000
+# registration entries (cold start, RSS) and an agent on one of its nodes. Prints progress on
+# stderr and one JSON document as the last line of stdout:
+#   {"machine": {...}, "baseline": {...}, "scenarios": {...}, "targets": {...}}
+# --quick: about 2 s per scenario (under a minute once built). --smoke: tiny runs that only check
+# that every scenario works (ctest runs this against the Debug build). --curve: also ops/s
+# against concurrency 1-64 and memory against 1k-100k entries (the full run does both).
+# Every process started here is stopped by pid and the temp dir removed on every exit path.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+MODE=full
+CURVE=0
+BUILD=""
+while [[ $# -gt 0 ]]; do
+  case $1 in
+    --quick) MODE=quick ;;
+    --smoke) MODE=smoke ;;
+    --curve) CURVE=1 ;;
+    --build-dir)
+      BUILD=$2
+      shift
+      ;;
+    *)
+      echo "usage: $0 [--quick|--smoke] [--curve] [--build-dir DIR]" >&2
+      exit 2
+      ;;
+  esac
+  shift
+done
+[[ $MODE == full ]] && CURVE=1
+
+log() { echo "bench: $*" >&2; }
+
+if [[ -z $BUILD ]]; then
+  BUILD=$ROOT/build-bench
+  export CCACHE_DIR=${CCACHE_DIR:-$HOME/.cache/ccache}
+  export CCACHE_BASEDIR=$ROOT
+  export CCACHE_NOHASHDIR=1
+  log "building Release binaries in $BUILD"
+  cmake -S "$ROOT" -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DMANDATE_BUILD_TESTS=OFF >/dev/null
+  cmake --build "$BUILD" -j"${MANDATE_JOBS:-2}" \
+    --target mandate-broker mandate-agent mandate mandate-bench >/dev/null
+fi
+BUILD=$(cd "$BUILD" && pwd)
+BENCH=$BUILD/tests/bench/mandate-bench
+[[ -x $BENCH ]] || { echo "bench: $BENCH is missing" >&2; exit 1; }
+
+# The interop helpers own daemon start/stop and cleanup; their PASS lines go to stderr here.
+# shellcheck source=../interop/lib.sh
+source "$ROOT/tests/interop/lib.sh"
+exec 3>&1 1>&2
+interop_init "$BUILD" bench
+TD=bench.test
+NODE_ID=spiffe://$TD/node/join/bench
+EXTRA_PIDS=""
+cleanup_extra() {
+  local pid
+  for pid in $EXTRA_PIDS; do stop_pid "$pid"; done
+  EXTRA_PIDS=""
+}
+trap 'exit 130' INT TERM
+trap 'rc=$?; cleanup_extra; (exit $rc); interop_cleanup' EXIT
+
+# Resident and peak memory of a process, in MiB.
+rss_mib() { awk '/^VmRSS:/ {printf "%.1f", $2 / 1024}' "/proc/$1/status"; }
+hwm_mib() { awk '/^VmHWM:/ {printf "%.1f", $2 / 1024}' "/proc/$1/status"; }
+now_ms() { date +%s%3N; }
+
+# ---------------------------------------------------------------------------- scenarios
+start_broker "$TD"
+start_agent "$NODE_ID"
+log "running scenarios ($MODE)"
+RUN_ARGS=(run --socket "$T/a/agent.sock" --admin-socket "$T/b/admin.sock"
+  --issuer "http://$HTTP_ADDR" --http "$HTTP_ADDR" --broker "$AGENT_ADDR"
+  --bundle "$T/b/bundle.pem" --agent-data-dir "$T/a" --node-id "$NODE_ID")
+[[ $MODE == quick ]] && RUN_ARGS+=(--quick)
+[[ $MODE == smoke ]] && RUN_ARGS+=(--smoke)
+((CURVE)) && [[ $MODE != smoke ]] && RUN_ARGS+=(--curve)
+"$BENCH" "${RUN_ARGS[@]}" >"$T/scenarios.json"
+SCENARIO_BROKER_RSS=$(rss_mib "$BROKER_PID")
+SCENARIO_AGENT_RSS=$(rss_mib "$AGENT_PID")
+check_daemons_alive "the scenarios"
+# Free the machine for the scale measurements.
+stop_pid "$AGENT_PID"
+stop_pid "$BROKER_PID"
+
+# ---------------------------------------------------------------------------- entries at scale
+# measure_entries N: a broker whose store holds N entries over 10 nodes, and an agent on one of
+# those nodes (N / 10 entries). Appends one JSON line to $T/scale.jsonl.
+measure_entries() {
+  local n=$1 dir=$T/scale-$1 nodes=10
+  mkdir -p "$dir/b"
+  chmod 0700 "$dir/b"
+  local seed_start seed_ms
+  seed_start=$(now_ms)
+  "$BENCH" seed --db "$dir/b/mandate.db" --trust-domain "$TD" --count "$n" --nodes "$nodes" \
+    >/dev/null
+  seed_ms=$(($(now_ms) - seed_start))
+  local start broker_pid http agent_addr ready_ms
+  start=$(now_ms)
+  "$B" --data-dir "$dir/b" --trust-domain "$TD" --agent-listen 127.0.0.1:0 \
+    --http-listen 127.0.0.1:0 >"$dir/broker.log" 2>&1 &
+  broker_pid=$!
+  EXTRA_PIDS="$EXTRA_PIDS $broker_pid"
+  until [[ -s $dir/b/endpoints.json ]] && http=$("$PY" -c '
+import json, sys
+e = json.load(open(sys.argv[1])); print(e["http_address"], e["agent_address"], e["pid"])' \
+    "$dir/b/endpoints.json" 2>/dev/null) && [[ ${http##* } == "$broker_pid" ]] &&
+    curl -fsS -o /dev/null "http://${http%% *}/readyz" 2>/dev/null; do
+    kill -0 "$broker_pid" 2>/dev/null || { log "broker with $n entries exited"; tail "$dir/broker.log"; exit 1; }
+    (($(now_ms) - start > 60000)) && { log "broker with $n entries not ready in 60 s"; exit 1; }
+    sleep 0.01
+  done
+  ready_ms=$(($(now_ms) - start))
+  agent_addr=$(echo "$http" | awk '{print $2}')
+  local broker_rss token agent_pid agent_start agent_ready_ms=0 last="" stable=0
+  broker_rss=$(rss_mib "$broker_pid")
+  token=$("$M" --admin-socket "$dir/b/admin.sock" token generate \
+    --spiffe-id "spiffe://$TD/node/join/seed-0")
+  agent_start=$(now_ms)
+  MANDATE_JOIN_TOKEN=$token "$A" --data-dir "$dir/a" --broker "$agent_addr" \
+    --trust-bundle "$dir/b/bundle.pem" >"$dir/agent.log" 2>&1 &
+  agent_pid=$!
+  EXTRA_PIDS="$EXTRA_PIDS $agent_pid"
+  # The agent has its SVIDs when the socket exists and its memory stops growing.
+  until [[ -S $dir/a/agent.sock ]]; do
+    kill -0 "$agent_pid" 2>/dev/null || { log "agent exited"; tail "$dir/agent.log"; exit 1; }
+    (($(now_ms) - agent_start > 60000)) && { log "agent socket never appeared"; exit 1; }
+    sleep 0.02
+  done
+  agent_ready_ms=$(($(now_ms) - agent_start))
+  while ((stable < 10)) && (($(now_ms) - agent_start < 60000)); do
+    local rss
+    rss=$(rss_mib "$agent_pid")
+    if [[ $rss == "$last" ]]; then stable=$((stable + 1)); else stable=0; fi
+    last=$rss
+    sleep 0.1
+  done
+  local match match_args=(match --count "$((n / nodes))")
+  [[ $MODE != full ]] && match_args+=(--quick)
+  match=$("$BENCH" "${match_args[@]}")
+  "$PY" -c '
+import json, sys
+n, seed, ready, brss, bhwm, aready, arss, ahwm, match = sys.argv[1:10]
+print(json.dumps({"entries": int(n), "nodes": 10, "seed_ms": int(seed), "cold_start_ms": int(ready),
+  "broker_rss_mb": float(brss), "broker_peak_rss_mb": float(bhwm),
+  "agent_entries": int(n) // 10, "agent_start_ms": int(aready), "agent_rss_mb": float(arss),
+  "agent_peak_rss_mb": float(ahwm), "match": json.loads(match)}))' \
+    "$n" "$seed_ms" "$ready_ms" "$broker_rss" "$(hwm_mib "$broker_pid")" "$agent_ready_ms" \
+    "$(rss_mib "$agent_pid")" "$(hwm_mib "$agent_pid")" "$match" >>"$T/scale.jsonl"
+  cleanup_extra
+  log "entries=$n: $(tail -n 1 "$T/scale.jsonl")"
+}
+
+if [[ $MODE == smoke ]]; then
+  measure_entries 1000
+elif ((CURVE)); then
+  for n in 1000 10000 100000; do measure_entries "$n"; done
+else
+  measure_entries 100000
+fi
+
+# ---------------------------------------------------------------------------- report
+"$PY" - "$T/scenarios.json" "$T/scale.jsonl" "$MODE" "$SCENARIO_BROKER_RSS" \
+  "$SCENARIO_AGENT_RSS" >&3 <<'PYEOF'
+import json, os, platform, sys
+
+scenarios_path, scale_path, mode, broker_rss, agent_rss = sys.argv[1:6]
+run = json.load(open(scenarios_path))
+scale = [json.loads(line) for line in open(scale_path) if line.strip()]
+largest = max(scale, key=lambda s: s["entries"])
+model = ""
+for line in open("/proc/cpuinfo"):
+    if line.startswith("model name"):
+        model = line.split(":", 1)[1].strip()
+        break
+mem_kb = next(int(l.split()[1]) for l in open("/proc/meminfo") if l.startswith("MemTotal"))
+scenarios = run["scenarios"]
+scenarios["entries_100k" if largest["entries"] == 100000 else "entries_%d" % largest["entries"]] = {
+    "entries": largest["entries"],
+    "cold_start_ms": largest["cold_start_ms"],
+    "entry_match_us_p50": largest["match"]["p50_us"],
+    "entry_match_us_p99": largest["match"]["p99_us"],
+    "agent_entries": largest["agent_entries"],
+    "broker_rss_mb": largest["broker_rss_mb"],
+    "agent_rss_mb": largest["agent_rss_mb"],
+    "agent_peak_rss_mb": largest["agent_peak_rss_mb"],
+    "errors": 0,
+    "concurrency": 1,
+}
+base = run["baseline"]
+sign, verify = base["es256_sign_per_s"], base["es256_verify_per_s"]
+
+def ratio(name, key, denominator):
+    value = scenarios.get(name, {}).get(key, 0)
+    return round(value / denominator, 3) if denominator else 0
+
+entries = scenarios.get("entries_100k", {})
+targets = {
+    "jwt_svid_mint_x_sign": {"value": ratio("jwt_svid_mint", "ops_per_s", sign), "target": 0.15},
+    "jwt_svid_mint_p99_ms": {"value": scenarios["jwt_svid_mint"]["p99_us"] / 1000, "target": 5,
+                             "lower_is_better": True},
+    "jwt_svid_cached_x_sign": {"value": ratio("jwt_svid_cached", "ops_per_s", sign), "target": 0.4},
+    "task_token_x_sign": {"value": ratio("task_token", "ops_per_s", sign), "target": 0.1},
+    "verify_task_token_x_verify": {"value": ratio("verify_task_token", "ops_per_s", verify),
+                                   "target": 0.4},
+    "revocation_propagation_p99_ms": {"value": scenarios["revocation_propagation"]["p99_ms"],
+                                      "target": 250, "lower_is_better": True},
+}
+if entries:
+    targets["entries_100k_cold_start_ms"] = {"value": entries["cold_start_ms"], "target": 1000,
+                                             "lower_is_better": True}
+    targets["entries_100k_agent_rss_mb"] = {"value": entries["agent_rss_mb"], "target": 40,
+                                            "lower_is_better": True}
+    targets["entries_100k_broker_rss_mb"] = {"value": entries["broker_rss_mb"], "target": 200,
+                                             "lower_is_better": True}
+for t in targets.values():
+    t["met"] = t["value"] <= t["target"] if t.get("lower_is_better") else t["value"] >= t["target"]
+
+doc = {
+    "machine": {"cpus": os.cpu_count(), "cpu_model": model, "mem_gb": round(mem_kb / 1048576, 1),
+                "kernel": platform.release(), "mode": mode},
+    "baseline": base,
+    "scenarios": scenarios,
+    "targets": targets,
+    "memory": {"scenario_broker_rss_mb": float(broker_rss),
+               "scenario_agent_rss_mb": float(agent_rss), "by_entries": scale},
+}
+if "curve" in run:
+    doc["curve"] = run["curve"]
+for name, t in targets.items():
+    print("bench: %-32s %10s  target %s%s  %s" % (name, t["value"],
+          "<= " if t.get("lower_is_better") else ">= ", t["target"], "met" if t["met"] else "MISSED"),
+          file=sys.stderr)
+print(json.dumps(doc, sort_keys=True))
+PYEOF
