@@ -202,6 +202,9 @@ std::shared_ptr<const Snapshot> Agent::WaitForChange(uint64_t seen,
 }
 
 void Agent::Publish(std::shared_ptr<Snapshot> next) {
+  // Always rebuilt: cheap next to what led here (a sync or a round of signing), and a copied
+  // snapshot whose entries were edited can never serve a stale index.
+  IndexEntries(*next);
   std::lock_guard<std::mutex> lock(mu_);
   next->generation = current_->generation + 1;
   current_ = std::move(next);
@@ -288,26 +291,31 @@ bool Agent::RefreshSvids() {
   int64_t now = clock_.NowSeconds();
   auto snapshot = Current();
   if (!snapshot->serving) return true;
-  std::vector<std::pair<std::string, std::string>> requests;
-  std::map<std::string, crypto::PrivateKey> keys;
+  // Entries needing an SVID; keys and CSRs are made one batch at a time below, so a node with
+  // thousands of entries never holds thousands of private key objects at once.
+  std::vector<const AssignedEntry*> needed;
   for (const auto& entry : snapshot->entries) {
     auto it = snapshot->svids.find(entry.id);
-    bool needed = it == snapshot->svids.end() ||
-                  PastHalfLife(it->second->not_before, it->second->not_after, now);
-    if (!needed) continue;
-    auto key = crypto::PrivateKey::GenerateP256();
-    if (!key.ok()) return false;
-    auto csr = crypto::CreateCsrDer(*key, entry.spiffe_id);
-    if (!csr.ok()) return false;
-    requests.emplace_back(entry.id, std::move(*csr));
-    keys.emplace(entry.id, std::move(*key));
+    if (it == snapshot->svids.end() ||
+        PastHalfLife(it->second->not_before, it->second->not_after, now)) {
+      needed.push_back(&entry);
+    }
   }
   bool complete = true;
   std::vector<std::shared_ptr<HeldX509Svid>> fresh;
-  for (size_t start = 0; start < requests.size(); start += kMaxCsrsPerCall) {
-    size_t end = std::min(requests.size(), start + kMaxCsrsPerCall);
-    std::vector<std::pair<std::string, std::string>> batch(requests.begin() + start,
-                                                           requests.begin() + end);
+  for (size_t start = 0; start < needed.size(); start += kMaxCsrsPerCall) {
+    size_t end = std::min(needed.size(), start + kMaxCsrsPerCall);
+    std::vector<std::pair<std::string, std::string>> batch;
+    std::unordered_map<std::string, crypto::PrivateKey> keys;
+    batch.reserve(end - start);
+    for (size_t i = start; i < end; ++i) {
+      auto key = crypto::PrivateKey::GenerateP256();
+      if (!key.ok()) return false;
+      auto csr = crypto::CreateCsrDer(*key, needed[i]->spiffe_id);
+      if (!csr.ok()) return false;
+      batch.emplace_back(needed[i]->id, std::move(*csr));
+      keys.emplace(needed[i]->id, std::move(*key));
+    }
     auto signed_svids = broker_.SignX509Svids(batch);
     if (!signed_svids.ok()) {
       spdlog::warn("broker refused to sign {} X509-SVIDs: {}", batch.size(),
@@ -328,16 +336,18 @@ bool Agent::RefreshSvids() {
       fresh.push_back(std::move(held));
     }
   }
-  if (fresh.size() < requests.size()) complete = false;
+  if (fresh.size() < needed.size()) complete = false;
   // Merge into whatever is current now: entries removed meanwhile stay removed.
   std::lock_guard<std::mutex> update(update_mu_);
   auto current = Current();
   auto next = std::make_shared<Snapshot>(*current);
   bool changed = false;
+  std::unordered_map<std::string_view, const AssignedEntry*> by_id;
+  by_id.reserve(next->entries.size());
+  for (const auto& entry : next->entries) by_id.emplace(entry.id, &entry);
   for (auto& held : fresh) {
-    auto entry = std::find_if(next->entries.begin(), next->entries.end(),
-                              [&](const AssignedEntry& e) { return e.id == held->entry_id; });
-    if (entry == next->entries.end() || entry->spiffe_id != held->spiffe_id) continue;
+    auto entry = by_id.find(held->entry_id);
+    if (entry == by_id.end() || entry->second->spiffe_id != held->spiffe_id) continue;
     next->svids[held->entry_id] = std::move(held);
     changed = true;
   }
@@ -409,10 +419,48 @@ void Agent::RotationLoop() {
   }
 }
 
+void Agent::IndexEntries(Snapshot& snapshot) {
+  // Each entry goes under its rarest selector: many entries often share one (a common path or
+  // gid) while a uid, hash or unit usually singles a few out, so a caller's lookups then yield
+  // few candidates. Any one selector of the entry would be correct: a matching caller has all.
+  std::unordered_map<std::string_view, uint32_t> frequency;
+  for (const auto& entry : snapshot.entries) {
+    for (const std::string& selector : entry.selectors.strings()) ++frequency[selector];
+  }
+  snapshot.entry_index.clear();
+  for (size_t i = 0; i < snapshot.entries.size(); ++i) {
+    const auto& selectors = snapshot.entries[i].selectors.strings();
+    // An entry without selectors matches no one, so it needs no index slot.
+    if (selectors.empty()) continue;
+    const std::string* rarest = &selectors.front();
+    for (const std::string& selector : selectors) {
+      if (frequency[selector] < frequency[*rarest]) rarest = &selector;
+    }
+    snapshot.entry_index[*rarest].push_back(static_cast<uint32_t>(i));
+  }
+  snapshot.indexed_entries = snapshot.entries.size();
+}
+
 std::vector<const AssignedEntry*> Agent::Match(const Snapshot& snapshot,
                                                const spiffe::SelectorSet& caller) {
   std::vector<const AssignedEntry*> out;
-  for (const auto& entry : snapshot.entries) {
+  if (snapshot.indexed_entries != snapshot.entries.size()) {
+    for (const auto& entry : snapshot.entries) {
+      if (caller.ContainsAll(entry.selectors)) out.push_back(&entry);
+    }
+    return out;
+  }
+  std::vector<uint32_t> candidates;
+  for (const std::string& selector : caller.strings()) {
+    auto it = snapshot.entry_index.find(selector);
+    if (it != snapshot.entry_index.end()) {
+      candidates.insert(candidates.end(), it->second.begin(), it->second.end());
+    }
+  }
+  // Each entry sits under exactly one key, so there are no duplicates; sort for entries order.
+  std::sort(candidates.begin(), candidates.end());
+  for (uint32_t i : candidates) {
+    const AssignedEntry& entry = snapshot.entries[i];
     if (caller.ContainsAll(entry.selectors)) out.push_back(&entry);
   }
   return out;

@@ -17,6 +17,7 @@
 #include <mutex>
 #include <string>
 #include <thread>
+#include <unordered_map>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -53,6 +54,13 @@ struct Snapshot {
   uint64_t generation = 0;
   std::string trust_domain;  // name, e.g. "example.org"
   std::vector<AssignedEntry> entries;
+  // Positions in `entries` keyed by one selector of each entry (its rarest): a caller can only
+  // match an entry whose every selector it has, so the candidates for a caller are found by
+  // looking up the caller's own selectors instead of scanning every entry. Built by
+  // Agent::IndexEntries (Publish does it); Match falls back to a scan when it does not cover
+  // `entries`.
+  std::unordered_map<std::string, std::vector<uint32_t>> entry_index;
+  size_t indexed_entries = 0;
   std::map<std::string, std::shared_ptr<const HeldX509Svid>> svids;  // by entry id
   std::string bundle_der;  // concatenated DER CA certificates
   std::string jwt_bundle;  // JWKS
@@ -90,9 +98,12 @@ class Agent {
   std::shared_ptr<const Snapshot> WaitForChange(uint64_t seen,
                                                 std::chrono::milliseconds timeout) const;
 
-  // Entries of `snapshot` whose selectors are all among `caller`.
+  // Entries of `snapshot` whose selectors are all among `caller`, in `entries` order.
+  // O(|caller| + candidates) with the entry index, O(|entries|) without.
   static std::vector<const AssignedEntry*> Match(const Snapshot& snapshot,
                                                  const spiffe::SelectorSet& caller);
+  // (Re)builds snapshot.entry_index for snapshot.entries.
+  static void IndexEntries(Snapshot& snapshot);
 
   // The connection to the broker, for calls forwarded on a workload's behalf (tasks).
   BrokerClient& broker() { return broker_; }
