@@ -159,6 +159,10 @@ int Run(AgentFlags flags) {
   grpc::ServerBuilder builder;
   builder.RegisterService(&service);
   builder.RegisterService(&tasks_service);
+  // gRPC's synchronous server keeps at most MAX_POLLERS idle threads and creates one per call
+  // beyond them; the default (2) made busy workloads pay a thread creation per request.
+  builder.SetSyncServerOption(grpc::ServerBuilder::SyncServerOption::MIN_POLLERS, 2);
+  builder.SetSyncServerOption(grpc::ServerBuilder::SyncServerOption::MAX_POLLERS, 16);
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   std::string socket = flags.socket.empty() ? flags.data_dir + "/agent.sock" : flags.socket;
   // Callers are identified per call; anyone may connect (mode 0666).

@@ -295,6 +295,9 @@ int Run(const BrokerFlags& flags) {
   node_quota.SetMaxThreads(flags.max_node_threads);
   node_builder.SetResourceQuota(node_quota);
   node_builder.AddChannelArgument(GRPC_ARG_MAX_CONCURRENT_STREAMS, 16);
+  // Idle handler threads kept ready (gRPC's default of 2 creates a thread per concurrent call).
+  node_builder.SetSyncServerOption(grpc::ServerBuilder::SyncServerOption::MIN_POLLERS, 2);
+  node_builder.SetSyncServerOption(grpc::ServerBuilder::SyncServerOption::MAX_POLLERS, 16);
   std::unique_ptr<grpc::Server> node_server = node_builder.BuildAndStart();
   if (!node_server || bound_agent_port == 0) {
     return Fail(absl::UnavailableError(

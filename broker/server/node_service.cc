@@ -53,30 +53,53 @@ absl::StatusOr<NodeService::AuthenticatedNode> NodeService::AuthenticateNode(
   if (pems.empty()) {
     return absl::UnauthenticatedError("this call needs the agent's X509-SVID (mTLS)");
   }
-  auto chain = crypto::Certificate::ParsePemChain(std::string_view(pems[0].data(), pems[0].size()));
-  if (!chain.ok()) return absl::UnauthenticatedError("unreadable client certificate");
-  auto verified = crypto::VerifyX509SvidChain(*chain, authority_.x509_roots(), clock_.NowSeconds());
-  if (!verified.ok()) {
-    return absl::UnauthenticatedError(
-        absl::StrCat("client certificate rejected: ", verified.status().message()));
+  const std::string_view pem(pems[0].data(), pems[0].size());
+  const int64_t now = clock_.NowSeconds();
+  VerifiedPeer peer;
+  bool cached = false;
+  {
+    absl::MutexLock lock(&peers_mu_);
+    auto it = verified_peers_.find(std::string(pem));
+    if (it != verified_peers_.end() && now < it->second.not_after) {
+      peer = it->second;
+      cached = true;
+    }
   }
-  auto id = spiffe::SpiffeId::Parse(verified->spiffe_id);
-  if (!id.ok() || !id->MemberOf(authority_.trust_domain()) || !id->path().starts_with("/node/")) {
-    return absl::PermissionDeniedError("client certificate is not a node agent SVID");
+  if (!cached) {
+    auto chain = crypto::Certificate::ParsePemChain(pem);
+    if (!chain.ok() || chain->empty()) {
+      return absl::UnauthenticatedError("unreadable client certificate");
+    }
+    auto verified = crypto::VerifyX509SvidChain(*chain, authority_.x509_roots(), now);
+    if (!verified.ok()) {
+      return absl::UnauthenticatedError(
+          absl::StrCat("client certificate rejected: ", verified.status().message()));
+    }
+    auto id = spiffe::SpiffeId::Parse(verified->spiffe_id);
+    if (!id.ok() || !id->MemberOf(authority_.trust_domain()) || !id->path().starts_with("/node/")) {
+      return absl::PermissionDeniedError("client certificate is not a node agent SVID");
+    }
+    peer = {verified->spiffe_id, chain->front().SerialHex(), chain->front().not_after()};
+    absl::MutexLock lock(&peers_mu_);
+    if (verified_peers_.size() >= kMaxVerifiedPeers) {
+      std::erase_if(verified_peers_, [now](const auto& p) { return p.second.not_after <= now; });
+      if (verified_peers_.size() >= kMaxVerifiedPeers) verified_peers_.clear();
+    }
+    verified_peers_.emplace(std::string(pem), peer);
   }
-  auto node = store_.GetNode(verified->spiffe_id);
+  auto node = store_.GetNode(peer.spiffe_id);
   if (absl::IsNotFound(node.status())) {
     // PermissionDenied (not Unauthenticated): the agent must stop serving, not just reconnect.
     return absl::PermissionDeniedError(
-        absl::StrCat("node ", verified->spiffe_id, " is not attested (evicted?); re-attest"));
+        absl::StrCat("node ", peer.spiffe_id, " is not attested (evicted?); re-attest"));
   }
   if (!node.ok()) return absl::UnavailableError(std::string(node.status().message()));
   if (node->banned) {
     return absl::PermissionDeniedError(absl::StrCat("node ", node->spiffe_id, " is banned"));
   }
   AuthenticatedNode out;
-  out.presented_serial = chain->front().SerialHex();
-  out.presented_not_after = chain->front().not_after();
+  out.presented_serial = peer.serial;
+  out.presented_not_after = peer.not_after;
   bool current = node->cert_serial == out.presented_serial;
   bool previous =
       !node->previous_cert_serial.empty() && node->previous_cert_serial == out.presented_serial;

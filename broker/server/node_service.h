@@ -6,7 +6,10 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <unordered_map>
 
+#include "absl/base/thread_annotations.h"
+#include "absl/synchronization/mutex.h"
 #include "attestors/node/node_attestor.h"
 #include "broker/common/dpop/dpop.h"
 #include "broker/common/grpcutil/call_watchdog.h"
@@ -105,6 +108,20 @@ class NodeService final : public mandate::node::v1::NodeApi::Service {
   const std::map<std::string, attestors::ServerNodeAttestor*, std::less<>> attestors_;
   const NodeTaskSupport tasks_;
   std::atomic<bool> shutting_down_{false};
+
+  // Node certificates whose chain and SPIFFE ID were verified, by their exact PEM, until they
+  // expire: parsing and chain-verifying the client certificate on every call cost more than the
+  // work most calls do (OpenSSL 3 decodes the key through its provider machinery each time).
+  // Attestation state (eviction, bans, the current serial) is still read on every call. The
+  // trust roots never change while the broker runs; a CA rotation must clear this cache.
+  struct VerifiedPeer {
+    std::string spiffe_id;
+    std::string serial;
+    int64_t not_after = 0;
+  };
+  static constexpr size_t kMaxVerifiedPeers = 4096;
+  mutable absl::Mutex peers_mu_;
+  mutable std::unordered_map<std::string, VerifiedPeer> verified_peers_ ABSL_GUARDED_BY(peers_mu_);
   // Attestation streams must finish within this budget; silent clients are cut off.
   grpcutil::CallWatchdog attest_watchdog_;
 };
