@@ -2,6 +2,7 @@
 # Mandate's end-to-end benchmark (docs/performance.md).
 #
 #   tests/bench/run.sh [--quick | --smoke] [--curve] [--build-dir DIR]
+#   tests/bench/run.sh --profile SCENARIO [--build-dir DIR]
 #
 # Builds mandate-broker, mandate-agent, mandate and mandate-bench in Release (build-bench/, tests
 # off) unless --build-dir names an existing build, starts a broker and a join-token agent in a
@@ -12,6 +13,9 @@
 # --quick: about 2 s per scenario (under a minute once built). --smoke: tiny runs that only check
 # that every scenario works (ctest runs this against the Debug build). --curve: also ops/s
 # against concurrency 1-64 and memory against 1k-100k entries (the full run does both).
+# --profile SCENARIO: run only that scenario (quick length) under a system-wide perf recording;
+# prints CPU by process and the top symbols of broker, agent and client, and keeps the data in
+# BUILD/perf-SCENARIO.data.
 # Every process started here is stopped by pid and the temp dir removed on every exit path.
 set -euo pipefail
 
@@ -19,6 +23,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 MODE=full
 CURVE=0
 BUILD=""
+PROFILE=""
 while [[ $# -gt 0 ]]; do
   case $1 in
     --quick) MODE=quick ;;
@@ -28,6 +33,11 @@ while [[ $# -gt 0 ]]; do
       BUILD=$2
       shift
       ;;
+    --profile)
+      PROFILE=$2
+      MODE=quick
+      shift
+      ;;
     *)
       echo "usage: $0 [--quick|--smoke] [--curve] [--build-dir DIR]" >&2
       exit 2
@@ -35,7 +45,7 @@ while [[ $# -gt 0 ]]; do
   esac
   shift
 done
-[[ $MODE == full ]] && CURVE=1
+[[ $MODE == full && -z $PROFILE ]] && CURVE=1
 
 log() { echo "bench: $*" >&2; }
 
@@ -67,7 +77,8 @@ cleanup_extra() {
   EXTRA_PIDS=""
 }
 trap 'exit 130' INT TERM
-trap 'rc=$?; cleanup_extra; (exit $rc); interop_cleanup' EXIT
+# errexit off inside the trap: `(exit $rc)` only hands the status on to interop_cleanup.
+trap 'rc=$?; set +e; cleanup_extra; (exit $rc); interop_cleanup' EXIT
 
 # Resident and peak memory of a process, in MiB.
 rss_mib() { awk '/^VmRSS:/ {printf "%.1f", $2 / 1024}' "/proc/$1/status"; }
@@ -82,6 +93,35 @@ RUN_ARGS=(run --socket "$T/a/agent.sock" --admin-socket "$T/b/admin.sock"
   --issuer "http://$HTTP_ADDR" --http "$HTTP_ADDR" --broker "$AGENT_ADDR"
   --bundle "$T/b/bundle.pem" --agent-data-dir "$T/a" --node-id "$NODE_ID")
 [[ $MODE == quick ]] && RUN_ARGS+=(--quick)
+if [[ -n $PROFILE ]]; then
+  command -v perf >/dev/null || { log "perf is missing (Debian: linux-perf)"; exit 1; }
+  # System-wide: gRPC starts handler threads on demand, which a per-pid recording would miss.
+  # PERF_CALL_GRAPH=1 adds DWARF call graphs (slower to record and report, but attributes time
+  # to Mandate's functions).
+  perf_args=(-q -a -F 499 -o "$T/all.perf")
+  [[ ${PERF_CALL_GRAPH:-0} == 1 ]] && perf_args+=(--call-graph dwarf,8192 -F 149)
+  perf record "${perf_args[@]}" &
+  PERF_ALL=$!
+  EXTRA_PIDS="$EXTRA_PIDS $PERF_ALL"
+  sleep 1
+  "$BENCH" "${RUN_ARGS[@]}" --only "$PROFILE" >&3
+  kill -INT "$PERF_ALL"
+  wait "$PERF_ALL" 2>/dev/null || true
+  cp "$T/all.perf" "$BUILD/perf-$PROFILE.data"
+  log "---- CPU by process ----"
+  log "broker pid $BROKER_PID, agent pid $AGENT_PID (gRPC threads are all named grpcpp_sync_ser)"
+  perf report -i "$T/all.perf" --sort pid --stdio 2>/dev/null | grep -E '^ +[0-9]' | head -8 >&2 || true
+  for who in "$BROKER_PID" "$AGENT_PID"; do
+    log "---- pid $who: top symbols ----"
+    perf report -i "$T/all.perf" --pid "$who" --sort sym --stdio \
+      $([[ ${PERF_CALL_GRAPH:-0} == 1 ]] && echo "--children -g none") 2>/dev/null |
+      grep -E '^ +[0-9]' | head -25 >&2 || true
+  done
+  log "---- mandate-bench (the client): top symbols ----"
+  perf report -i "$T/all.perf" --comms mandate-bench --sort dso,sym --stdio 2>/dev/null |
+    grep -E '^ +[0-9]' | head -25 >&2 || true
+  exit 0
+fi
 [[ $MODE == smoke ]] && RUN_ARGS+=(--smoke)
 ((CURVE)) && [[ $MODE != smoke ]] && RUN_ARGS+=(--curve)
 "$BENCH" "${RUN_ARGS[@]}" >"$T/scenarios.json"
