@@ -122,6 +122,13 @@ class Bench {
       if (args_.only.empty() || args_.only == name) s[name] = run();
     }
     if (!args_.only.empty()) return out;
+    // Measured again at the end, keeping the faster of the two: a shared machine's noise
+    // (other tenants, frequency changes) then inflates the ratios less often than it deflates them.
+    json again = Baseline();
+    for (const char* key : {"es256_sign_per_s", "es256_verify_per_s"}) {
+      out["baseline"][key] =
+          std::max(out["baseline"][key].get<int64_t>(), again[key].get<int64_t>());
+    }
     if (args_.curve) {
       json& curve = out["curve"]["jwt_svid_mint"];
       for (int c : {1, 2, 4, 8, 16, 32, 64}) curve[std::to_string(c)] = JwtSvidMint(c, false);
