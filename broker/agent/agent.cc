@@ -1,5 +1,6 @@
 #include "broker/agent/agent.h"
 
+#include <malloc.h>
 #include <openssl/crypto.h>
 #include <spdlog/spdlog.h>
 
@@ -14,6 +15,7 @@ namespace mandate::agent {
 namespace {
 
 constexpr size_t kMaxCsrsPerCall = 500;
+constexpr size_t kTrimAfterSvids = 200;
 constexpr auto kMaxRotationSleep = std::chrono::seconds(30);
 
 std::string ChainDer(const std::vector<crypto::Certificate>& chain) {
@@ -361,6 +363,11 @@ bool Agent::RefreshSvids() {
     }
   }
   if (changed) Publish(std::move(next));
+  if (needed.size() >= kTrimAfterSvids) {
+    // A large signing round leaves freed keys, CSRs and gRPC buffers scattered over glibc's
+    // arenas; hand them back rather than keep the peak for the agent's lifetime.
+    ::malloc_trim(0);
+  }
   return complete;
 }
 
