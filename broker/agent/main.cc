@@ -24,6 +24,7 @@
 #include "broker/common/crypto/keys.h"
 #include "broker/common/grpcutil/uds_listener.h"
 #include "broker/common/log/log.h"
+#include "broker/common/util/runtime.h"
 #include "broker/common/util/status_macros.h"
 
 namespace mandate::agent {
@@ -193,6 +194,7 @@ int Run(AgentFlags flags) {
 }  // namespace mandate::agent
 
 int main(int argc, char** argv) {
+  mandate::SetUpRuntime();
   sigset_t signals;
   sigemptyset(&signals);
   sigaddset(&signals, SIGTERM);

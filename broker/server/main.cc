@@ -25,6 +25,7 @@
 #include "broker/common/grpcutil/uds_listener.h"
 #include "broker/common/log/log.h"
 #include "broker/common/store/sqlite_store.h"
+#include "broker/common/util/runtime.h"
 #include "broker/common/util/status_macros.h"
 #include "broker/server/admin_service.h"
 #include "broker/server/entry_registry.h"
@@ -355,6 +356,7 @@ int Run(const BrokerFlags& flags) {
 }  // namespace mandate::broker
 
 int main(int argc, char** argv) {
+  mandate::SetUpRuntime();
   // Block termination signals in every thread; main() takes them with sigwait.
   sigset_t signals;
   sigemptyset(&signals);

@@ -37,6 +37,7 @@
 #include "broker/common/spiffe/selector.h"
 #include "broker/common/spiffe/spiffe_id.h"
 #include "broker/common/store/sqlite_store.h"
+#include "broker/common/util/runtime.h"
 #include "mandate/admin/v1/admin.grpc.pb.h"
 #include "mandate/token_verifier.h"
 #include "mandate/workload_client.h"
@@ -443,6 +444,7 @@ int Match(int64_t count, bool quick) {
 }  // namespace mandate::bench
 
 int main(int argc, char** argv) {
+  mandate::SetUpRuntime();
   using mandate::bench::RunArgs;
   CLI::App app{"mandate-bench: Mandate's end-to-end benchmark driver"};
   app.require_subcommand(1);
