@@ -431,6 +431,32 @@ TEST_F(X509Test, CsrWithAcceptedKeyTypesParses) {
   }
 }
 
+// SignLeaf writes EC keys into the SubjectPublicKeyInfo itself (no encoder/decoder round trip)
+// and RSA keys through X509_set_pubkey: every accepted type must come out as exactly the key.
+TEST_F(X509Test, LeafSubjectPublicKeyIsExactlyTheSubjectKeyForEveryAcceptedType) {
+  std::vector<PrivateKey> keys;
+  keys.push_back(*PrivateKey::GenerateP256());
+  {
+    EVP_PKEY* raw = EVP_PKEY_Q_keygen(nullptr, nullptr, "EC", "P-384");
+    BIO* bio = BIO_new(BIO_s_mem());
+    PEM_write_bio_PrivateKey(bio, raw, nullptr, nullptr, 0, nullptr, nullptr);
+    char* data = nullptr;
+    long len = BIO_get_mem_data(bio, &data);
+    keys.push_back(*PrivateKey::FromPem(std::string(data, static_cast<size_t>(len))));
+    BIO_free(bio);
+    EVP_PKEY_free(raw);
+  }
+  keys.push_back(KeyOfKind("RSA", 2048));
+  for (const PrivateKey& key : keys) {
+    auto leaf = SignLeaf(ca(), ca_key_, key.public_key(), Leaf());
+    ASSERT_TRUE(leaf.ok()) << leaf.status();
+    EXPECT_TRUE(leaf->public_key().Equals(key.public_key()));
+    EXPECT_EQ(leaf->public_key().SpkiDer(), key.public_key().SpkiDer());
+    auto verified = VerifyX509SvidChain({*leaf}, {ca()}, now_);
+    EXPECT_TRUE(verified.ok()) << verified.status();
+  }
+}
+
 TEST_F(X509Test, LeafIssuedFromCsrHasTheCsrKey) {
   auto csr = CreateCsrDer(leaf_key_, kWorkloadId);
   ASSERT_TRUE(csr.ok());
