@@ -25,13 +25,9 @@ absl::StatusOr<Caller> CallerIdentifier::Identify(grpc::ServerContext* context) 
   if (peer->pidfd < 0) {
     return absl::PermissionDeniedError("caller process exited before it could be identified");
   }
-  uint64_t expected_start = peer->start_time;
-  if (expected_start == 0) {
-    auto start_time = attestor_.ReadStartTime(peer->pid);
-    if (!start_time.ok()) return absl::PermissionDeniedError("caller process no longer exists");
-    expected_start = *start_time;
-  }
-  auto attested = attestor_.AttestDetailed(peer->pid, expected_start);
+  // The pidfd pins the process: if it is alive after attestation (checked below), the pid named
+  // it throughout, so no start-time comparisons are needed around the /proc reads.
+  auto attested = attestor_.AttestPinned(peer->pid);
   if (!attested.ok()) {
     return absl::PermissionDeniedError(
         absl::StrCat("cannot attest caller: ", attested.status().message()));

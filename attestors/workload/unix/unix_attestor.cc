@@ -212,19 +212,33 @@ absl::StatusOr<std::vector<Selector>> UnixAttestor::Attest(int pid,
   return std::move(attestation.selectors);
 }
 
+absl::Status UnixAttestor::VanishedOr(int pid, absl::Status status) const {
+  // A process that exits mid-read can make a read fail in ways other than ENOENT (ESRCH, short
+  // content); whenever its directory is gone, report the one true reason.
+  if (absl::IsNotFound(status) || access(ProcPath(pid, "").c_str(), F_OK) != 0) {
+    return absl::PermissionDeniedError(absl::StrCat("caller process ", pid, " no longer exists"));
+  }
+  return status;
+}
+
+absl::StatusOr<Attestation> UnixAttestor::AttestPinned(int pid) const {
+  if (pid <= 0) {
+    return absl::InvalidArgumentError(absl::StrCat("invalid pid ", pid));
+  }
+  Attestation attestation;
+  attestation.identity.pid = pid;
+  if (absl::Status collected = Collect(attestation); !collected.ok()) {
+    return VanishedOr(pid, collected);
+  }
+  return attestation;
+}
+
 absl::StatusOr<Attestation> UnixAttestor::AttestDetailed(int pid,
                                                          uint64_t expected_start_time) const {
   if (pid <= 0) {
     return absl::InvalidArgumentError(absl::StrCat("invalid pid ", pid));
   }
-  // A process that exits mid-read can make a read fail in ways other than ENOENT (ESRCH, short
-  // content); whenever its directory is gone, report the one true reason.
-  auto vanished_or = [&](absl::Status status) {
-    if (absl::IsNotFound(status) || access(ProcPath(pid, "").c_str(), F_OK) != 0) {
-      return absl::PermissionDeniedError(absl::StrCat("caller process ", pid, " no longer exists"));
-    }
-    return status;
-  };
+  auto vanished_or = [&](absl::Status status) { return VanishedOr(pid, std::move(status)); };
 
   absl::StatusOr<uint64_t> before = ReadStartTime(pid);
   if (!before.ok()) {

@@ -385,6 +385,29 @@ TEST_F(UnixAttestorTest, ProcessExitingDuringAttestationIsPermissionDenied) {
   EXPECT_THAT(std::string(result.status().message()), HasSubstr("no longer exists"));
 }
 
+TEST_F(UnixAttestorTest, PinnedAttestationGivesTheSameSelectorsWithoutStartTime) {
+  AddProcess(100, 5000);
+  UnixAttestor attestor(Options(), Names());
+  absl::StatusOr<Attestation> detailed = attestor.AttestDetailed(100);
+  absl::StatusOr<Attestation> pinned = attestor.AttestPinned(100);
+  ASSERT_TRUE(detailed.ok()) << detailed.status();
+  ASSERT_TRUE(pinned.ok()) << pinned.status();
+  EXPECT_EQ(Strings(pinned->selectors), Strings(detailed->selectors));
+  EXPECT_EQ(pinned->identity.uid, 1001u);
+  EXPECT_EQ(pinned->identity.start_time_ticks, 0u);
+}
+
+TEST_F(UnixAttestorTest, PinnedAttestationOfAMissingProcessIsPermissionDenied) {
+  UnixAttestor attestor(Options(), Names());
+  absl::StatusOr<Attestation> missing = attestor.AttestPinned(4321);
+  EXPECT_EQ(missing.status().code(), absl::StatusCode::kPermissionDenied);
+  EXPECT_THAT(std::string(missing.status().message()), HasSubstr("4321 no longer exists"));
+  EXPECT_EQ(attestor.AttestPinned(0).status().code(), absl::StatusCode::kInvalidArgument);
+
+  // A process exiting after its reads began is the caller's to notice (its pidfd); the attestor
+  // has no start time to compare in this mode.
+}
+
 TEST_F(UnixAttestorTest, NonPositivePidIsInvalidArgument) {
   UnixAttestor attestor(Options(), Names());
   EXPECT_EQ(attestor.Attest(0).status().code(), absl::StatusCode::kInvalidArgument);
