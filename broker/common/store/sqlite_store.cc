@@ -61,24 +61,95 @@ absl::Status SqliteError(sqlite3* db, int rc, std::string_view what) {
 
 // ---- Statements ----
 
-// A prepared statement; finalized on destruction. Data only ever enters SQL through Bind*.
+// Prepared statements kept per connection and reused: compiling the SQL text cost as much as
+// running the small queries that make up most store calls. A statement is taken out while in
+// use, so nested or concurrent uses of the same SQL get their own; SQLite recompiles cached
+// statements by itself after a schema change. Thread-safe.
+class StatementCache {
+ public:
+  static StatementCache& Get() {
+    static StatementCache* cache = new StatementCache();
+    return *cache;
+  }
+
+  // A reset, unbound statement for `sql` on `db`, or nullptr when none is free.
+  sqlite3_stmt* Take(sqlite3* db, std::string_view sql) {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = free_.find(Key{db, std::string(sql)});
+    if (it == free_.end() || it->second.empty()) return nullptr;
+    sqlite3_stmt* stmt = it->second.back();
+    it->second.pop_back();
+    return stmt;
+  }
+
+  // Keeps `stmt` (already reset) for the next Take, or finalizes it when enough are kept.
+  void Return(sqlite3* db, std::string_view sql, sqlite3_stmt* stmt) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      std::vector<sqlite3_stmt*>& kept = free_[Key{db, std::string(sql)}];
+      if (kept.size() < kMaxPerSql) {
+        kept.push_back(stmt);
+        return;
+      }
+    }
+    sqlite3_finalize(stmt);
+  }
+
+  // Finalizes every kept statement of `db`; call before closing it.
+  void FinalizeAll(sqlite3* db) {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (auto it = free_.begin(); it != free_.end();) {
+      if (it->first.db != db) {
+        ++it;
+        continue;
+      }
+      for (sqlite3_stmt* stmt : it->second) sqlite3_finalize(stmt);
+      it = free_.erase(it);
+    }
+  }
+
+ private:
+  static constexpr size_t kMaxPerSql = 8;
+  struct Key {
+    sqlite3* db;
+    std::string sql;
+    bool operator<(const Key& other) const {
+      return db != other.db ? std::less<sqlite3*>()(db, other.db) : sql < other.sql;
+    }
+  };
+  std::mutex mu_;
+  std::map<Key, std::vector<sqlite3_stmt*>> free_;
+};
+
+// A prepared statement, handed back to the StatementCache (reset, bindings cleared) on
+// destruction. Data only ever enters SQL through Bind*.
 class Statement {
  public:
   static absl::StatusOr<Statement> Prepare(sqlite3* db, std::string_view sql) {
+    if (sqlite3_stmt* cached = StatementCache::Get().Take(db, sql); cached != nullptr) {
+      return Statement(db, cached, sql);
+    }
     sqlite3_stmt* stmt = nullptr;
-    int rc = sqlite3_prepare_v2(db, sql.data(), static_cast<int>(sql.size()), &stmt, nullptr);
+    int rc = sqlite3_prepare_v3(db, sql.data(), static_cast<int>(sql.size()),
+                                SQLITE_PREPARE_PERSISTENT, &stmt, nullptr);
     if (rc != SQLITE_OK) {
       sqlite3_finalize(stmt);
       return SqliteError(db, rc, absl::StrCat("preparing \"", AbslView(sql), "\""));
     }
-    return Statement(db, stmt);
+    return Statement(db, stmt, sql);
   }
 
   Statement(Statement&& other) noexcept
-      : db_(other.db_), stmt_(std::exchange(other.stmt_, nullptr)) {}
+      : db_(other.db_), stmt_(std::exchange(other.stmt_, nullptr)), sql_(other.sql_) {}
   Statement& operator=(Statement&&) = delete;
   Statement(const Statement&) = delete;
-  ~Statement() { sqlite3_finalize(stmt_); }
+  ~Statement() {
+    if (stmt_ == nullptr) return;
+    // Reset ends any read the statement holds open; its return code repeats the last step's.
+    sqlite3_reset(stmt_);
+    sqlite3_clear_bindings(stmt_);
+    StatementCache::Get().Return(db_, sql_, stmt_);
+  }
 
   absl::Status BindText(int index, std::string_view value) {
     return Check(sqlite3_bind_text64(stmt_, index, value.data(), value.size(), SQLITE_TRANSIENT,
@@ -120,7 +191,9 @@ class Statement {
   int64_t ColumnInt64(int column) const { return sqlite3_column_int64(stmt_, column); }
 
  private:
-  Statement(sqlite3* db, sqlite3_stmt* stmt) : db_(db), stmt_(stmt) {}
+  // `sql` must outlive the statement: callers pass string literals or constants.
+  Statement(sqlite3* db, sqlite3_stmt* stmt, std::string_view sql)
+      : db_(db), stmt_(stmt), sql_(sql) {}
 
   absl::Status Check(int rc, std::string_view what) {
     if (rc == SQLITE_OK) return absl::OkStatus();
@@ -129,6 +202,7 @@ class Statement {
 
   sqlite3* db_;
   sqlite3_stmt* stmt_;
+  std::string_view sql_;
 };
 
 // Runs constant SQL text (possibly several statements) that binds no data.
@@ -680,7 +754,10 @@ absl::StatusOr<std::unique_ptr<SqliteStore>> SqliteStore::OpenWithMigrationsForT
 
 int SqliteStore::LatestSchemaVersion() { return static_cast<int>(SqliteSchemaMigrations().size()); }
 
-SqliteStore::~SqliteStore() { sqlite3_close_v2(db_); }
+SqliteStore::~SqliteStore() {
+  StatementCache::Get().FinalizeAll(db_);
+  sqlite3_close_v2(db_);
+}
 
 absl::StatusOr<RegistrationEntry> SqliteStore::CreateEntry(RegistrationEntry entry) {
   std::vector<RegistrationEntry> one;

@@ -268,5 +268,26 @@ TEST_F(SqliteStoreEntriesTest, CreateEntriesIsAllOrNothing) {
   EXPECT_EQ(*store_->EntriesRevision(), 0);
 }
 
+// Prepared statements are cached per connection and reused: two connections to one file must
+// each see the other's committed writes, and closing one must leave the other working.
+TEST_F(SqliteStoreEntriesTest, ReusedStatementsServeSeveralConnectionsAndSurviveAClose) {
+  std::unique_ptr<SqliteStore> second = OpenStore();
+  ASSERT_NE(second, nullptr);
+  for (int i = 0; i < 20; ++i) {
+    SqliteStore& writer = i % 2 == 0 ? *store_ : *second;
+    SqliteStore& reader = i % 2 == 0 ? *second : *store_;
+    RegistrationEntry e = MakeEntry("r" + std::to_string(i), kNodeA, {"unix:uid:1"});
+    e.spiffe_id = "spiffe://example.org/agent/r" + std::to_string(i);
+    ASSERT_TRUE(writer.CreateEntry(e).ok());
+    absl::StatusOr<RegistrationEntry> got = reader.GetEntry(e.id);
+    ASSERT_TRUE(got.ok()) << got.status();
+    EXPECT_EQ(got->spiffe_id, e.spiffe_id);
+    EXPECT_EQ(reader.ListEntries()->size(), static_cast<size_t>(i + 1));
+  }
+  second.reset();
+  EXPECT_EQ(store_->ListEntries()->size(), 20u);
+  EXPECT_EQ(store_->GetEntry("r19")->spiffe_id, "spiffe://example.org/agent/r19");
+}
+
 }  // namespace
 }  // namespace mandate::store
