@@ -117,11 +117,11 @@ absl::Status CheckAcceptedKey(EVP_PKEY* key, absl::string_view what) {
   }
 }
 
-// Puts `key` into the certificate's SubjectPublicKeyInfo. For EC keys the algorithm identifier
-// and the encoded point are set directly: X509_set_pubkey encodes the key and decodes it again
-// through OpenSSL 3's encoder and decoder lookups, which profiles showed costing more than the
-// certificate's signature. Other key types take that general path.
-absl::Status SetSubjectPublicKey(X509* cert, EVP_PKEY* key) {
+// Writes an EC key's algorithm identifier and encoded point straight into `spki` and returns
+// true; returns false, changing nothing, for other key types. X509_set_pubkey and
+// X509_REQ_set_pubkey encode the key and decode it again through OpenSSL 3's encoder and decoder
+// lookups, which profiles showed costing more than the signature over the certificate or CSR.
+absl::StatusOr<bool> SetEcSubjectPublicKeyInfo(X509_PUBKEY* spki, EVP_PKEY* key) {
   int curve = NID_undef;
   switch (PublicKey::FromEvp(key).type()) {
     case KeyType::kEcP256:
@@ -131,11 +131,11 @@ absl::Status SetSubjectPublicKey(X509* cert, EVP_PKEY* key) {
       curve = NID_secp384r1;
       break;
     default:
-      if (X509_set_pubkey(cert, key) != 1) return OpenSslError("X509_set_pubkey");
-      return absl::OkStatus();
+      return false;
   }
   size_t len = 0;
-  if (EVP_PKEY_get_octet_string_param(key, OSSL_PKEY_PARAM_ENCODED_PUBLIC_KEY, nullptr, 0, &len) !=
+  if (spki == nullptr ||
+      EVP_PKEY_get_octet_string_param(key, OSSL_PKEY_PARAM_ENCODED_PUBLIC_KEY, nullptr, 0, &len) !=
           1 ||
       len == 0) {
     return OpenSslError("cannot read the EC public point");
@@ -145,13 +145,12 @@ absl::Status SetSubjectPublicKey(X509* cert, EVP_PKEY* key) {
       EVP_PKEY_get_octet_string_param(key, OSSL_PKEY_PARAM_ENCODED_PUBLIC_KEY, point, len, &len) !=
           1 ||
       // X509_PUBKEY_set0_param takes ownership of `point` only on success.
-      X509_PUBKEY_set0_param(X509_get_X509_PUBKEY(cert), OBJ_nid2obj(NID_X9_62_id_ecPublicKey),
-                             V_ASN1_OBJECT, OBJ_nid2obj(curve), point,
-                             static_cast<int>(len)) != 1) {
+      X509_PUBKEY_set0_param(spki, OBJ_nid2obj(NID_X9_62_id_ecPublicKey), V_ASN1_OBJECT,
+                             OBJ_nid2obj(curve), point, static_cast<int>(len)) != 1) {
     OPENSSL_free(point);
     return OpenSslError("cannot set the subject public key");
   }
-  return absl::OkStatus();
+  return true;
 }
 
 // Ed25519 signs without a separate digest; everything else here uses SHA-256.
@@ -662,10 +661,13 @@ absl::StatusOr<Certificate> CreateSelfSignedCa(const PrivateKey& key, const CaOp
 
 absl::StatusOr<std::string> CreateCsrDer(const PrivateKey& key, std::string_view spiffe_id) {
   X509ReqPtr req(X509_REQ_new());
-  if (!req || X509_REQ_set_version(req.get(), X509_REQ_VERSION_1) != 1 ||
-      X509_REQ_set_pubkey(req.get(), key.evp()) != 1) {
+  if (!req || X509_REQ_set_version(req.get(), X509_REQ_VERSION_1) != 1) {
     return OpenSslError("cannot build CSR");
   }
+  ASSIGN_OR_RETURN(bool set,
+                   SetEcSubjectPublicKeyInfo(X509_REQ_get_X509_PUBKEY(req.get()), key.evp()));
+  if (!set && X509_REQ_set_pubkey(req.get(), key.evp()) != 1)
+    return OpenSslError("cannot build CSR");
   if (!spiffe_id.empty()) {
     RETURN_IF_ERROR(CheckSpiffeIdShape(absl::string_view(spiffe_id.data(), spiffe_id.size())));
     ASSIGN_OR_RETURN(GeneralNamesPtr sans, BuildSans(spiffe_id, {}, {}));
@@ -778,7 +780,11 @@ absl::StatusOr<Certificate> SignLeaf(const Certificate& ca_cert, const PrivateKe
       X509_set_issuer_name(cert.get(), X509_get_subject_name(ca_cert.x509())) != 1) {
     return OpenSslError("cannot fill leaf certificate");
   }
-  RETURN_IF_ERROR(SetSubjectPublicKey(cert.get(), subject_key.evp()));
+  ASSIGN_OR_RETURN(bool set,
+                   SetEcSubjectPublicKeyInfo(X509_get_X509_PUBKEY(cert.get()), subject_key.evp()));
+  if (!set && X509_set_pubkey(cert.get(), subject_key.evp()) != 1) {
+    return OpenSslError("X509_set_pubkey");
+  }
   RETURN_IF_ERROR(SetValidity(cert.get(), not_before, not_after));
   RETURN_IF_ERROR(AddBasicConstraints(cert.get(), /*is_ca=*/false));
   RETURN_IF_ERROR(AddKeyUsage(cert.get(), {0}));

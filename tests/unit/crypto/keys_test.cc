@@ -3,8 +3,11 @@
 #include <stdlib.h>
 #include <sys/stat.h>
 
+#include <algorithm>
 #include <filesystem>
+#include <mutex>
 #include <string>
+#include <thread>
 
 #include "gtest/gtest.h"
 
@@ -62,6 +65,31 @@ TEST(KeysTest, DifferentKeysAreNotEqual) {
   auto b = PrivateKey::GenerateP256();
   ASSERT_TRUE(a.ok() && b.ok());
   EXPECT_FALSE(a->public_key().Equals(b->public_key()));
+}
+
+// GenerateP256 reuses one generation context per thread: keys from one thread and from several
+// must all differ and all sign.
+TEST(KeysTest, GenerateP256GivesDistinctWorkingKeysAcrossCallsAndThreads) {
+  std::vector<std::string> spkis;
+  std::mutex mu;
+  auto make = [&] {
+    for (int i = 0; i < 20; ++i) {
+      auto key = PrivateKey::GenerateP256();
+      ASSERT_TRUE(key.ok()) << key.status();
+      auto sig = key->SignDer("data");
+      ASSERT_TRUE(sig.ok());
+      EXPECT_TRUE(key->public_key().VerifyDer("data", *sig));
+      std::lock_guard<std::mutex> lock(mu);
+      spkis.push_back(key->public_key().SpkiDer());
+    }
+  };
+  std::thread a(make), b(make);
+  make();
+  a.join();
+  b.join();
+  std::sort(spkis.begin(), spkis.end());
+  EXPECT_EQ(std::unique(spkis.begin(), spkis.end()), spkis.end());
+  EXPECT_EQ(spkis.size(), 60u);
 }
 
 TEST(KeysTest, SignDerVerifiesAndTamperedDataDoesNot) {
