@@ -263,6 +263,7 @@ if entries:
     targets["entries_100k_broker_rss_mb"] = {"value": entries["broker_rss_mb"], "target": 200,
                                              "lower_is_better": True}
 for t in targets.values():
+    t["value"] = round(t["value"], 3)
     t["met"] = t["value"] <= t["target"] if t.get("lower_is_better") else t["value"] >= t["target"]
 
 doc = {
