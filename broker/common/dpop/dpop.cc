@@ -4,18 +4,56 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <optional>
 #include <string>
 #include <string_view>
+#include <unordered_map>
 #include <utility>
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
 #include "broker/common/jose/jose.h"
 #include "broker/common/util/status_macros.h"
 #include "nlohmann/json.hpp"
 
 namespace mandate::dpop {
 namespace {
+
+// Proof keys already imported, by their JWK's JSON text: a DPoP client signs every proof with the
+// same key, and importing it (EVP_PKEY_fromdata) plus hashing its RFC 7638 thumbprint cost about
+// a sixth of verifying a token and its proof. Bounded (emptied when full, so a flood of fresh
+// keys only costs the import it would have cost anyway); thread-safe.
+class ProofKeyCache {
+ public:
+  struct Entry {
+    crypto::PublicKey key;
+    std::string jkt;
+  };
+
+  static ProofKeyCache& Get() {
+    static ProofKeyCache* cache = new ProofKeyCache();
+    return *cache;
+  }
+
+  std::optional<Entry> Find(const std::string& jwk_json) {
+    absl::MutexLock lock(&mu_);
+    auto it = entries_.find(jwk_json);
+    if (it == entries_.end()) return std::nullopt;
+    return it->second;
+  }
+
+  void Insert(std::string jwk_json, Entry entry) {
+    absl::MutexLock lock(&mu_);
+    if (entries_.size() >= kMaxEntries) entries_.clear();
+    entries_.emplace(std::move(jwk_json), std::move(entry));
+  }
+
+ private:
+  static constexpr size_t kMaxEntries = 1024;
+  absl::Mutex mu_;
+  std::unordered_map<std::string, Entry> entries_ ABSL_GUARDED_BY(mu_);
+};
 
 using json = nlohmann::json;
 
@@ -372,9 +410,24 @@ absl::StatusOr<VerifiedProof> VerifyProof(std::string_view proof, const VerifyOp
       return Refuse(absl::StrCat("jwk header contains the private member '", member, "'"));
     }
   }
-  absl::StatusOr<crypto::PublicKey> key = jose::PublicKeyFromJwk(*jwk);
-  if (!key.ok()) return Refuse(absl::StrCat("jwk header: ", key.status().message()));
-  absl::Status signature = jose::VerifySignature(*parsed, *key);
+  std::string jwk_json = jwk->dump(-1, ' ', false, json::error_handler_t::replace);
+  std::optional<ProofKeyCache::Entry> known = ProofKeyCache::Get().Find(jwk_json);
+  if (!known.has_value()) {
+    absl::StatusOr<crypto::PublicKey> imported = jose::PublicKeyFromJwk(*jwk);
+    if (!imported.ok()) return Refuse(absl::StrCat("jwk header: ", imported.status().message()));
+    // From the header's JWK members (RFC 9449 §6.1), which PublicKeyFromJwk has just checked to
+    // be a well-formed key with full-length coordinates; re-exporting the parsed key would cost
+    // as much as a quarter of a signature check.
+    absl::StatusOr<std::string> thumbprint = jose::JwkThumbprint(*jwk);
+    if (!thumbprint.ok()) {
+      return Refuse(absl::StrCat("jwk thumbprint: ", thumbprint.status().message()));
+    }
+    known = ProofKeyCache::Entry{*std::move(imported), *std::move(thumbprint)};
+    ProofKeyCache::Get().Insert(std::move(jwk_json), *known);
+  }
+  crypto::PublicKey& key = known->key;
+  std::string& jkt = known->jkt;
+  absl::Status signature = jose::VerifySignature(*parsed, key);
   if (!signature.ok()) return Refuse(std::string(signature.message()));
 
   ASSIGN_OR_RETURN(std::string jti, ReadStringClaim(payload, "jti"));
@@ -427,12 +480,7 @@ absl::StatusOr<VerifiedProof> VerifyProof(std::string_view proof, const VerifyOp
     return Refuse("ath claim is present but no access token is presented");
   }
 
-  // From the header's JWK members (RFC 9449 §6.1), which PublicKeyFromJwk has just checked to be
-  // a well-formed key with full-length coordinates; re-exporting the parsed key costs as much as
-  // a quarter of a signature check.
-  absl::StatusOr<std::string> jkt = jose::JwkThumbprint(*jwk);
-  if (!jkt.ok()) return Refuse(absl::StrCat("jwk thumbprint: ", jkt.status().message()));
-  if (!options.expected_jkt.empty() && !SecretEquals(*jkt, options.expected_jkt)) {
+  if (!options.expected_jkt.empty() && !SecretEquals(jkt, options.expected_jkt)) {
     return Refuse("proof key does not match the access token's cnf.jkt");
   }
 
@@ -456,7 +504,7 @@ absl::StatusOr<VerifiedProof> VerifyProof(std::string_view proof, const VerifyOp
     RETURN_IF_ERROR(
         cache->CheckAndRemember(*expected_htu, jti, iat + options.max_age_seconds, options.now));
   }
-  return VerifiedProof{std::move(jti), *std::move(jkt), *std::move(key), iat};
+  return VerifiedProof{std::move(jti), std::move(jkt), std::move(key), iat};
 }
 
 }  // namespace mandate::dpop

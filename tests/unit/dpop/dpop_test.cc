@@ -541,5 +541,24 @@ TEST(NormalizeHtuTest, NormalizesOrRefusesTable) {
   }
 }
 
+// Imported proof keys are remembered by their JWK: later proofs under the same JWK must still be
+// checked against it, so a proof carrying a known JWK but signed by another key is refused.
+TEST(VerifyProofTest, KnownKeysAreReusedButStillCheckTheSignature) {
+  crypto::PrivateKey key = NewKey();
+  const std::string jkt = *jose::JwkThumbprint(key.public_key());
+  for (int i = 0; i < 3; ++i) {
+    auto verified = VerifyProof(*CreateProof(key, "POST", kTokenUrl, kNow), Options(), nullptr);
+    ASSERT_TRUE(verified.ok()) << verified.status();
+    EXPECT_EQ(verified->jkt, jkt);
+    EXPECT_TRUE(verified->key.Equals(key.public_key()));
+  }
+  crypto::PrivateKey other = NewKey();
+  ExpectRefused(VerifyProof(SignRaw(other, ValidHeader(key), ValidClaims()), Options(), nullptr),
+                "signature");
+  auto fresh = VerifyProof(*CreateProof(other, "POST", kTokenUrl, kNow), Options(), nullptr);
+  ASSERT_TRUE(fresh.ok()) << fresh.status();
+  EXPECT_EQ(fresh->jkt, *jose::JwkThumbprint(other.public_key()));
+}
+
 }  // namespace
 }  // namespace mandate::dpop
