@@ -12,6 +12,7 @@
 #include "broker/common/spiffe/selector.h"
 #include "broker/common/spiffe/spiffe_id.h"
 #include "broker/common/util/status_macros.h"
+#include "broker/server/tasks/task_registry.h"
 
 namespace mandate::broker {
 namespace {
@@ -46,15 +47,6 @@ void ToProto(const store::AttestedNode& node, commonpb::Node* out) {
   out->set_created_at(node.created_at);
   out->set_updated_at(node.updated_at);
   out->set_banned(node.banned);
-}
-
-// RFC 6749 §3.3 scope-token: %x21 / %x23-5B / %x5D-7E.
-bool IsScopeToken(std::string_view scope) {
-  if (scope.empty() || scope.size() > kMaxScopeLength) return false;
-  for (unsigned char c : scope) {
-    if (c < 0x21 || c == 0x22 || c == 0x5c || c > 0x7e) return false;
-  }
-  return true;
 }
 
 absl::StatusOr<std::string> NewEntryId() {
@@ -107,7 +99,7 @@ absl::Status AdminService::ValidateEntry(const commonpb::Entry& entry) const {
     return absl::InvalidArgumentError(absl::StrCat("at most ", kMaxScopes, " scopes"));
   }
   for (const auto& scope : entry.scopes()) {
-    if (!IsScopeToken(scope)) {
+    if (scope.size() > kMaxScopeLength || !IsScopeToken(scope)) {
       return absl::InvalidArgumentError(absl::StrCat(
           "--scope \"", log::EscapeForLog(scope),
           "\" is not an OAuth scope token (1-256 printable ASCII characters, no spaces, quotes "

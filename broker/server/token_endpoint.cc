@@ -74,15 +74,6 @@ std::vector<std::string_view> SplitNonEmpty(std::string_view s, char sep) {
   return out;
 }
 
-// RFC 6749 scope-token: 1*( %x21 / %x23-5B / %x5D-7E ).
-bool IsScopeToken(std::string_view s) {
-  if (s.empty()) return false;
-  for (unsigned char c : s) {
-    if (c < 0x21 || c == 0x22 || c == 0x5C || c > 0x7E) return false;
-  }
-  return true;
-}
-
 }  // namespace
 
 // A refused request: the OAuth error code, a description safe to show the caller (never

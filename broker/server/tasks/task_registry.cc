@@ -111,14 +111,6 @@ absl::Status ValidatePurpose(std::string_view purpose, size_t max_bytes) {
   return absl::OkStatus();
 }
 
-// RFC 6749 §3.3: scope-token = 1*( %x21 / %x23-5B / %x5D-7E ).
-bool IsScopeToken(std::string_view scope) {
-  return !scope.empty() && std::all_of(scope.begin(), scope.end(), [](char ch) {
-    const unsigned char c = static_cast<unsigned char>(ch);
-    return c == 0x21 || (c >= 0x23 && c <= 0x5B) || (c >= 0x5D && c <= 0x7E);
-  });
-}
-
 absl::Status ValidateScopes(const std::vector<std::string>& scopes, size_t max_scopes) {
   if (scopes.empty()) return absl::InvalidArgumentError("task requests no scope");
   if (scopes.size() > max_scopes) {
@@ -186,6 +178,13 @@ absl::Status CheckUsable(const store::Task& task, int64_t now) {
 }
 
 }  // namespace
+
+bool IsScopeToken(std::string_view scope) {
+  return !scope.empty() && std::all_of(scope.begin(), scope.end(), [](char ch) {
+    const unsigned char c = static_cast<unsigned char>(ch);
+    return c == 0x21 || (c >= 0x23 && c <= 0x5B) || (c >= 0x5D && c <= 0x7E);
+  });
+}
 
 absl::StatusOr<std::vector<std::string>> TokenScopesForTask(
     const store::Task& task, std::string_view audience,

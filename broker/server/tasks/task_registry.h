@@ -47,6 +47,10 @@ struct TaskRequest {
   int64_t ttl_seconds = 0;  // 0 = TaskLimits::default_ttl_seconds.
 };
 
+// RFC 6749 §3.3 scope-token = 1*( %x21 / %x23-5B / %x5D-7E ): the one definition used for
+// entry entitlements, task declarations and token requests.
+bool IsScopeToken(std::string_view scope);
+
 // Longest accepted scope or audience, in bytes. Scopes are only stored when an entry grants them,
 // but the request is checked before the intersection, so this bounds the work done on it.
 inline constexpr size_t kMaxTaskScopeBytes = 512;
