@@ -59,7 +59,7 @@ absl::StatusOr<NodeService::AuthenticatedNode> NodeService::AuthenticateNode(
   bool cached = false;
   {
     absl::MutexLock lock(&peers_mu_);
-    auto it = verified_peers_.find(std::string(pem));
+    auto it = verified_peers_.find(pem);
     if (it != verified_peers_.end() && now < it->second.not_after) {
       peer = it->second;
       cached = true;

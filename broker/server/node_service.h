@@ -121,7 +121,13 @@ class NodeService final : public mandate::node::v1::NodeApi::Service {
   };
   static constexpr size_t kMaxVerifiedPeers = 4096;
   mutable absl::Mutex peers_mu_;
-  mutable std::unordered_map<std::string, VerifiedPeer> verified_peers_ ABSL_GUARDED_BY(peers_mu_);
+  // Transparent, so a call looks its certificate up without copying the PEM.
+  struct PemHash {
+    using is_transparent = void;
+    size_t operator()(std::string_view pem) const { return std::hash<std::string_view>()(pem); }
+  };
+  mutable std::unordered_map<std::string, VerifiedPeer, PemHash, std::equal_to<>> verified_peers_
+      ABSL_GUARDED_BY(peers_mu_);
   // Attestation streams must finish within this budget; silent clients are cut off.
   grpcutil::CallWatchdog attest_watchdog_;
 };

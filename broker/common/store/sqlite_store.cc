@@ -75,7 +75,7 @@ class StatementCache {
   // A reset, unbound statement for `sql` on `db`, or nullptr when none is free.
   sqlite3_stmt* Take(sqlite3* db, std::string_view sql) {
     std::lock_guard<std::mutex> lock(mu_);
-    auto it = free_.find(Key{db, std::string(sql)});
+    auto it = free_.find(KeyView{db, sql});
     if (it == free_.end() || it->second.empty()) return nullptr;
     sqlite3_stmt* stmt = it->second.back();
     it->second.pop_back();
@@ -86,7 +86,11 @@ class StatementCache {
   void Return(sqlite3* db, std::string_view sql, sqlite3_stmt* stmt) {
     {
       std::lock_guard<std::mutex> lock(mu_);
-      std::vector<sqlite3_stmt*>& kept = free_[Key{db, std::string(sql)}];
+      auto it = free_.find(KeyView{db, sql});
+      // The key string is allocated once per distinct statement, not on every return.
+      if (it == free_.end())
+        it = free_.emplace(Key{db, std::string(sql)}, std::vector<sqlite3_stmt*>{}).first;
+      std::vector<sqlite3_stmt*>& kept = it->second;
       if (kept.size() < kMaxPerSql) {
         kept.push_back(stmt);
         return;
@@ -113,12 +117,24 @@ class StatementCache {
   struct Key {
     sqlite3* db;
     std::string sql;
-    bool operator<(const Key& other) const {
-      return db != other.db ? std::less<sqlite3*>()(db, other.db) : sql < other.sql;
+  };
+  struct KeyView {
+    sqlite3* db;
+    std::string_view sql;
+  };
+  // Orders Key and KeyView alike, so lookups need no string copy.
+  struct KeyLess {
+    using is_transparent = void;
+    static KeyView View(const Key& k) { return {k.db, k.sql}; }
+    static KeyView View(const KeyView& k) { return k; }
+    template <typename A, typename B>
+    bool operator()(const A& a, const B& b) const {
+      KeyView x = View(a), y = View(b);
+      return x.db != y.db ? std::less<sqlite3*>()(x.db, y.db) : x.sql < y.sql;
     }
   };
   std::mutex mu_;
-  std::map<Key, std::vector<sqlite3_stmt*>> free_;
+  std::map<Key, std::vector<sqlite3_stmt*>, KeyLess> free_;
 };
 
 // A prepared statement, handed back to the StatementCache (reset, bindings cleared) on
