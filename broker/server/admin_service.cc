@@ -12,6 +12,7 @@
 #include "broker/common/spiffe/selector.h"
 #include "broker/common/spiffe/spiffe_id.h"
 #include "broker/common/util/status_macros.h"
+#include "broker/server/audit/audit_log.h"
 #include "broker/server/tasks/task_registry.h"
 
 namespace mandate::broker {
@@ -252,6 +253,56 @@ grpc::Status AdminService::GetBundle(grpc::ServerContext*, const adminpb::GetBun
   response->set_trust_domain(authority_.trust_domain().name());
   response->set_x509_pem(authority_.bundle_pem());
   response->set_jwks(authority_.spiffe_bundle_jwks());
+  return grpc::Status::OK;
+}
+
+grpc::Status AdminService::ListAudit(grpc::ServerContext*, const adminpb::ListAuditRequest* request,
+                                     adminpb::ListAuditResponse* response) {
+  store::AuditQuery query;
+  query.since = request->since();
+  query.spiffe_id = request->spiffe_id();
+  query.task_id = request->task_id();
+  query.credential_id = request->credential_id();
+  query.chain_id = request->chain_id();
+  query.after_seq = request->after_seq();
+  if (request->limit() != 0) query.limit = request->limit();
+  auto records = store_.ListAuditRecords(query);
+  if (!records.ok()) return ToGrpcStatus(records.status());
+  for (store::AuditRecord& r : *records) {
+    adminpb::AuditRecord* out = response->add_records();
+    out->set_chain_id(std::move(r.chain_id));
+    out->set_seq(r.seq);
+    out->set_time(r.time);
+    out->set_event(std::move(r.event));
+    out->set_outcome(std::move(r.outcome));
+    out->set_spiffe_id(std::move(r.spiffe_id));
+    out->set_node_id(std::move(r.node_id));
+    out->set_task_id(std::move(r.task_id));
+    out->set_credential_id(std::move(r.credential_id));
+    out->set_detail(std::move(r.detail));
+    out->set_prev_hash(std::move(r.prev_hash));
+    out->set_hash(std::move(r.hash));
+  }
+  return grpc::Status::OK;
+}
+
+grpc::Status AdminService::VerifyAudit(grpc::ServerContext*, const adminpb::VerifyAuditRequest*,
+                                       adminpb::VerifyAuditResponse* response) {
+  auto chains = store_.ListAuditChains();
+  if (!chains.ok()) return ToGrpcStatus(chains.status());
+  for (const std::string& chain : *chains) {
+    auto report = VerifyAuditChain(store_, chain);
+    if (!report.ok()) return ToGrpcStatus(report.status());
+    adminpb::AuditChainStatus* out = response->add_chains();
+    out->set_chain_id(chain);
+    out->set_records(report->records);
+    out->set_head_hash(report->head_hash);
+    out->set_intact(report->status.ok());
+    out->set_problem(std::string(report->status.message()));
+    if (!report->status.ok()) {
+      spdlog::warn("audit verify: {}", std::string(report->status.message()));
+    }
+  }
   return grpc::Status::OK;
 }
 

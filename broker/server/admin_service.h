@@ -42,6 +42,11 @@ class AdminService final : public mandate::admin::v1::Admin::Service {
                         mandate::admin::v1::AgentResponse*) override;
   grpc::Status GetBundle(grpc::ServerContext*, const mandate::admin::v1::GetBundleRequest*,
                          mandate::admin::v1::GetBundleResponse*) override;
+  grpc::Status ListAudit(grpc::ServerContext*, const mandate::admin::v1::ListAuditRequest*,
+                         mandate::admin::v1::ListAuditResponse*) override;
+  // Recomputes every chain in the store (several brokers may share it).
+  grpc::Status VerifyAudit(grpc::ServerContext*, const mandate::admin::v1::VerifyAuditRequest*,
+                           mandate::admin::v1::VerifyAuditResponse*) override;
 
   // Checks an entry from an operator; returns InvalidArgument naming the broken rule.
   absl::Status ValidateEntry(const mandate::common::v1::Entry& entry) const;

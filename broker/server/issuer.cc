@@ -10,6 +10,7 @@
 #include "broker/common/jose/jose.h"
 #include "broker/common/log/log.h"
 #include "broker/common/util/status_macros.h"
+#include "broker/server/audit/audit_detail.h"
 
 namespace mandate::broker {
 namespace {
@@ -27,6 +28,20 @@ absl::StatusOr<crypto::PublicKey> KeyFromCsr(std::string_view csr_der) {
 
 }  // namespace
 
+absl::StatusOr<store::RegistrationEntry> Issuer::AuthorizeEntryAudited(
+    const std::string& node_id, const std::string& entry_id, std::string_view event) const {
+  absl::StatusOr<store::RegistrationEntry> entry = AuthorizeEntry(node_id, entry_id);
+  if (entry.ok()) return entry;
+  absl::Status audited =
+      audit_.Record({.event = std::string(event),
+                     .outcome = "denied",
+                     .node_id = node_id,
+                     .detail = AuditDetail({{"entry_id", entry_id},
+                                            {"reason", std::string(entry.status().message())}})});
+  if (!audited.ok()) spdlog::error("refusal not audited: {}", std::string(audited.message()));
+  return entry.status();
+}
+
 absl::StatusOr<store::RegistrationEntry> Issuer::AuthorizeEntry(const std::string& node_id,
                                                                 const std::string& entry_id) const {
   auto entry = entries_.Get(entry_id);
@@ -41,10 +56,18 @@ absl::StatusOr<store::RegistrationEntry> Issuer::AuthorizeEntry(const std::strin
 absl::StatusOr<IssuedX509Svid> Issuer::IssueX509Svid(const std::string& node_id,
                                                      const std::string& entry_id,
                                                      std::string_view csr_der) const {
-  ASSIGN_OR_RETURN(store::RegistrationEntry entry, AuthorizeEntry(node_id, entry_id));
+  ASSIGN_OR_RETURN(store::RegistrationEntry entry,
+                   AuthorizeEntryAudited(node_id, entry_id, "x509_svid"));
   ASSIGN_OR_RETURN(crypto::PublicKey key, KeyFromCsr(csr_der));
   int64_t ttl = entry.x509_ttl_s > 0 ? entry.x509_ttl_s : defaults_.x509_svid_ttl_seconds;
   ASSIGN_OR_RETURN(crypto::Certificate cert, authority_.SignX509Svid(key, entry.spiffe_id, ttl));
+  RETURN_IF_ERROR(audit_.Record(
+      {.event = "x509_svid",
+       .outcome = "issued",
+       .spiffe_id = entry.spiffe_id,
+       .node_id = node_id,
+       .credential_id = cert.SerialHex(),
+       .detail = AuditDetail({{"entry_id", entry.id}, {"expires_at", cert.not_after()}})}));
   spdlog::info("issued x509-svid spiffe_id={} serial={} entry={} node={} expires_at={}",
                entry.spiffe_id, cert.SerialHex(), entry.id, node_id, cert.not_after());
   return IssuedX509Svid{entry.id, entry.spiffe_id, std::move(cert)};
@@ -62,7 +85,8 @@ absl::StatusOr<IssuedJwtSvid> Issuer::IssueJwtSvid(
       return absl::InvalidArgumentError("JWT-SVID audience must be 1-512 bytes");
     }
   }
-  ASSIGN_OR_RETURN(store::RegistrationEntry entry, AuthorizeEntry(node_id, entry_id));
+  ASSIGN_OR_RETURN(store::RegistrationEntry entry,
+                   AuthorizeEntryAudited(node_id, entry_id, "jwt_svid"));
   int64_t ttl = entry.jwt_ttl_s > 0 ? entry.jwt_ttl_s : defaults_.jwt_svid_ttl_seconds;
   int64_t now = clock_.NowSeconds();
   ASSIGN_OR_RETURN(std::string random, crypto::RandomBytes(16));
@@ -76,6 +100,14 @@ absl::StatusOr<IssuedJwtSvid> Issuer::IssueJwtSvid(
                             {"exp", out.expires_at},
                             {"jti", out.jti}};
   ASSIGN_OR_RETURN(out.token, authority_.SignJws("JWT", payload.dump()));
+  RETURN_IF_ERROR(audit_.Record(
+      {.event = "jwt_svid",
+       .outcome = "issued",
+       .spiffe_id = entry.spiffe_id,
+       .node_id = node_id,
+       .credential_id = out.jti,
+       .detail = AuditDetail(
+           {{"entry_id", entry.id}, {"aud", audiences}, {"expires_at", out.expires_at}})}));
   spdlog::info("issued jwt-svid spiffe_id={} jti={} entry={} node={} expires_at={}",
                entry.spiffe_id, out.jti, entry.id, node_id, out.expires_at);
   return out;
@@ -108,6 +140,15 @@ absl::StatusOr<IssuedTaskToken> Issuer::IssueTaskToken(const TaskTokenGrant& gra
                             {"cnf", {{"jkt", grant.jkt}}},
                             {"task", {{"id", grant.task_id}, {"purpose", grant.task_purpose}}}};
   ASSIGN_OR_RETURN(out.token, authority_.SignJws("at+jwt", payload.dump()));
+  RETURN_IF_ERROR(audit_.Record({.event = "task_token",
+                                 .outcome = "issued",
+                                 .spiffe_id = grant.spiffe_id,
+                                 .task_id = grant.task_id,
+                                 .credential_id = out.jti,
+                                 .detail = AuditDetail({{"aud", grant.audience},
+                                                        {"scope", scope},
+                                                        {"jkt", grant.jkt},
+                                                        {"expires_at", out.expires_at}})}));
   spdlog::info("issued task token sub={} task={} aud=\"{}\" jti={} expires_at={}", grant.spiffe_id,
                grant.task_id, log::EscapeForLog(grant.audience), out.jti, out.expires_at);
   return out;
@@ -118,6 +159,12 @@ absl::StatusOr<crypto::Certificate> Issuer::IssueNodeSvid(const std::string& nod
   ASSIGN_OR_RETURN(crypto::PublicKey key, KeyFromCsr(csr_der));
   ASSIGN_OR_RETURN(crypto::Certificate cert,
                    authority_.SignX509Svid(key, node_id, defaults_.agent_svid_ttl_seconds));
+  RETURN_IF_ERROR(audit_.Record({.event = "node_svid",
+                                 .outcome = "issued",
+                                 .spiffe_id = node_id,
+                                 .node_id = node_id,
+                                 .credential_id = cert.SerialHex(),
+                                 .detail = AuditDetail({{"expires_at", cert.not_after()}})}));
   spdlog::info("issued node x509-svid spiffe_id={} serial={} expires_at={}", node_id,
                cert.SerialHex(), cert.not_after());
   return cert;

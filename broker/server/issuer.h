@@ -1,8 +1,11 @@
 // The one issuance pipeline: every credential the broker mints goes through here, so that
 // authorisation, (later) the policy hook, and the record of what was issued cannot be skipped.
 //
-// Today's steps: authorise (the entry exists and its parent is the calling node) -> mint -> log.
-// The policy hook, credential index and audit chain slot in between without changing callers.
+// Today's steps: authorise (the entry exists and its parent is the calling node) -> mint ->
+// audit (durable, group-committed; see audit/audit_log.h) -> respond. A refusal by the issuer is
+// audited too. A credential whose audit record could not be stored is not returned (Unavailable):
+// nothing leaves the broker without a record. The policy hook and the credential index slot in
+// without changing callers.
 //
 // Thread-safety: all methods may be called concurrently.
 #ifndef MANDATE_BROKER_SERVER_ISSUER_H_
@@ -14,6 +17,7 @@
 #include "absl/status/statusor.h"
 #include "broker/common/crypto/x509.h"
 #include "broker/common/util/clock.h"
+#include "broker/server/audit/audit_log.h"
 #include "broker/server/entry_registry.h"
 #include "broker/server/trust_authority.h"
 
@@ -62,9 +66,13 @@ struct IssuedTaskToken {
 class Issuer {
  public:
   // All references must outlive the issuer.
-  Issuer(const TrustAuthority& authority, const EntryRegistry& entries, const Clock& clock,
-         IssuerDefaults defaults)
-      : authority_(authority), entries_(entries), clock_(clock), defaults_(defaults) {}
+  Issuer(const TrustAuthority& authority, const EntryRegistry& entries, AuditLog& audit,
+         const Clock& clock, IssuerDefaults defaults)
+      : authority_(authority),
+        entries_(entries),
+        audit_(audit),
+        clock_(clock),
+        defaults_(std::move(defaults)) {}
 
   // Signs the CSR for registration entry `entry_id` on behalf of node `node_id`.
   // PermissionDenied when the entry does not belong to the node; InvalidArgument for a bad CSR.
@@ -93,9 +101,14 @@ class Issuer {
  private:
   absl::StatusOr<store::RegistrationEntry> AuthorizeEntry(const std::string& node_id,
                                                           const std::string& entry_id) const;
+  // AuthorizeEntry, with a refusal audited as `event` "denied".
+  absl::StatusOr<store::RegistrationEntry> AuthorizeEntryAudited(const std::string& node_id,
+                                                                 const std::string& entry_id,
+                                                                 std::string_view event) const;
 
   const TrustAuthority& authority_;
   const EntryRegistry& entries_;
+  AuditLog& audit_;
   const Clock& clock_;
   const IssuerDefaults defaults_;
 };

@@ -28,6 +28,7 @@
 #include "broker/common/util/runtime.h"
 #include "broker/common/util/status_macros.h"
 #include "broker/server/admin_service.h"
+#include "broker/server/audit/audit_log.h"
 #include "broker/server/entry_registry.h"
 #include "broker/server/http_endpoints.h"
 #include "broker/server/issuer.h"
@@ -202,6 +203,12 @@ int Run(const BrokerFlags& flags) {
   auto store = store::SqliteStore::Open(flags.data_dir + "/mandate.db");
   if (!store.ok()) return Fail(store.status());
   if (auto s = (*store)->PruneExpiredJoinTokens(clock.NowSeconds()); !s.ok()) return Fail(s);
+  auto audit_chain = LoadOrCreateAuditChainId(flags.data_dir);
+  if (!audit_chain.ok()) return Fail(audit_chain.status());
+  // Declared before everything that records into it, so it is destroyed (its queue written)
+  // after they have stopped.
+  auto audit = AuditLog::Open(**store, *audit_chain, clock);
+  if (!audit.ok()) return Fail(audit.status());
 
   TrustAuthority::Options ta_options{.data_dir = flags.data_dir, .trust_domain = *td};
   auto authority = TrustAuthority::LoadOrCreate(ta_options, clock);
@@ -229,7 +236,7 @@ int Run(const BrokerFlags& flags) {
   defaults.x509_svid_ttl_seconds = flags.x509_svid_ttl;
   defaults.jwt_svid_ttl_seconds = flags.jwt_svid_ttl;
   defaults.agent_svid_ttl_seconds = flags.agent_svid_ttl;
-  Issuer issuer(**authority, **entries, clock, defaults);
+  Issuer issuer(**authority, **entries, **audit, clock, defaults);
 
   attestors::JoinTokenServerAttestor join_token(**store, clock, *td);
   std::map<std::string, attestors::ServerNodeAttestor*, std::less<>> node_attestors = {
@@ -246,7 +253,7 @@ int Run(const BrokerFlags& flags) {
   TaskLimits task_limits;
   task_limits.max_ttl_seconds = flags.max_task_ttl;
   task_limits.default_ttl_seconds = std::min(task_limits.default_ttl_seconds, flags.max_task_ttl);
-  TaskRegistry task_registry(**store, clock, task_limits);
+  TaskRegistry task_registry(**store, **audit, clock, task_limits);
   // One cache for every path that accepts token-request proofs, so a proof is used once.
   dpop::ReplayCache replay_cache;
   const int64_t started_at = clock.NowSeconds();

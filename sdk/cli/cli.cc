@@ -22,6 +22,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
@@ -472,6 +473,102 @@ absl::Status AgentAction(const Io& io, const std::string& id, bool ban) {
   return absl::OkStatus();
 }
 
+struct AuditFilter {
+  std::string since;  // Unix seconds or RFC 3339
+  std::string spiffe_id;
+  std::string task_id;
+  std::string jti;
+  int64_t limit = 1000;
+};
+
+absl::StatusOr<int64_t> ParseSince(const std::string& since) {
+  if (since.empty()) return 0;
+  int64_t seconds = 0;
+  if (absl::SimpleAtoi(since, &seconds) && seconds >= 0) return seconds;
+  absl::Time time;
+  std::string error;
+  if (absl::ParseTime(absl::RFC3339_full, since, &time, &error)) return absl::ToUnixSeconds(time);
+  return absl::InvalidArgumentError(
+      absl::StrCat("--since '", Printable(since),
+                   "' is neither Unix seconds nor an RFC 3339 time (e.g. 2026-11-22T05:00:00Z)"));
+}
+
+absl::Status AuditList(const Io& io, const AuditFilter& filter) {
+  ASSIGN_OR_RETURN(int64_t since, ParseSince(filter.since));
+  ASSIGN_OR_RETURN(AdminClient admin, AdminClient::Open(io.global.admin_socket));
+  adminpb::ListAuditRequest req;
+  req.set_since(since);
+  req.set_spiffe_id(filter.spiffe_id);
+  req.set_task_id(filter.task_id);
+  req.set_credential_id(filter.jti);
+  req.set_limit(filter.limit);
+  adminpb::ListAuditResponse resp;
+  RETURN_IF_ERROR(admin.Call("listing the audit log", [&](grpc::ClientContext* ctx) {
+    return admin.stub().ListAudit(ctx, req, &resp);
+  }));
+  if (io.json()) {
+    json records = json::array();
+    for (const adminpb::AuditRecord& r : resp.records()) {
+      json detail = json::parse(r.detail(), nullptr, /*allow_exceptions=*/false);
+      if (detail.is_discarded()) detail = r.detail();  // shown as stored rather than hidden
+      records.push_back({{"chain_id", r.chain_id()},
+                         {"seq", r.seq()},
+                         {"time", Rfc3339(r.time())},
+                         {"event", r.event()},
+                         {"outcome", r.outcome()},
+                         {"spiffe_id", r.spiffe_id()},
+                         {"node_id", r.node_id()},
+                         {"task_id", r.task_id()},
+                         {"credential_id", r.credential_id()},
+                         {"detail", detail},
+                         {"prev_hash", r.prev_hash()},
+                         {"hash", r.hash()}});
+    }
+    PrintJson(io.out, json{{"records", records}});
+    return absl::OkStatus();
+  }
+  std::vector<std::vector<std::string>> rows;
+  for (const adminpb::AuditRecord& r : resp.records()) {
+    rows.push_back({TimeText(r.time()), absl::StrCat(Printable(r.chain_id()), "/", r.seq()),
+                    Printable(r.event()), Printable(r.outcome()), Printable(r.spiffe_id()),
+                    Printable(r.task_id()), Printable(r.credential_id()), Printable(r.detail())});
+  }
+  PrintTable(io.out,
+             {"TIME", "CHAIN/SEQ", "EVENT", "OUTCOME", "SPIFFE ID", "TASK", "CREDENTIAL", "DETAIL"},
+             rows);
+  return absl::OkStatus();
+}
+
+absl::Status AuditVerify(const Io& io) {
+  ASSIGN_OR_RETURN(AdminClient admin, AdminClient::Open(io.global.admin_socket));
+  adminpb::VerifyAuditResponse resp;
+  RETURN_IF_ERROR(admin.Call("verifying the audit log", [&](grpc::ClientContext* ctx) {
+    return admin.stub().VerifyAudit(ctx, adminpb::VerifyAuditRequest(), &resp);
+  }));
+  bool intact = true;
+  json chains = json::array();
+  for (const adminpb::AuditChainStatus& c : resp.chains()) {
+    intact = intact && c.intact();
+    if (io.json()) {
+      chains.push_back({{"chain_id", c.chain_id()},
+                        {"records", c.records()},
+                        {"head_hash", c.head_hash()},
+                        {"intact", c.intact()},
+                        {"problem", c.problem()}});
+    } else if (c.intact()) {
+      io.out << "chain " << Printable(c.chain_id()) << ": " << c.records()
+             << " records, intact, head " << Printable(c.head_hash()) << "\n";
+    } else {
+      io.out << "chain " << Printable(c.chain_id()) << ": BROKEN after " << c.records()
+             << " good records: " << Printable(c.problem()) << "\n";
+    }
+  }
+  if (io.json()) PrintJson(io.out, json{{"chains", chains}, {"intact", intact}});
+  if (resp.chains().empty() && !io.json()) io.out << "the audit log is empty\n";
+  if (!intact) return absl::DataLossError("the audit log does not verify (see above)");
+  return absl::OkStatus();
+}
+
 absl::Status BundleShow(const Io& io, const std::string& format) {
   ASSIGN_OR_RETURN(AdminClient admin, AdminClient::Open(io.global.admin_socket));
   adminpb::GetBundleResponse resp;
@@ -886,6 +983,25 @@ int RunCliImpl(int argc, char** argv, std::ostream& out, std::ostream& err) {
       ->capture_default_str();
   set_action(bundle_show, [&](const Io& io) { return BundleShow(io, bundle_format); });
   bundle->require_subcommand(0, 1);
+
+  // audit list|verify
+  auto* audit = app.add_subcommand("audit", "The broker's hash-chained audit log");
+  AuditFilter audit_filter;
+  auto* audit_list = audit->add_subcommand("list", "List audit records, oldest first");
+  audit_list->add_option("--since", audit_filter.since,
+                         "Only records at or after T (Unix seconds or RFC 3339)");
+  audit_list->add_option("--spiffe-id", audit_filter.spiffe_id, "Only records about this ID");
+  audit_list->add_option("--task", audit_filter.task_id, "Only records of this task");
+  audit_list->add_option("--jti", audit_filter.jti,
+                         "Only records of this credential (jti, or a certificate serial)");
+  audit_list->add_option("--limit", audit_filter.limit, "At most N records")
+      ->check(CLI::Range(int64_t{1}, int64_t{10000}))
+      ->capture_default_str();
+  set_action(audit_list, [&](const Io& io) { return AuditList(io, audit_filter); });
+  auto* audit_verify = audit->add_subcommand(
+      "verify", "Recompute every audit chain; exits non-zero when one is broken");
+  set_action(audit_verify, [&](const Io& io) { return AuditVerify(io); });
+  audit->require_subcommand(0, 1);
 
   // fetch x509|jwt (Workload API)
   auto* fetch = app.add_subcommand("fetch", "Fetch this process's SVIDs from the Workload API");

@@ -180,6 +180,56 @@ TEST_F(LifecycleTest, BrokerKilledRightAfterAcknowledgedWritesLosesNothing) {
   EXPECT_THAT(fetch.out, HasSubstr(broker_.Id("/agent/k9")));
 }
 
+// Every issuance leaves an audit record that is on disk before the workload has its credential:
+// kill -9 right after the fetch returns loses none, and `audit verify` finds a record edited in
+// the database file.
+TEST_F(LifecycleTest, IssuancesAreAuditedDurablyAndTamperingIsFound) {
+  ASSERT_NO_FATAL_FAILURE(StartServedWorkload("node-audit"));
+  const std::string audience = "https://audit.example.org/" + std::to_string(::getpid());
+  auto jwt = client_->FetchJwtSvid({audience});
+  ASSERT_TRUE(jwt.ok()) << jwt.status();
+  client_.reset();
+  EXPECT_EQ(StopProcess(broker_.pid, SIGKILL), 128 + SIGKILL);
+
+  auto restarted = StartBroker({.data_dir = broker_.data_dir});
+  ASSERT_TRUE(restarted.ok()) << restarted.status();
+  broker_ = *restarted;
+  json list = AdminJson({"audit", "list", "--spiffe-id", workload_id_});
+  ASSERT_TRUE(list["records"].is_array()) << list.dump();
+  json minted = nullptr;
+  bool x509_seen = false;
+  for (const json& r : list["records"]) {
+    if (r["event"] == "x509_svid" && r["outcome"] == "issued") x509_seen = true;
+    if (r["event"] == "jwt_svid" && r["detail"]["aud"] == json::array({audience})) minted = r;
+  }
+  EXPECT_TRUE(x509_seen) << list.dump();
+  ASSERT_TRUE(minted.is_object()) << list.dump();
+  EXPECT_EQ(minted["node_id"], node_id_);
+  EXPECT_EQ(minted["detail"]["entry_id"], entry_id_);
+  // The record names the credential without holding it.
+  EXPECT_EQ(list.dump().find(jwt->token), std::string::npos);
+  json by_jti = AdminJson({"audit", "list", "--jti", minted["credential_id"].get<std::string>()});
+  ASSERT_EQ(by_jti["records"].size(), 1u) << by_jti.dump();
+
+  json verified = AdminJson({"audit", "verify"});
+  EXPECT_EQ(verified["intact"], true) << verified.dump();
+  ASSERT_EQ(verified["chains"].size(), 1u);
+  EXPECT_GE(verified["chains"][0]["records"].get<int64_t>(), 3);  // node, x509, jwt
+
+  // Edit the minted record behind the broker's back.
+  CommandResult edit =
+      RunCommand({"/usr/bin/python3", "-c",
+                  "import sqlite3,sys; c=sqlite3.connect(sys.argv[1]); "
+                  "c.execute(\"UPDATE audit_log SET spiffe_id='spiffe://example.org/someone-else' "
+                  "WHERE credential_id=?\", (sys.argv[2],)); c.commit()",
+                  broker_.data_dir + "/mandate.db", minted["credential_id"].get<std::string>()});
+  ASSERT_EQ(edit.exit_code, 0) << edit;
+  CommandResult broken = Admin(broker_, {"audit", "verify"});
+  EXPECT_NE(broken.exit_code, 0) << broken;
+  EXPECT_THAT(broken.out, HasSubstr("BROKEN"));
+  EXPECT_THAT(broken.out, HasSubstr("was altered"));
+}
+
 TEST_F(LifecycleTest, AgentRestartWithoutTokenServesAgain) {
   ASSERT_NO_FATAL_FAILURE(StartServedWorkload("node-again"));
   const json agent_before = FindAgent(node_id_);

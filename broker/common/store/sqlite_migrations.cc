@@ -129,11 +129,37 @@ CREATE TABLE task_audiences (
 ) STRICT, WITHOUT ROWID;
 )sql";
 
-constexpr std::array<SqliteMigration, 4> kMigrations = {{
+// Version 5: the audit log (DESIGN.md §7, §10). One hash chain per broker (`chain_id`), so
+// several brokers can share a store. The chain order is the primary key, so paging a chain for
+// verification is a range scan; the other indexes serve `mandate audit list` filters.
+constexpr char kV5Sql[] = R"sql(
+CREATE TABLE audit_log (
+  chain_id TEXT NOT NULL,
+  seq INTEGER NOT NULL CHECK (seq >= 1),
+  time INTEGER NOT NULL,
+  event TEXT NOT NULL,
+  outcome TEXT NOT NULL,
+  spiffe_id TEXT NOT NULL,
+  node_id TEXT NOT NULL,
+  task_id TEXT NOT NULL,
+  credential_id TEXT NOT NULL,
+  detail TEXT NOT NULL,
+  prev_hash TEXT NOT NULL,
+  hash TEXT NOT NULL,
+  PRIMARY KEY (chain_id, seq)
+) STRICT, WITHOUT ROWID;
+CREATE INDEX audit_log_by_time ON audit_log (time);
+CREATE INDEX audit_log_by_spiffe_id ON audit_log (spiffe_id, time) WHERE spiffe_id != '';
+CREATE INDEX audit_log_by_task ON audit_log (task_id) WHERE task_id != '';
+CREATE INDEX audit_log_by_credential ON audit_log (credential_id) WHERE credential_id != '';
+)sql";
+
+constexpr std::array<SqliteMigration, 5> kMigrations = {{
     {1, "entries, nodes, join tokens", kV1Sql},
     {2, "previous node certificate serial", kV2Sql},
     {3, "TPM boot counters per EK", kV3Sql},
     {4, "tasks", kV4Sql},
+    {5, "audit log", kV5Sql},
 }};
 
 }  // namespace

@@ -765,6 +765,12 @@ absl::StatusOr<std::unique_ptr<SqliteStore>> SqliteStore::OpenWithMigrationsForT
   std::unique_ptr<SqliteStore> store(new SqliteStore(db));
   RETURN_IF_ERROR(ConfigureConnection(db, path, options));
   RETURN_IF_ERROR(Migrate(db, path, migrations));
+  rc = sqlite3_open_v2(path.c_str(), &store->audit_db_, SQLITE_OPEN_READWRITE | SQLITE_OPEN_NOMUTEX,
+                       nullptr);
+  if (rc != SQLITE_OK) {
+    return SqliteError(store->audit_db_, rc, absl::StrCat("opening store '", path, "' for audit"));
+  }
+  RETURN_IF_ERROR(ConfigureConnection(store->audit_db_, path, options));
   return store;
 }
 
@@ -773,6 +779,10 @@ int SqliteStore::LatestSchemaVersion() { return static_cast<int>(SqliteSchemaMig
 SqliteStore::~SqliteStore() {
   StatementCache::Get().FinalizeAll(db_);
   sqlite3_close_v2(db_);
+  if (audit_db_ != nullptr) {
+    StatementCache::Get().FinalizeAll(audit_db_);
+    sqlite3_close_v2(audit_db_);
+  }
 }
 
 absl::StatusOr<RegistrationEntry> SqliteStore::CreateEntry(RegistrationEntry entry) {
@@ -1197,6 +1207,150 @@ absl::StatusOr<std::vector<Task>> SqliteStore::ListTasks(std::string_view spiffe
     return LoadTasks(db_, active_only ? kAllActiveTasks : kAllTasks, std::nullopt);
   }
   return LoadTasks(db_, active_only ? kActiveTasksOfSpiffeId : kTasksOfSpiffeId, spiffe_id);
+}
+
+// ---- Audit log ----
+
+namespace {
+
+constexpr char kAuditColumns[] =
+    "chain_id, seq, time, event, outcome, spiffe_id, node_id, task_id, credential_id, detail, "
+    "prev_hash, hash";
+constexpr int64_t kMaxAuditListLimit = 10000;
+
+AuditRecord ReadAuditRecord(const Statement& stmt) {
+  AuditRecord r;
+  r.chain_id = stmt.ColumnText(0);
+  r.seq = stmt.ColumnInt64(1);
+  r.time = stmt.ColumnInt64(2);
+  r.event = stmt.ColumnText(3);
+  r.outcome = stmt.ColumnText(4);
+  r.spiffe_id = stmt.ColumnText(5);
+  r.node_id = stmt.ColumnText(6);
+  r.task_id = stmt.ColumnText(7);
+  r.credential_id = stmt.ColumnText(8);
+  r.detail = stmt.ColumnText(9);
+  r.prev_hash = stmt.ColumnText(10);
+  r.hash = stmt.ColumnText(11);
+  return r;
+}
+
+// One statement text per combination of filters, so each is prepared once and cached; built
+// from constant fragments only (values are always bound).
+std::string AuditListSql(const AuditQuery& q) {
+  std::string sql = absl::StrCat("SELECT ", kAuditColumns, " FROM audit_log WHERE 1");
+  if (!q.chain_id.empty()) sql += " AND chain_id = ?1 AND seq > ?2";
+  if (q.since > 0) sql += " AND time >= ?3";
+  if (!q.spiffe_id.empty()) sql += " AND spiffe_id = ?4";
+  if (!q.task_id.empty()) sql += " AND task_id = ?5";
+  if (!q.credential_id.empty()) sql += " AND credential_id = ?6";
+  sql += " ORDER BY chain_id, seq LIMIT ?7";
+  return sql;
+}
+
+}  // namespace
+
+absl::Status SqliteStore::AppendAuditRecords(const std::vector<AuditRecord>& records) {
+  for (const AuditRecord& r : records) {
+    if (r.chain_id.empty() || r.event.empty() || r.outcome.empty() || r.hash.empty()) {
+      return absl::InvalidArgumentError(
+          "audit record needs a chain_id, an event, an outcome and a hash");
+    }
+    if (r.seq < 1) return absl::InvalidArgumentError("audit record seq must be >= 1");
+  }
+  if (records.empty()) return absl::OkStatus();
+  absl::MutexLock lock(&audit_mu_);
+  ASSIGN_OR_RETURN(Transaction txn, Transaction::BeginWrite(audit_db_));
+  {
+    ASSIGN_OR_RETURN(
+        Statement stmt,
+        Statement::Prepare(audit_db_,
+                           "INSERT INTO audit_log (chain_id, seq, time, event, "
+                           "outcome, spiffe_id, node_id, task_id, credential_id, "
+                           "detail, prev_hash, hash) "
+                           "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"));
+    for (const AuditRecord& r : records) {
+      RETURN_IF_ERROR(stmt.BindText(1, r.chain_id));
+      RETURN_IF_ERROR(stmt.BindInt64(2, r.seq));
+      RETURN_IF_ERROR(stmt.BindInt64(3, r.time));
+      RETURN_IF_ERROR(stmt.BindText(4, r.event));
+      RETURN_IF_ERROR(stmt.BindText(5, r.outcome));
+      RETURN_IF_ERROR(stmt.BindText(6, r.spiffe_id));
+      RETURN_IF_ERROR(stmt.BindText(7, r.node_id));
+      RETURN_IF_ERROR(stmt.BindText(8, r.task_id));
+      RETURN_IF_ERROR(stmt.BindText(9, r.credential_id));
+      RETURN_IF_ERROR(stmt.BindText(10, r.detail));
+      RETURN_IF_ERROR(stmt.BindText(11, r.prev_hash));
+      RETURN_IF_ERROR(stmt.BindText(12, r.hash));
+      absl::Status status = stmt.Run();
+      if (absl::IsAlreadyExists(status)) {
+        return absl::AlreadyExistsError(absl::StrCat("audit chain '", r.chain_id,
+                                                     "' already has a record ", r.seq,
+                                                     " (another writer extended it)"));
+      }
+      RETURN_IF_ERROR(status);
+      stmt.Reset();
+    }
+  }
+  return txn.Commit();
+}
+
+absl::StatusOr<AuditRecord> SqliteStore::LastAuditRecord(std::string_view chain_id) {
+  absl::MutexLock lock(&audit_mu_);
+  ASSIGN_OR_RETURN(Statement stmt,
+                   Statement::Prepare(audit_db_,
+                                      "SELECT chain_id, seq, time, event, outcome, "
+                                      "spiffe_id, node_id, task_id, credential_id, "
+                                      "detail, prev_hash, hash FROM audit_log "
+                                      "WHERE chain_id = ?1 ORDER BY seq DESC LIMIT 1"));
+  RETURN_IF_ERROR(stmt.BindText(1, chain_id));
+  ASSIGN_OR_RETURN(bool has_row, stmt.Step());
+  if (!has_row) {
+    return absl::NotFoundError(
+        absl::StrCat("audit chain '", AbslView(chain_id), "' has no record"));
+  }
+  return ReadAuditRecord(stmt);
+}
+
+absl::StatusOr<std::vector<AuditRecord>> SqliteStore::ListAuditRecords(const AuditQuery& query) {
+  if (query.limit < 1 || query.limit > kMaxAuditListLimit) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("audit list limit must be 1..", kMaxAuditListLimit));
+  }
+  // Declared before the statement, which refers to the text until it is returned to the cache.
+  const std::string sql = AuditListSql(query);
+  absl::MutexLock lock(&audit_mu_);
+  ASSIGN_OR_RETURN(Statement stmt, Statement::Prepare(audit_db_, sql));
+  if (!query.chain_id.empty()) {
+    RETURN_IF_ERROR(stmt.BindText(1, query.chain_id));
+    RETURN_IF_ERROR(stmt.BindInt64(2, query.after_seq));
+  }
+  if (query.since > 0) RETURN_IF_ERROR(stmt.BindInt64(3, query.since));
+  if (!query.spiffe_id.empty()) RETURN_IF_ERROR(stmt.BindText(4, query.spiffe_id));
+  if (!query.task_id.empty()) RETURN_IF_ERROR(stmt.BindText(5, query.task_id));
+  if (!query.credential_id.empty()) RETURN_IF_ERROR(stmt.BindText(6, query.credential_id));
+  RETURN_IF_ERROR(stmt.BindInt64(7, query.limit));
+  std::vector<AuditRecord> out;
+  while (true) {
+    ASSIGN_OR_RETURN(bool has_row, stmt.Step());
+    if (!has_row) break;
+    out.push_back(ReadAuditRecord(stmt));
+  }
+  return out;
+}
+
+absl::StatusOr<std::vector<std::string>> SqliteStore::ListAuditChains() {
+  absl::MutexLock lock(&audit_mu_);
+  ASSIGN_OR_RETURN(
+      Statement stmt,
+      Statement::Prepare(audit_db_, "SELECT DISTINCT chain_id FROM audit_log ORDER BY chain_id"));
+  std::vector<std::string> out;
+  while (true) {
+    ASSIGN_OR_RETURN(bool has_row, stmt.Step());
+    if (!has_row) break;
+    out.push_back(stmt.ColumnText(0));
+  }
+  return out;
 }
 
 absl::StatusOr<int> SqliteStore::SchemaVersion() {

@@ -6,6 +6,9 @@
 // Concurrency: one SQLite connection, opened in multi-thread mode and guarded by one mutex held
 // for the whole of each method, so calls from many threads are serialised and each call is one
 // transaction. That is plenty for the broker's write rates; reads are short indexed lookups.
+// The audit log has a second connection and mutex of its own: its group commits fsync
+// continuously under load, and in WAL mode the main connection's reads (node rows, tasks) need
+// not wait for them.
 // Several processes may open the same file (WAL + a busy timeout); write transactions start with
 // `BEGIN IMMEDIATE` so they queue for the write lock instead of failing half-way, and a lock held
 // longer than the busy timeout surfaces as Unavailable.
@@ -99,6 +102,11 @@ class SqliteStore final : public Store {
   absl::StatusOr<std::vector<Task>> ListTasks(std::string_view spiffe_id,
                                               bool active_only) override;
 
+  absl::Status AppendAuditRecords(const std::vector<AuditRecord>& records) override;
+  absl::StatusOr<AuditRecord> LastAuditRecord(std::string_view chain_id) override;
+  absl::StatusOr<std::vector<AuditRecord>> ListAuditRecords(const AuditQuery& query) override;
+  absl::StatusOr<std::vector<std::string>> ListAuditChains() override;
+
   absl::StatusOr<int> SchemaVersion() override;
 
  private:
@@ -108,6 +116,9 @@ class SqliteStore final : public Store {
 
   absl::Mutex mu_;
   sqlite3* const db_ ABSL_PT_GUARDED_BY(mu_);  // Owned; closed in the destructor.
+  absl::Mutex audit_mu_;
+  // Owned; closed in the destructor. Set once by Open before the store is shared.
+  sqlite3* audit_db_ ABSL_PT_GUARDED_BY(audit_mu_) = nullptr;
 };
 
 }  // namespace mandate::store

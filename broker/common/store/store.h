@@ -107,6 +107,38 @@ struct Task {
   friend bool operator==(const Task&, const Task&) = default;
 };
 
+// One record of the broker's audit log (DESIGN.md §7, §10): a decision or an issuance. Records of
+// one broker form a hash chain: `seq` counts 1, 2, ... within `chain_id`, and `hash` covers every
+// other field including `prev_hash` (the previous record's `hash`; empty for seq 1). The store
+// keeps records as given; computing and checking the chain is the audit module's job.
+struct AuditRecord {
+  std::string chain_id;  // The broker that wrote it; several brokers may share one store.
+  int64_t seq = 0;
+  int64_t time = 0;
+  std::string event;          // e.g. "jwt_svid", "x509_svid", "task_token", "task_declared".
+  std::string outcome;        // "issued", "denied", "ok".
+  std::string spiffe_id;      // The subject the decision was about; may be empty.
+  std::string node_id;        // The calling node agent; may be empty.
+  std::string task_id;        // May be empty.
+  std::string credential_id;  // jti of a token, hex serial of a certificate; may be empty.
+  std::string detail;         // A JSON object with the rest (audiences, expiry, reason, ...).
+  std::string prev_hash;
+  std::string hash;
+
+  friend bool operator==(const AuditRecord&, const AuditRecord&) = default;
+};
+
+// Which audit records ListAuditRecords returns; empty/zero fields do not filter.
+struct AuditQuery {
+  std::string chain_id;
+  int64_t after_seq = 0;  // With chain_id: only records with seq > after_seq (paging a chain).
+  int64_t since = 0;      // time >= since
+  std::string spiffe_id;
+  std::string task_id;
+  std::string credential_id;
+  int64_t limit = 1000;  // At most this many (1..10000).
+};
+
 // Thread-safety: every method may be called concurrently from any thread; each call is atomic
 // (it sees and leaves a consistent state). Implementations are not copyable; the owner (the
 // broker's `main()`) keeps one instance alive for as long as any module uses it.
@@ -219,6 +251,23 @@ class Store {
   // since the store does not know the time.
   virtual absl::StatusOr<std::vector<Task>> ListTasks(std::string_view spiffe_id,
                                                       bool active_only) = 0;
+
+  // ---- Audit log ----
+
+  // Appends `records` in one transaction (one fsync), or none of them. Callers batch many
+  // records per call (group commit). InvalidArgument: an empty chain_id, event, outcome or hash,
+  // or seq < 1. AlreadyExists: a record with the same (chain_id, seq) is stored (another writer
+  // extended the chain: the caller's view of the chain head is stale).
+  virtual absl::Status AppendAuditRecords(const std::vector<AuditRecord>& records) = 0;
+
+  // The record with the highest seq of `chain_id`; NotFound when the chain has no record.
+  virtual absl::StatusOr<AuditRecord> LastAuditRecord(std::string_view chain_id) = 0;
+
+  // Matching records ordered by (chain_id, seq). InvalidArgument: limit out of range.
+  virtual absl::StatusOr<std::vector<AuditRecord>> ListAuditRecords(const AuditQuery& query) = 0;
+
+  // Every chain_id with at least one record, sorted.
+  virtual absl::StatusOr<std::vector<std::string>> ListAuditChains() = 0;
 
   // ---- Maintenance ----
 

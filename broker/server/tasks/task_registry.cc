@@ -1,5 +1,7 @@
 #include "broker/server/tasks/task_registry.h"
 
+#include <spdlog/spdlog.h>
+
 #include <algorithm>
 #include <optional>
 #include <utility>
@@ -9,6 +11,7 @@
 #include "broker/common/crypto/keys.h"
 #include "broker/common/jose/jose.h"
 #include "broker/common/util/status_macros.h"
+#include "broker/server/audit/audit_detail.h"
 
 namespace mandate::broker {
 namespace {
@@ -209,8 +212,9 @@ absl::StatusOr<std::vector<std::string>> TokenScopesForTask(
   return granted;
 }
 
-TaskRegistry::TaskRegistry(store::Store& store, const Clock& clock, TaskLimits limits)
-    : store_(store), clock_(clock), limits_(std::move(limits)) {}
+TaskRegistry::TaskRegistry(store::Store& store, AuditLog& audit, const Clock& clock,
+                           TaskLimits limits)
+    : store_(store), audit_(audit), clock_(clock), limits_(std::move(limits)) {}
 
 absl::StatusOr<store::Task> TaskRegistry::Declare(const std::string& spiffe_id,
                                                   const std::vector<std::string>& entitled_scopes,
@@ -231,8 +235,18 @@ absl::StatusOr<store::Task> TaskRegistry::Declare(const std::string& spiffe_id,
     }
   }
   if (task.scopes.empty()) {
-    return absl::PermissionDeniedError(
+    absl::Status refused = absl::PermissionDeniedError(
         absl::StrCat("none of the requested scopes is granted to ", spiffe_id));
+    nlohmann::json detail = {{"scopes", request.scopes},
+                             {"reason", std::string(refused.message())}};
+    if (absl::Status s = audit_.Record({.event = "task_declared",
+                                        .outcome = "denied",
+                                        .spiffe_id = spiffe_id,
+                                        .detail = AuditDetail(detail)});
+        !s.ok()) {
+      spdlog::error("refusal not audited: {}", std::string(s.message()));
+    }
+    return refused;
   }
   task.audiences = DedupeKeepingOrder(request.audiences);
 
@@ -246,6 +260,14 @@ absl::StatusOr<store::Task> TaskRegistry::Declare(const std::string& spiffe_id,
   task.created_at = clock_.NowSeconds();
   task.expires_at = task.created_at + std::min(requested_ttl, limits_.max_ttl_seconds);
   RETURN_IF_ERROR(store_.CreateTask(task));
+  RETURN_IF_ERROR(audit_.Record({.event = "task_declared",
+                                 .outcome = "ok",
+                                 .spiffe_id = spiffe_id,
+                                 .task_id = task.id,
+                                 .detail = AuditDetail({{"purpose", task.purpose},
+                                                        {"scopes", task.scopes},
+                                                        {"audiences", task.audiences},
+                                                        {"expires_at", task.expires_at}})}));
   return task;
 }
 
@@ -278,6 +300,12 @@ absl::StatusOr<store::Task> TaskRegistry::End(const std::string& spiffe_id,
     if (current->status == kEnded) return absl::FailedPreconditionError("task ended");
     return absl::FailedPreconditionError(absl::StrCat("task is ", current->status));
   }
+  if (!ended.ok()) return ended.status();
+  RETURN_IF_ERROR(audit_.Record({.event = "task_ended",
+                                 .outcome = "ok",
+                                 .spiffe_id = spiffe_id,
+                                 .task_id = ended->id,
+                                 .detail = AuditDetail({{"ended_at", ended->ended_at}})}));
   return ended;
 }
 

@@ -10,7 +10,10 @@
 // will add the statuses "pending_approval" and "revoked" (store.h): code here treats any status
 // other than "active" as unusable, so new statuses need no change to be refused.
 //
-// Ownership: the registry borrows the store and the clock, which must outlive it.
+// Declarations (granted or refused) and endings are audited (audit/audit_log.h); a declaration
+// whose record cannot be stored is answered Unavailable.
+//
+// Ownership: the registry borrows the store, the audit log and the clock, which must outlive it.
 // Thread-safety: every method may be called concurrently; the registry keeps no state of its own
 // beyond its immutable limits, and each store call is atomic.
 #ifndef MANDATE_BROKER_SERVER_TASKS_TASK_REGISTRY_H_
@@ -26,6 +29,7 @@
 #include "absl/status/statusor.h"
 #include "broker/common/store/store.h"
 #include "broker/common/util/clock.h"
+#include "broker/server/audit/audit_log.h"
 
 namespace mandate::broker {
 
@@ -67,7 +71,7 @@ absl::StatusOr<std::vector<std::string>> TokenScopesForTask(
 
 class TaskRegistry {
  public:
-  TaskRegistry(store::Store& store, const Clock& clock, TaskLimits limits);
+  TaskRegistry(store::Store& store, AuditLog& audit, const Clock& clock, TaskLimits limits);
 
   TaskRegistry(const TaskRegistry&) = delete;
   TaskRegistry& operator=(const TaskRegistry&) = delete;
@@ -113,6 +117,7 @@ class TaskRegistry {
                                        std::string_view task_id) const;
 
   store::Store& store_;
+  AuditLog& audit_;
   const Clock& clock_;
   const TaskLimits limits_;
 };

@@ -37,7 +37,8 @@ class IssuerTest : public ::testing::Test {
     ASSERT_TRUE(registry_->Create(entry).ok());
     IssuerDefaults defaults;
     defaults.issuer_url = "https://broker.example.org";
-    issuer_ = std::make_unique<Issuer>(*authority_, *registry_, clock_, defaults);
+    audit_ = testing::OpenAuditLog(*store_, clock_);
+    issuer_ = std::make_unique<Issuer>(*authority_, *registry_, *audit_, clock_, defaults);
   }
 
   std::string Csr(const std::string& id) {
@@ -50,6 +51,7 @@ class IssuerTest : public ::testing::Test {
   std::unique_ptr<store::SqliteStore> store_;
   std::unique_ptr<TrustAuthority> authority_;
   std::unique_ptr<EntryRegistry> registry_;
+  std::unique_ptr<AuditLog> audit_;
   std::unique_ptr<Issuer> issuer_;
 };
 
@@ -173,6 +175,77 @@ TEST_F(IssuerTest, NodeSvidNamesTheNode) {
   auto cert = issuer_->IssueNodeSvid(kNode, Csr(""));
   ASSERT_TRUE(cert.ok());
   EXPECT_EQ(cert->UriSans(), std::vector<std::string>{kNode});
+}
+
+// ---- Audit: every issuance and every refusal leaves one record; no record, no credential ----
+
+std::vector<store::AuditRecord> AuditRecords(store::Store& store) {
+  return std::move(store.ListAuditRecords({})).value();
+}
+
+TEST_F(IssuerTest, EveryIssuanceIsAuditedWithItsCredentialId) {
+  auto x509 = issuer_->IssueX509Svid(kNode, "e1", Csr(""));
+  auto jwt = issuer_->IssueJwtSvid(kNode, "e1", {"https://api.example.org"});
+  auto token = issuer_->IssueTaskToken(Grant());
+  auto node = issuer_->IssueNodeSvid(kNode, Csr(""));
+  ASSERT_TRUE(x509.ok() && jwt.ok() && token.ok() && node.ok());
+  auto records = AuditRecords(*store_);
+  ASSERT_EQ(records.size(), 4u);
+  EXPECT_EQ(records[0].event, "x509_svid");
+  EXPECT_EQ(records[0].outcome, "issued");
+  EXPECT_EQ(records[0].spiffe_id, "spiffe://example.org/agent/bot");
+  EXPECT_EQ(records[0].node_id, kNode);
+  EXPECT_EQ(records[0].credential_id, x509->certificate.SerialHex());
+  EXPECT_EQ(nlohmann::json::parse(records[0].detail)["entry_id"], "e1");
+
+  EXPECT_EQ(records[1].event, "jwt_svid");
+  EXPECT_EQ(records[1].credential_id, jwt->jti);
+  auto jwt_detail = nlohmann::json::parse(records[1].detail);
+  EXPECT_EQ(jwt_detail["aud"], nlohmann::json({"https://api.example.org"}));
+  EXPECT_EQ(jwt_detail["expires_at"], jwt->expires_at);
+
+  EXPECT_EQ(records[2].event, "task_token");
+  EXPECT_EQ(records[2].task_id, "task_abc");
+  EXPECT_EQ(records[2].credential_id, token->jti);
+  auto token_detail = nlohmann::json::parse(records[2].detail);
+  EXPECT_EQ(token_detail["scope"], "tickets:read tickets:write");
+  EXPECT_EQ(token_detail["jkt"], Grant().jkt);
+
+  EXPECT_EQ(records[3].event, "node_svid");
+  EXPECT_EQ(records[3].spiffe_id, kNode);
+  EXPECT_EQ(records[3].credential_id, node->SerialHex());
+  // No record holds a credential itself.
+  for (const auto& r : records) {
+    EXPECT_EQ(r.detail.find(jwt->token), std::string::npos);
+    EXPECT_EQ(r.detail.find(token->token), std::string::npos);
+  }
+}
+
+TEST_F(IssuerTest, RefusalsAreAudited) {
+  ASSERT_FALSE(issuer_->IssueJwtSvid(kOtherNode, "e1", {"a"}).ok());
+  ASSERT_FALSE(issuer_->IssueX509Svid(kNode, "nope", Csr("")).ok());
+  auto records = AuditRecords(*store_);
+  ASSERT_EQ(records.size(), 2u);
+  EXPECT_EQ(records[0].event, "jwt_svid");
+  EXPECT_EQ(records[0].outcome, "denied");
+  EXPECT_EQ(records[0].node_id, kOtherNode);
+  EXPECT_EQ(nlohmann::json::parse(records[0].detail)["entry_id"], "e1");
+  EXPECT_EQ(records[1].event, "x509_svid");
+  EXPECT_EQ(records[1].outcome, "denied");
+  EXPECT_EQ(nlohmann::json::parse(records[1].detail)["entry_id"], "nope");
+}
+
+TEST_F(IssuerTest, NoCredentialLeavesWithoutItsAuditRecord) {
+  // The audit log cannot take records (its backlog bound is zero): issuance fails closed.
+  auto closed = AuditLog::Open(*store_, "closed", clock_, {.max_queued = 0});
+  ASSERT_TRUE(closed.ok());
+  IssuerDefaults defaults;
+  defaults.issuer_url = "https://broker.example.org";
+  Issuer issuer(*authority_, *registry_, **closed, clock_, defaults);
+  EXPECT_TRUE(absl::IsUnavailable(issuer.IssueJwtSvid(kNode, "e1", {"a"}).status()));
+  EXPECT_TRUE(absl::IsUnavailable(issuer.IssueX509Svid(kNode, "e1", Csr("")).status()));
+  EXPECT_TRUE(absl::IsUnavailable(issuer.IssueTaskToken(Grant()).status()));
+  EXPECT_TRUE(absl::IsUnavailable(issuer.IssueNodeSvid(kNode, Csr("")).status()));
 }
 
 }  // namespace

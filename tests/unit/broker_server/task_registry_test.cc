@@ -36,7 +36,7 @@ class TaskRegistryTest : public ::testing::Test {
   TaskRegistryTest() : store_(testing::OpenStore(dir_)), clock_(kNow) {}
 
   TaskRegistry MakeRegistry(TaskLimits limits = {}) {
-    return TaskRegistry(*store_, clock_, limits);
+    return TaskRegistry(*store_, *audit_, clock_, limits);
   }
 
   // The status code and message of declaring `request` with a broad entitlement.
@@ -47,11 +47,33 @@ class TaskRegistryTest : public ::testing::Test {
   testing::TempDir dir_;
   std::unique_ptr<store::SqliteStore> store_;
   FakeClock clock_;
-  TaskRegistry registry_{*store_, clock_, TaskLimits{}};
+  std::unique_ptr<AuditLog> audit_ = testing::OpenAuditLog(*store_, clock_);
+  TaskRegistry registry_{*store_, *audit_, clock_, TaskLimits{}};
   std::vector<std::string> entitled_ = {"tickets:read", "tickets:write", "repo:read"};
 };
 
 // ---- Declaring ----
+
+TEST_F(TaskRegistryTest, DeclarationsRefusalsAndEndingsAreAudited) {
+  absl::StatusOr<store::Task> task = registry_.Declare(kAgent, entitled_, ValidRequest());
+  ASSERT_TRUE(task.ok()) << task.status();
+  TaskRequest nothing_granted = ValidRequest();
+  nothing_granted.scopes = {"admin:all"};
+  ASSERT_FALSE(registry_.Declare(kAgent, entitled_, nothing_granted).ok());
+  ASSERT_TRUE(registry_.End(kAgent, task->id).ok());
+  auto records = std::move(store_->ListAuditRecords({})).value();
+  ASSERT_EQ(records.size(), 3u);
+  EXPECT_EQ(records[0].event, "task_declared");
+  EXPECT_EQ(records[0].outcome, "ok");
+  EXPECT_EQ(records[0].spiffe_id, kAgent);
+  EXPECT_EQ(records[0].task_id, task->id);
+  EXPECT_NE(records[0].detail.find("triage ticket #42"), std::string::npos);
+  EXPECT_EQ(records[1].event, "task_declared");
+  EXPECT_EQ(records[1].outcome, "denied");
+  EXPECT_NE(records[1].detail.find("admin:all"), std::string::npos);
+  EXPECT_EQ(records[2].event, "task_ended");
+  EXPECT_EQ(records[2].task_id, task->id);
+}
 
 TEST_F(TaskRegistryTest, DeclareStoresActiveTaskOwnedByCaller) {
   absl::StatusOr<store::Task> task = registry_.Declare(kAgent, entitled_, ValidRequest());

@@ -10,6 +10,7 @@
 #include <string>
 
 #include "broker/common/store/sqlite_store.h"
+#include "broker/server/audit/audit_log.h"
 
 namespace mandate::broker::testing {
 
@@ -30,6 +31,13 @@ inline std::unique_ptr<store::SqliteStore> OpenStore(const TempDir& dir) {
   auto store = store::SqliteStore::Open(dir.path() + "/mandate.db");
   EXPECT_TRUE(store.ok()) << store.status();
   return std::move(store).value();
+}
+
+// An audit log on `store` for fixtures; the store and clock must outlive it.
+inline std::unique_ptr<AuditLog> OpenAuditLog(store::Store& store, const Clock& clock) {
+  auto log = AuditLog::Open(store, "test-broker", clock);
+  EXPECT_TRUE(log.ok()) << log.status();
+  return std::move(log).value();
 }
 
 }  // namespace mandate::broker::testing

@@ -64,9 +64,10 @@ class TokenEndpointTest : public ::testing::Test {
     registry_ = std::move(EntryRegistry::Load(*store_)).value();
     AddEntry("e1", kBot, {"read", "write", "deploy"}, /*token_ttl=*/120);
     AddEntry("e2", kOther, {"read"}, 0);
-    issuer_ = std::make_unique<Issuer>(*authority_, *registry_, clock_,
+    audit_ = testing::OpenAuditLog(*store_, clock_);
+    issuer_ = std::make_unique<Issuer>(*authority_, *registry_, *audit_, clock_,
                                        IssuerDefaults{.issuer_url = kIssuer});
-    tasks_ = std::make_unique<TaskRegistry>(*store_, clock_, TaskLimits{});
+    tasks_ = std::make_unique<TaskRegistry>(*store_, *audit_, clock_, TaskLimits{});
     endpoint_ = MakeEndpoint(nullptr);
     dpop_key_ = *crypto::PrivateKey::GenerateP256();
     task_id_ = Declare(kBot, {"read", "write"}, {"https://api.example.org"});
@@ -161,6 +162,7 @@ class TokenEndpointTest : public ::testing::Test {
   std::unique_ptr<store::SqliteStore> store_;
   std::unique_ptr<TrustAuthority> authority_;
   std::unique_ptr<EntryRegistry> registry_;
+  std::unique_ptr<AuditLog> audit_;
   std::unique_ptr<Issuer> issuer_;
   std::unique_ptr<TaskRegistry> tasks_;
   dpop::ReplayCache cache_;

@@ -1,0 +1,225 @@
+#include "broker/server/audit/audit_log.h"
+
+#include <spdlog/spdlog.h>
+
+#include <algorithm>
+#include <filesystem>
+#include <utility>
+
+#include "absl/strings/ascii.h"
+#include "absl/strings/str_cat.h"
+#include "broker/common/crypto/keys.h"
+#include "broker/common/util/status_macros.h"
+
+namespace mandate::broker {
+namespace {
+
+constexpr char kChainIdFile[] = "audit-chain-id";
+constexpr int64_t kVerifyPage = 1000;
+
+// Length-prefixed, so no two different records encode alike whatever bytes their fields hold.
+void AppendField(std::string& out, const std::string& value) {
+  absl::StrAppend(&out, value.size(), ":", value, ";");
+}
+
+bool IsChainId(std::string_view id) {
+  return !id.empty() && id.size() <= 64 && std::all_of(id.begin(), id.end(), [](char c) {
+    return absl::ascii_isalnum(static_cast<unsigned char>(c)) || c == '-' || c == '_';
+  });
+}
+
+}  // namespace
+
+std::string AuditRecordHash(const store::AuditRecord& r) {
+  std::string encoded = "mandate-audit-v1;";
+  AppendField(encoded, r.chain_id);
+  AppendField(encoded, absl::StrCat(r.seq));
+  AppendField(encoded, absl::StrCat(r.time));
+  AppendField(encoded, r.event);
+  AppendField(encoded, r.outcome);
+  AppendField(encoded, r.spiffe_id);
+  AppendField(encoded, r.node_id);
+  AppendField(encoded, r.task_id);
+  AppendField(encoded, r.credential_id);
+  AppendField(encoded, r.detail);
+  AppendField(encoded, r.prev_hash);
+  return crypto::HexEncode(crypto::Sha256(encoded));
+}
+
+absl::StatusOr<std::unique_ptr<AuditLog>> AuditLog::Open(store::Store& store, std::string chain_id,
+                                                         const Clock& clock,
+                                                         AuditLogOptions options) {
+  if (!IsChainId(chain_id)) {
+    return absl::InvalidArgumentError("audit chain id must be 1-64 of [A-Za-z0-9_-]");
+  }
+  options.max_batch = std::max<size_t>(options.max_batch, 1);
+  std::unique_ptr<AuditLog> log(new AuditLog(store, std::move(chain_id), clock, options));
+  RETURN_IF_ERROR(log->LoadHead());
+  log->writer_ = std::thread([raw = log.get()] { raw->WriterLoop(); });
+  return log;
+}
+
+AuditLog::~AuditLog() {
+  {
+    absl::MutexLock lock(&mu_);
+    stopping_ = true;
+  }
+  if (writer_.joinable()) writer_.join();
+}
+
+absl::Status AuditLog::LoadHead() {
+  absl::StatusOr<store::AuditRecord> last = store_.LastAuditRecord(chain_id_);
+  if (absl::IsNotFound(last.status())) {
+    head_seq_ = 0;
+    head_hash_.clear();
+  } else if (!last.ok()) {
+    return last.status();
+  } else {
+    head_seq_ = last->seq;
+    head_hash_ = std::move(last->hash);
+  }
+  head_stale_ = false;
+  return absl::OkStatus();
+}
+
+absl::Status AuditLog::Record(AuditEvent event) {
+  store::AuditRecord record;
+  record.chain_id = chain_id_;
+  record.time = clock_.NowSeconds();
+  record.event = std::move(event.event);
+  record.outcome = std::move(event.outcome);
+  record.spiffe_id = std::move(event.spiffe_id);
+  record.node_id = std::move(event.node_id);
+  record.task_id = std::move(event.task_id);
+  record.credential_id = std::move(event.credential_id);
+  record.detail = event.detail.empty() ? "{}" : std::move(event.detail);
+
+  absl::MutexLock lock(&mu_);
+  if (stopping_) return absl::UnavailableError("audit log is shutting down");
+  if (queued_records_ >= options_.max_queued) {
+    ++stats_.failed;
+    return absl::UnavailableError("audit log backlog is full; the store is not keeping up");
+  }
+  // Join the newest batch unless the writer already took it or it is full.
+  if (queue_.empty() || queue_.back()->records.size() >= options_.max_batch) {
+    queue_.push_back(std::make_shared<Batch>());
+  }
+  std::shared_ptr<Batch> batch = queue_.back();
+  batch->records.push_back(std::move(record));
+  ++queued_records_;
+  mu_.Await(absl::Condition(&batch->done));
+  return batch->status;
+}
+
+void AuditLog::WriterLoop() {
+  while (true) {
+    std::shared_ptr<Batch> batch;
+    {
+      absl::MutexLock lock(&mu_);
+      auto has_work = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+        return !queue_.empty() || stopping_;
+      };
+      mu_.Await(absl::Condition(&has_work));
+      if (queue_.empty()) return;  // stopping, and everything queued was written
+      batch = std::move(queue_.front());
+      queue_.pop_front();
+      queued_records_ -= batch->records.size();
+    }
+    absl::Status status = WriteBatch(batch->records);
+    if (!status.ok()) {
+      spdlog::error("audit log: {} record(s) not stored, their requests fail: {}",
+                    batch->records.size(), std::string(status.message()));
+      status = absl::UnavailableError(absl::StrCat("audit record not stored: ", status.message()));
+    }
+    absl::MutexLock lock(&mu_);
+    if (status.ok()) {
+      stats_.records += static_cast<int64_t>(batch->records.size());
+      ++stats_.batches;
+    } else {
+      stats_.failed += static_cast<int64_t>(batch->records.size());
+    }
+    batch->status = std::move(status);
+    batch->done = true;
+  }
+}
+
+absl::Status AuditLog::WriteBatch(std::vector<store::AuditRecord>& records) {
+  if (head_stale_) RETURN_IF_ERROR(LoadHead());
+  int64_t seq = head_seq_;
+  const std::string* prev = &head_hash_;
+  for (store::AuditRecord& r : records) {
+    r.seq = ++seq;
+    r.prev_hash = *prev;
+    r.hash = AuditRecordHash(r);
+    prev = &r.hash;
+  }
+  absl::Status status = store_.AppendAuditRecords(records);
+  if (!status.ok()) {
+    // Perhaps nothing was stored, perhaps another writer moved the chain: ask the store again.
+    head_stale_ = true;
+    return status;
+  }
+  head_seq_ = seq;
+  head_hash_ = records.back().hash;
+  return absl::OkStatus();
+}
+
+AuditLog::Stats AuditLog::stats() const {
+  absl::MutexLock lock(&mu_);
+  return stats_;
+}
+
+absl::StatusOr<AuditChainReport> VerifyAuditChain(store::Store& store,
+                                                  const std::string& chain_id) {
+  AuditChainReport report;
+  report.chain_id = chain_id;
+  store::AuditQuery query;
+  query.chain_id = chain_id;
+  query.limit = kVerifyPage;
+  while (true) {
+    query.after_seq = report.records;
+    ASSIGN_OR_RETURN(std::vector<store::AuditRecord> page, store.ListAuditRecords(query));
+    for (const store::AuditRecord& r : page) {
+      const int64_t expected = report.records + 1;
+      if (r.seq != expected) {
+        report.status = absl::DataLossError(
+            absl::StrCat("audit chain ", chain_id, ": record ", expected, " is missing"));
+        return report;
+      }
+      if (r.prev_hash != report.head_hash) {
+        report.status = absl::DataLossError(absl::StrCat("audit chain ", chain_id, ": record ",
+                                                         r.seq, " does not follow record ",
+                                                         r.seq - 1, " (prev_hash differs)"));
+        return report;
+      }
+      if (AuditRecordHash(r) != r.hash) {
+        report.status = absl::DataLossError(absl::StrCat("audit chain ", chain_id, ": record ",
+                                                         r.seq, " was altered (hash differs)"));
+        return report;
+      }
+      report.records = r.seq;
+      report.head_hash = r.hash;
+    }
+    if (static_cast<int64_t>(page.size()) < kVerifyPage) return report;
+  }
+}
+
+absl::StatusOr<std::string> LoadOrCreateAuditChainId(const std::string& data_dir) {
+  const std::string path = (std::filesystem::path(data_dir) / kChainIdFile).string();
+  std::error_code ec;
+  if (std::filesystem::exists(path, ec)) {
+    ASSIGN_OR_RETURN(std::string contents, crypto::ReadFile(path));
+    std::string id(absl::StripAsciiWhitespace(contents));
+    if (!IsChainId(id)) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("'", path, "' does not hold an audit chain id (1-64 of [A-Za-z0-9_-])"));
+    }
+    return id;
+  }
+  ASSIGN_OR_RETURN(std::string random, crypto::RandomBytes(8));
+  std::string id = absl::StrCat("broker-", crypto::HexEncode(random));
+  RETURN_IF_ERROR(crypto::WriteFileAtomic(path, id + "\n"));
+  return id;
+}
+
+}  // namespace mandate::broker

@@ -1,0 +1,140 @@
+// The broker's audit log (DESIGN.md §7, §10): every issuance and every refusal the issuer makes is
+// one record, hash-chained to the one before it, and durable before the caller is answered.
+//
+// Group commit: Record() queues the record and waits; one writer thread takes everything queued
+// (up to `max_batch`), assigns sequence numbers and chain hashes, and appends the lot in one store
+// transaction - one fsync for many records - then wakes every caller of that batch. Under load the
+// batch grows while the previous one is being written, so the fsync rate stays bounded while the
+// record rate follows the issuance rate. A caller is told OK only after its batch committed; when
+// the store refuses a batch, every caller in it gets Unavailable, nothing of it is stored, and the
+// chain continues from the last stored record (re-read before the next batch). Callers fail closed
+// on an error: a credential whose record is not stored is not handed out.
+//
+// Chain: each broker writes its own chain (`chain_id`, kept in the data dir), so several brokers
+// may share a store. seq counts 1, 2, ...; `hash` is the hex SHA-256 over a length-prefixed
+// encoding of every other stored field, `prev_hash` included (AuditRecordHash). Editing, removing
+// or reordering a record breaks the chain at that point (VerifyAuditChain). Cutting the tail, or
+// recomputing the whole chain, needs signed checkpoints of the chain head to detect; see
+// docs/threat-model.md.
+//
+// Thread-safety: Record() may be called from any number of threads. Ownership: the log borrows
+// the store and the clock, which must outlive it.
+#ifndef MANDATE_BROKER_SERVER_AUDIT_AUDIT_LOG_H_
+#define MANDATE_BROKER_SERVER_AUDIT_AUDIT_LOG_H_
+
+#include <cstddef>
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "broker/common/store/store.h"
+#include "broker/common/util/clock.h"
+
+namespace mandate::broker {
+
+// What happened; the log adds the time, the chain position and the hashes.
+struct AuditEvent {
+  std::string event;    // "x509_svid", "jwt_svid", "task_token", "node_svid", "task_declared", ...
+  std::string outcome;  // "issued", "denied", "ok".
+  std::string spiffe_id;
+  std::string node_id;
+  std::string task_id;
+  std::string credential_id;  // jti or hex serial.
+  std::string detail;         // A JSON object; empty means "{}".
+};
+
+struct AuditLogOptions {
+  // Most records in one transaction.
+  size_t max_batch = 1024;
+  // Most records waiting to be written; beyond it Record() answers Unavailable at once rather
+  // than letting memory and latency grow without bound when the disk stalls.
+  size_t max_queued = 65536;
+};
+
+class AuditLog {
+ public:
+  // Continues chain `chain_id` after its last stored record (or starts it) and starts the writer
+  // thread. InvalidArgument for an empty chain_id; the store's error when it cannot be read.
+  static absl::StatusOr<std::unique_ptr<AuditLog>> Open(store::Store& store, std::string chain_id,
+                                                        const Clock& clock,
+                                                        AuditLogOptions options = {});
+
+  AuditLog(const AuditLog&) = delete;
+  AuditLog& operator=(const AuditLog&) = delete;
+  // Writes whatever is queued, then stops the writer. No Record() call may start afterwards.
+  ~AuditLog();
+
+  // Appends a record stamped with the current time; returns once it is durable. Unavailable
+  // when it could not be stored (the caller must not act as if it had been).
+  absl::Status Record(AuditEvent event);
+
+  const std::string& chain_id() const { return chain_id_; }
+
+  struct Stats {
+    int64_t records = 0;  // Stored by this process.
+    int64_t batches = 0;  // Transactions that stored them.
+    int64_t failed = 0;   // Records refused (store errors, full queue).
+  };
+  Stats stats() const;
+
+ private:
+  struct Batch {
+    std::vector<store::AuditRecord> records;
+    bool done = false;
+    absl::Status status;
+  };
+
+  AuditLog(store::Store& store, std::string chain_id, const Clock& clock, AuditLogOptions options)
+      : store_(store), chain_id_(std::move(chain_id)), clock_(clock), options_(options) {}
+  void WriterLoop();
+  // Numbers, hashes and stores `records`; advances the chain head only when stored.
+  absl::Status WriteBatch(std::vector<store::AuditRecord>& records);
+  absl::Status LoadHead();
+
+  store::Store& store_;
+  const std::string chain_id_;
+  const Clock& clock_;
+  const AuditLogOptions options_;
+
+  // Touched by the writer thread only (and by Open before it starts).
+  int64_t head_seq_ = 0;
+  std::string head_hash_;
+  bool head_stale_ = false;
+
+  mutable absl::Mutex mu_;
+  std::deque<std::shared_ptr<Batch>> queue_ ABSL_GUARDED_BY(mu_);
+  size_t queued_records_ ABSL_GUARDED_BY(mu_) = 0;
+  bool stopping_ ABSL_GUARDED_BY(mu_) = false;
+  Stats stats_ ABSL_GUARDED_BY(mu_);
+  std::thread writer_;
+};
+
+// The chain hash of `record`: hex SHA-256 over every field except `hash` itself.
+std::string AuditRecordHash(const store::AuditRecord& record);
+
+struct AuditChainReport {
+  std::string chain_id;
+  int64_t records = 0;    // Records checked (all of them when the chain is intact).
+  std::string head_hash;  // Hash of the last good record.
+  absl::Status status;    // OK, or DataLoss naming the first broken seq and why.
+};
+
+// Recomputes chain `chain_id` from seq 1, a page at a time. The report's status says where it
+// first breaks (a missing or out-of-order seq, a prev_hash that is not the previous hash, a hash
+// that does not match the fields); errors reading the store are returned as such.
+absl::StatusOr<AuditChainReport> VerifyAuditChain(store::Store& store, const std::string& chain_id);
+
+// Reads or creates the broker's chain id in `data_dir` (file "audit-chain-id", 0600): one random
+// id per data dir, so each broker sharing a store writes its own chain.
+absl::StatusOr<std::string> LoadOrCreateAuditChainId(const std::string& data_dir);
+
+}  // namespace mandate::broker
+
+#endif  // MANDATE_BROKER_SERVER_AUDIT_AUDIT_LOG_H_
