@@ -15,7 +15,9 @@ HttpEndpoints::HttpEndpoints(const TrustAuthority& authority) : authority_(autho
 
 HttpEndpoints::~HttpEndpoints() { Stop(); }
 
-void HttpEndpoints::Serve(const std::string& issuer_url, const TokenEndpoint* token_endpoint) {
+void HttpEndpoints::Serve(const std::string& issuer_url, const TokenEndpoint* token_endpoint,
+                          const AuditLog* audit) {
+  audit_ = audit;
   nlohmann::json doc = {
       {"issuer", issuer_url},
       {"jwks_uri", issuer_url + "/keys"},
@@ -90,6 +92,29 @@ absl::Status HttpEndpoints::Bind(const std::string& host, int port,
     r.status = response.status;
     if (!response.dpop_nonce.empty()) r.set_header("DPoP-Nonce", response.dpop_nonce);
     r.set_content(response.body, kJson);
+  });
+  // Prometheus text exposition format 0.0.4.
+  s.Get("/metrics", [this](const httplib::Request&, httplib::Response& r) {
+    std::string text;
+    if (audit_ != nullptr) {
+      AuditLog::Stats stats = audit_->stats();
+      absl::StrAppend(&text,
+                      "# HELP mandate_audit_records_total Audit records stored by this process.\n"
+                      "# TYPE mandate_audit_records_total counter\n"
+                      "mandate_audit_records_total ",
+                      stats.records,
+                      "\n# HELP mandate_audit_commits_total Transactions (fsyncs) that stored "
+                      "them (group commit).\n"
+                      "# TYPE mandate_audit_commits_total counter\n"
+                      "mandate_audit_commits_total ",
+                      stats.batches,
+                      "\n# HELP mandate_audit_failed_total Audit records not stored; their "
+                      "requests failed.\n"
+                      "# TYPE mandate_audit_failed_total counter\n"
+                      "mandate_audit_failed_total ",
+                      stats.failed, "\n");
+    }
+    r.set_content(text, "text/plain; version=0.0.4; charset=utf-8");
   });
   s.Get("/healthz", [](const httplib::Request&, httplib::Response& r) {
     r.set_content("{\"status\":\"ok\"}", kJson);

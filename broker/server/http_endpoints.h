@@ -10,6 +10,7 @@
 #include <thread>
 
 #include "absl/status/status.h"
+#include "broker/server/audit/audit_log.h"
 #include "broker/server/token_endpoint.h"
 #include "broker/server/trust_authority.h"
 
@@ -31,8 +32,10 @@ class HttpEndpoints {
   absl::Status Bind(const std::string& host, int port, const std::string& tls_cert_file = "",
                     const std::string& tls_key_file = "", int threads = 64);
   // Starts serving on the bound socket; the discovery document names `issuer_url`. With a
-  // `token_endpoint` (borrowed; must outlive Stop) POST /token is served and advertised.
-  void Serve(const std::string& issuer_url, const TokenEndpoint* token_endpoint = nullptr);
+  // `token_endpoint` (borrowed; must outlive Stop) POST /token is served and advertised. With an
+  // `audit` log (borrowed likewise), /metrics reports its counters.
+  void Serve(const std::string& issuer_url, const TokenEndpoint* token_endpoint = nullptr,
+             const AuditLog* audit = nullptr);
   int port() const { return port_; }
   void SetReady(bool ready) { ready_ = ready; }
   void Stop();
@@ -41,6 +44,7 @@ class HttpEndpoints {
   const TrustAuthority& authority_;
   std::string discovery_;
   const TokenEndpoint* token_endpoint_ = nullptr;  // set before serving, then read-only
+  const AuditLog* audit_ = nullptr;                // likewise
   std::unique_ptr<httplib::Server> server_;
   std::thread thread_;
   std::atomic<bool> ready_{false};

@@ -323,7 +323,7 @@ int Run(const BrokerFlags& flags) {
       [self](const grpcutil::PeerCredentials& peer) { return peer.uid == self || peer.uid == 0; });
   if (!admin_listener.ok()) return Fail(admin_listener.status());
 
-  http.Serve(issuer_url, &token_endpoint);
+  http.Serve(issuer_url, &token_endpoint, audit->get());
 
   nlohmann::json endpoints = {{"agent_address", absl::StrCat(agent_host, ":", bound_agent_port)},
                               {"http_address", absl::StrCat(http_host, ":", http.port())},

@@ -7,6 +7,7 @@
 #include <sys/stat.h>
 
 #include <iostream>
+#include <regex>
 
 #include "mandate/svid.h"
 #include "mandate/workload_client.h"
@@ -188,6 +189,22 @@ TEST_F(LifecycleTest, IssuancesAreAuditedDurablyAndTamperingIsFound) {
   const std::string audience = "https://audit.example.org/" + std::to_string(::getpid());
   auto jwt = client_->FetchJwtSvid({audience});
   ASSERT_TRUE(jwt.ok()) << jwt.status();
+  {
+    // The broker's counters: node SVID, workload X509-SVID, JWT-SVID at least.
+    const std::string& address = broker_.http_address;
+    httplib::Client http(address.substr(0, address.rfind(':')),
+                         std::stoi(address.substr(address.rfind(':') + 1)));
+    auto metrics = http.Get("/metrics");
+    ASSERT_TRUE(metrics);
+    EXPECT_EQ(metrics->status, 200);
+    EXPECT_THAT(metrics->get_header_value("Content-Type"), HasSubstr("text/plain"));
+    std::smatch m;
+    ASSERT_TRUE(
+        std::regex_search(metrics->body, m, std::regex("\nmandate_audit_records_total (\\d+)\n")))
+        << metrics->body;
+    EXPECT_GE(std::stoll(m[1]), 3);
+    EXPECT_THAT(metrics->body, HasSubstr("\nmandate_audit_failed_total 0\n"));
+  }
   client_.reset();
   EXPECT_EQ(StopProcess(broker_.pid, SIGKILL), 128 + SIGKILL);
 

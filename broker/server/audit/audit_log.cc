@@ -55,16 +55,7 @@ absl::StatusOr<std::unique_ptr<AuditLog>> AuditLog::Open(store::Store& store, st
   options.max_batch = std::max<size_t>(options.max_batch, 1);
   std::unique_ptr<AuditLog> log(new AuditLog(store, std::move(chain_id), clock, options));
   RETURN_IF_ERROR(log->LoadHead());
-  log->writer_ = std::thread([raw = log.get()] { raw->WriterLoop(); });
   return log;
-}
-
-AuditLog::~AuditLog() {
-  {
-    absl::MutexLock lock(&mu_);
-    stopping_ = true;
-  }
-  if (writer_.joinable()) writer_.join();
 }
 
 absl::Status AuditLog::LoadHead() {
@@ -83,7 +74,8 @@ absl::Status AuditLog::LoadHead() {
 }
 
 absl::Status AuditLog::Record(AuditEvent event) {
-  store::AuditRecord record;
+  Waiter self;
+  store::AuditRecord& record = self.record;
   record.chain_id = chain_id_;
   record.time = clock_.NowSeconds();
   record.event = std::move(event.event);
@@ -95,52 +87,45 @@ absl::Status AuditLog::Record(AuditEvent event) {
   record.detail = event.detail.empty() ? "{}" : std::move(event.detail);
 
   absl::MutexLock lock(&mu_);
-  if (stopping_) return absl::UnavailableError("audit log is shutting down");
-  if (queued_records_ >= options_.max_queued) {
+  if (queue_.size() >= options_.max_queued) {
     ++stats_.failed;
     return absl::UnavailableError("audit log backlog is full; the store is not keeping up");
   }
-  // Join the newest batch unless the writer already took it or it is full.
-  if (queue_.empty() || queue_.back()->records.size() >= options_.max_batch) {
-    queue_.push_back(std::make_shared<Batch>());
-  }
-  std::shared_ptr<Batch> batch = queue_.back();
-  batch->records.push_back(std::move(record));
-  ++queued_records_;
-  mu_.Await(absl::Condition(&batch->done));
-  return batch->status;
-}
+  queue_.push_back(&self);
+  auto written_or_leading = [this, &self]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    return self.done || queue_.front() == &self;
+  };
+  mu_.Await(absl::Condition(&written_or_leading));
+  if (self.done) return self.status;
 
-void AuditLog::WriterLoop() {
-  while (true) {
-    std::shared_ptr<Batch> batch;
-    {
-      absl::MutexLock lock(&mu_);
-      auto has_work = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-        return !queue_.empty() || stopping_;
-      };
-      mu_.Await(absl::Condition(&has_work));
-      if (queue_.empty()) return;  // stopping, and everything queued was written
-      batch = std::move(queue_.front());
-      queue_.pop_front();
-      queued_records_ -= batch->records.size();
-    }
-    absl::Status status = WriteBatch(batch->records);
-    if (!status.ok()) {
-      spdlog::error("audit log: {} record(s) not stored, their requests fail: {}",
-                    batch->records.size(), std::string(status.message()));
-      status = absl::UnavailableError(absl::StrCat("audit record not stored: ", status.message()));
-    }
-    absl::MutexLock lock(&mu_);
-    if (status.ok()) {
-      stats_.records += static_cast<int64_t>(batch->records.size());
-      ++stats_.batches;
-    } else {
-      stats_.failed += static_cast<int64_t>(batch->records.size());
-    }
-    batch->status = std::move(status);
-    batch->done = true;
+  // This caller leads: it writes its own record and those queued behind it. It stays at the
+  // front while writing, so no other caller leads meanwhile.
+  const size_t n = std::min(queue_.size(), options_.max_batch);
+  std::vector<store::AuditRecord> batch;
+  batch.reserve(n);
+  for (size_t i = 0; i < n; ++i) batch.push_back(std::move(queue_[i]->record));
+  mu_.Unlock();
+  absl::Status status = WriteBatch(batch);
+  if (!status.ok()) {
+    spdlog::error("audit log: {} record(s) not stored, their requests fail: {}", n,
+                  std::string(status.message()));
+    status = absl::UnavailableError(absl::StrCat("audit record not stored: ", status.message()));
   }
+  mu_.Lock();
+  if (status.ok()) {
+    stats_.records += static_cast<int64_t>(n);
+    ++stats_.batches;
+  } else {
+    stats_.failed += static_cast<int64_t>(n);
+  }
+  for (size_t i = 0; i < n; ++i) {
+    Waiter* w = queue_.front();
+    queue_.pop_front();
+    w->status = status;
+    w->done = true;
+  }
+  // Unlocking wakes the callers written for, and the next one in line, which leads next.
+  return status;
 }
 
 absl::Status AuditLog::WriteBatch(std::vector<store::AuditRecord>& records) {

@@ -1,14 +1,16 @@
 // The broker's audit log (DESIGN.md §7, §10): every issuance and every refusal the issuer makes is
 // one record, hash-chained to the one before it, and durable before the caller is answered.
 //
-// Group commit: Record() queues the record and waits; one writer thread takes everything queued
-// (up to `max_batch`), assigns sequence numbers and chain hashes, and appends the lot in one store
-// transaction - one fsync for many records - then wakes every caller of that batch. Under load the
-// batch grows while the previous one is being written, so the fsync rate stays bounded while the
-// record rate follows the issuance rate. A caller is told OK only after its batch committed; when
-// the store refuses a batch, every caller in it gets Unavailable, nothing of it is stored, and the
-// chain continues from the last stored record (re-read before the next batch). Callers fail closed
-// on an error: a credential whose record is not stored is not handed out.
+// Group commit: Record() queues the record and waits. The caller at the front of the queue is the
+// leader: it takes every queued record (up to `max_batch`), assigns sequence numbers and chain
+// hashes, appends the lot in one store transaction - one fsync for many records - and then wakes
+// the callers whose records it wrote; the next caller in line leads the next batch. Under load the
+// queue fills while a batch is being written, so the fsync rate stays bounded while the record
+// rate follows the issuance rate, and no extra thread has to be woken for each commit (the leader
+// is a caller that would be waiting anyway). A caller is told OK only after its batch committed;
+// when the store refuses a batch, every caller in it gets Unavailable, nothing of it is stored,
+// and the chain continues from the last stored record (re-read before the next batch). Callers
+// fail closed on an error: a credential whose record is not stored is not handed out.
 //
 // Chain: each broker writes its own chain (`chain_id`, kept in the data dir), so several brokers
 // may share a store. seq counts 1, 2, ...; `hash` is the hex SHA-256 over a length-prefixed
@@ -27,7 +29,6 @@
 #include <deque>
 #include <memory>
 #include <string>
-#include <thread>
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
@@ -60,16 +61,16 @@ struct AuditLogOptions {
 
 class AuditLog {
  public:
-  // Continues chain `chain_id` after its last stored record (or starts it) and starts the writer
-  // thread. InvalidArgument for an empty chain_id; the store's error when it cannot be read.
+  // Continues chain `chain_id` after its last stored record (or starts it). InvalidArgument for a
+  // chain_id that is not 1-64 of [A-Za-z0-9_-]; the store's error when it cannot be read.
   static absl::StatusOr<std::unique_ptr<AuditLog>> Open(store::Store& store, std::string chain_id,
                                                         const Clock& clock,
                                                         AuditLogOptions options = {});
 
   AuditLog(const AuditLog&) = delete;
   AuditLog& operator=(const AuditLog&) = delete;
-  // Writes whatever is queued, then stops the writer. No Record() call may start afterwards.
-  ~AuditLog();
+  // No Record() call may be running or start.
+  ~AuditLog() = default;
 
   // Appends a record stamped with the current time; returns once it is durable. Unavailable
   // when it could not be stored (the caller must not act as if it had been).
@@ -85,15 +86,15 @@ class AuditLog {
   Stats stats() const;
 
  private:
-  struct Batch {
-    std::vector<store::AuditRecord> records;
+  // A waiting caller; lives on its stack.
+  struct Waiter {
+    store::AuditRecord record;
     bool done = false;
     absl::Status status;
   };
 
   AuditLog(store::Store& store, std::string chain_id, const Clock& clock, AuditLogOptions options)
       : store_(store), chain_id_(std::move(chain_id)), clock_(clock), options_(options) {}
-  void WriterLoop();
   // Numbers, hashes and stores `records`; advances the chain head only when stored.
   absl::Status WriteBatch(std::vector<store::AuditRecord>& records);
   absl::Status LoadHead();
@@ -103,17 +104,15 @@ class AuditLog {
   const Clock& clock_;
   const AuditLogOptions options_;
 
-  // Touched by the writer thread only (and by Open before it starts).
+  // The chain head: touched only by the current leader (one at a time: the leader stays at the
+  // front of `queue_` until its batch is written) and by Open.
   int64_t head_seq_ = 0;
   std::string head_hash_;
   bool head_stale_ = false;
 
   mutable absl::Mutex mu_;
-  std::deque<std::shared_ptr<Batch>> queue_ ABSL_GUARDED_BY(mu_);
-  size_t queued_records_ ABSL_GUARDED_BY(mu_) = 0;
-  bool stopping_ ABSL_GUARDED_BY(mu_) = false;
+  std::deque<Waiter*> queue_ ABSL_GUARDED_BY(mu_);  // front = the leader
   Stats stats_ ABSL_GUARDED_BY(mu_);
-  std::thread writer_;
 };
 
 // The chain hash of `record`: hex SHA-256 over every field except `hash` itself.
