@@ -12,6 +12,7 @@
 #include "broker/common/spiffe/selector.h"
 #include "broker/common/spiffe/spiffe_id.h"
 #include "broker/common/util/status_macros.h"
+#include "broker/server/audit/audit_detail.h"
 #include "broker/server/audit/audit_log.h"
 #include "broker/server/tasks/task_registry.h"
 
@@ -120,6 +121,15 @@ absl::Status AdminService::ValidateEntry(const commonpb::Entry& entry) const {
   return absl::OkStatus();
 }
 
+grpc::Status AdminService::Audited(AuditEvent event) {
+  absl::Status status = audit_.Record(std::move(event));
+  if (status.ok()) return grpc::Status::OK;
+  return grpc::Status(grpc::StatusCode::UNAVAILABLE,
+                      absl::StrCat("the change was applied, but its audit record could not be "
+                                   "stored: ",
+                                   status.message()));
+}
+
 grpc::Status AdminService::CreateJoinToken(grpc::ServerContext*,
                                            const adminpb::CreateJoinTokenRequest* request,
                                            adminpb::CreateJoinTokenResponse* response) {
@@ -154,6 +164,15 @@ grpc::Status AdminService::CreateJoinToken(grpc::ServerContext*,
   if (auto s = store_.CreateJoinToken(record); !s.ok()) return ToGrpcStatus(s);
   spdlog::info("join token created node={} expires_at={} token_sha256_prefix={}", id->str(),
                record.expires_at, record.token_hash.substr(0, 12));
+  if (grpc::Status s = Audited(
+          {.event = "join_token_created",
+           .outcome = "ok",
+           .spiffe_id = id->str(),
+           .detail = AuditDetail({{"expires_at", record.expires_at},
+                                  {"token_sha256_prefix", record.token_hash.substr(0, 12)}})});
+      !s.ok()) {
+    return s;  // the token is not handed out: it exists, but nobody learns it
+  }
   response->set_token(token->token);
   response->set_spiffe_id(id->str());
   response->set_expires_at(record.expires_at);
@@ -181,6 +200,16 @@ grpc::Status AdminService::CreateEntry(grpc::ServerContext*,
   if (!stored.ok()) return ToGrpcStatus(stored.status());
   spdlog::info("entry created id={} spiffe_id={} parent_id={}", stored->id, stored->spiffe_id,
                stored->parent_id);
+  if (grpc::Status s = Audited({.event = "entry_created",
+                                .outcome = "ok",
+                                .spiffe_id = stored->spiffe_id,
+                                .node_id = stored->parent_id,
+                                .detail = AuditDetail({{"entry_id", stored->id},
+                                                       {"selectors", stored->selectors},
+                                                       {"scopes", stored->scopes}})});
+      !s.ok()) {
+    return s;
+  }
   ToProto(*stored, response);
   return grpc::Status::OK;
 }
@@ -204,7 +233,9 @@ grpc::Status AdminService::DeleteEntry(grpc::ServerContext*,
                                        adminpb::DeleteEntryResponse*) {
   if (auto s = entries_.Delete(request->id()); !s.ok()) return ToGrpcStatus(s);
   spdlog::info("entry deleted id={}", log::EscapeForLog(request->id()));
-  return grpc::Status::OK;
+  return Audited({.event = "entry_deleted",
+                  .outcome = "ok",
+                  .detail = AuditDetail({{"entry_id", request->id()}})});
 }
 
 grpc::Status AdminService::ListAgents(grpc::ServerContext*, const adminpb::ListAgentsRequest*,
@@ -235,7 +266,10 @@ grpc::Status AdminService::EvictAgent(grpc::ServerContext*, const adminpb::Agent
   }
   entries_.NotifyNodeChanged();
   spdlog::info("agent evicted node={}", log::EscapeForLog(request->spiffe_id()));
-  return grpc::Status::OK;
+  return Audited({.event = "agent_evicted",
+                  .outcome = "ok",
+                  .spiffe_id = request->spiffe_id(),
+                  .node_id = request->spiffe_id()});
 }
 
 grpc::Status AdminService::BanAgent(grpc::ServerContext*, const adminpb::AgentRequest* request,
@@ -245,7 +279,10 @@ grpc::Status AdminService::BanAgent(grpc::ServerContext*, const adminpb::AgentRe
   }
   entries_.NotifyNodeChanged();
   spdlog::info("agent banned node={}", log::EscapeForLog(request->spiffe_id()));
-  return grpc::Status::OK;
+  return Audited({.event = "agent_banned",
+                  .outcome = "ok",
+                  .spiffe_id = request->spiffe_id(),
+                  .node_id = request->spiffe_id()});
 }
 
 grpc::Status AdminService::GetBundle(grpc::ServerContext*, const adminpb::GetBundleRequest*,

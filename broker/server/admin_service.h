@@ -1,9 +1,12 @@
 // gRPC adapter for mandate.admin.v1.Admin, served on the broker's 0600 admin socket. Validates
 // operator input strictly (refusals name the rule broken) before anything reaches the store.
+// Every change (join token, entry create/delete, agent evict/ban) is audited once it is applied;
+// when its record cannot be stored the caller gets UNAVAILABLE saying so.
 #ifndef MANDATE_BROKER_SERVER_ADMIN_SERVICE_H_
 #define MANDATE_BROKER_SERVER_ADMIN_SERVICE_H_
 
 #include "broker/common/store/store.h"
+#include "broker/server/audit/audit_log.h"
 #include "broker/server/entry_registry.h"
 #include "broker/server/trust_authority.h"
 #include "mandate/admin/v1/admin.grpc.pb.h"
@@ -20,8 +23,13 @@ class AdminService final : public mandate::admin::v1::Admin::Service {
  public:
   // All references must outlive the service.
   AdminService(const TrustAuthority& authority, store::Store& store, EntryRegistry& entries,
-               const Clock& clock, AdminLimits limits = {})
-      : authority_(authority), store_(store), entries_(entries), clock_(clock), limits_(limits) {}
+               AuditLog& audit, const Clock& clock, AdminLimits limits = {})
+      : authority_(authority),
+        store_(store),
+        entries_(entries),
+        audit_(audit),
+        clock_(clock),
+        limits_(limits) {}
 
   grpc::Status CreateJoinToken(grpc::ServerContext*,
                                const mandate::admin::v1::CreateJoinTokenRequest*,
@@ -52,9 +60,13 @@ class AdminService final : public mandate::admin::v1::Admin::Service {
   absl::Status ValidateEntry(const mandate::common::v1::Entry& entry) const;
 
  private:
+  // Records an applied change; OK, or UNAVAILABLE saying the change stands unaudited.
+  grpc::Status Audited(AuditEvent event);
+
   const TrustAuthority& authority_;
   store::Store& store_;
   EntryRegistry& entries_;
+  AuditLog& audit_;
   const Clock& clock_;
   const AdminLimits limits_;
 };

@@ -68,8 +68,8 @@ absl::StatusOr<IssuedX509Svid> Issuer::IssueX509Svid(const std::string& node_id,
        .node_id = node_id,
        .credential_id = cert.SerialHex(),
        .detail = AuditDetail({{"entry_id", entry.id}, {"expires_at", cert.not_after()}})}));
-  spdlog::info("issued x509-svid spiffe_id={} serial={} entry={} node={} expires_at={}",
-               entry.spiffe_id, cert.SerialHex(), entry.id, node_id, cert.not_after());
+  spdlog::debug("issued x509-svid spiffe_id={} serial={} entry={} node={} expires_at={}",
+                entry.spiffe_id, cert.SerialHex(), entry.id, node_id, cert.not_after());
   return IssuedX509Svid{entry.id, entry.spiffe_id, std::move(cert)};
 }
 
@@ -108,8 +108,8 @@ absl::StatusOr<IssuedJwtSvid> Issuer::IssueJwtSvid(
        .credential_id = out.jti,
        .detail = AuditDetail(
            {{"entry_id", entry.id}, {"aud", audiences}, {"expires_at", out.expires_at}})}));
-  spdlog::info("issued jwt-svid spiffe_id={} jti={} entry={} node={} expires_at={}",
-               entry.spiffe_id, out.jti, entry.id, node_id, out.expires_at);
+  spdlog::debug("issued jwt-svid spiffe_id={} jti={} entry={} node={} expires_at={}",
+                entry.spiffe_id, out.jti, entry.id, node_id, out.expires_at);
   return out;
 }
 
@@ -149,8 +149,8 @@ absl::StatusOr<IssuedTaskToken> Issuer::IssueTaskToken(const TaskTokenGrant& gra
                                                         {"scope", scope},
                                                         {"jkt", grant.jkt},
                                                         {"expires_at", out.expires_at}})}));
-  spdlog::info("issued task token sub={} task={} aud=\"{}\" jti={} expires_at={}", grant.spiffe_id,
-               grant.task_id, log::EscapeForLog(grant.audience), out.jti, out.expires_at);
+  spdlog::debug("issued task token sub={} task={} aud=\"{}\" jti={} expires_at={}", grant.spiffe_id,
+                grant.task_id, log::EscapeForLog(grant.audience), out.jti, out.expires_at);
   return out;
 }
 

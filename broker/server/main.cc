@@ -279,7 +279,7 @@ int Run(const BrokerFlags& flags) {
                                });
   NodeService node_service(**authority, **store, **entries, issuer, clock, node_attestors,
                            task_support);
-  AdminService admin_service(**authority, **store, **entries, clock);
+  AdminService admin_service(**authority, **store, **entries, **audit, clock);
 
   // TLS for the agent-facing port: a fresh key each start, certificate from our CA.
   auto server_key = crypto::PrivateKey::GenerateP256();

@@ -117,6 +117,7 @@ class Bench {
     const std::vector<std::pair<std::string, std::function<json()>>> scenarios = {
         {"jwt_svid_mint", [&] { return JwtSvidMint(args_.concurrency, /*cached=*/false); }},
         {"jwt_svid_cached", [&] { return JwtSvidMint(args_.concurrency, /*cached=*/true); }},
+        {"broker_jwt_svid_mint", [&] { return BrokerJwtSvidMint(args_.concurrency); }},
         {"x509_svid_mint", [&] { return X509SvidMint(args_.concurrency); }},
         {"task_token", [&] { return TaskToken(args_.concurrency); }},
         {"token_endpoint", [&] { return TokenEndpoint(args_.concurrency); }},
@@ -258,19 +259,38 @@ class Bench {
 
   // The node API's CSR signing as the agent calls it: mTLS with the agent's own SVID, one CSR
   // per call, signed by the broker for the bench entry.
-  json X509SvidMint(int concurrency) {
+  // A node API client with the bench agent's identity (its SVID and key from its data dir).
+  std::unique_ptr<agent::BrokerClient> AgentBrokerClient() {
     std::string pem =
         OrDie(crypto::ReadFile(args_.agent_data_dir + "/agent_svid.pem"), "agent_svid.pem");
     auto chain = OrDie(crypto::Certificate::ParsePemChain(pem), "agent chain");
     auto key = OrDie(crypto::PrivateKey::FromPem(pem), "agent key");
     std::string bundle = OrDie(crypto::ReadFile(args_.bundle), "bundle");
-    agent::BrokerClient broker(args_.broker, bundle,
-                               OrDie(spiffe::TrustDomain::Parse(td_), "trust domain"));
-    if (auto s = broker.SetIdentity(chain, key); !s.ok()) Die("agent identity", s);
+    auto broker = std::make_unique<agent::BrokerClient>(
+        args_.broker, bundle, OrDie(spiffe::TrustDomain::Parse(td_), "trust domain"));
+    if (auto s = broker->SetIdentity(chain, key); !s.ok()) Die("agent identity", s);
+    return broker;
+  }
+
+  json X509SvidMint(int concurrency) {
+    auto broker = AgentBrokerClient();
     crypto::PrivateKey workload_key = OrDie(crypto::PrivateKey::GenerateP256(), "key");
     std::string csr = OrDie(crypto::CreateCsrDer(workload_key, main_id_), "csr");
     LoadResult r = RunLoad(concurrency, duration_, [&](int) {
-      return broker.SignX509Svids({{main_entry_, csr}}).status();
+      return broker->SignX509Svids({{main_entry_, csr}}).status();
+    });
+    return ToJson(r);
+  }
+
+  // The broker alone: MintJwtSvid called as the agent would (mTLS with the agent's SVID, one
+  // connection), a new audience per call. Set beside jwt_svid_mint it splits the cost of the
+  // Workload API hop (attestation, agent gRPC) from the broker's.
+  json BrokerJwtSvidMint(int concurrency) {
+    auto broker = AgentBrokerClient();
+    std::atomic<int64_t> n{0};
+    LoadResult r = RunLoad(concurrency, duration_, [&](int) {
+      return broker->MintJwtSvid(main_entry_, {absl::StrCat("https://direct.bench.example/", n++)})
+          .status();
     });
     return ToJson(r);
   }

@@ -19,7 +19,8 @@ class AdminValidationTest : public ::testing::Test {
                                clock_))
                      .value();
     registry_ = std::move(EntryRegistry::Load(*store_)).value();
-    admin_ = std::make_unique<AdminService>(*authority_, *store_, *registry_, clock_);
+    audit_ = testing::OpenAuditLog(*store_, clock_);
+    admin_ = std::make_unique<AdminService>(*authority_, *store_, *registry_, *audit_, clock_);
   }
 
   mandate::common::v1::Entry Good() {
@@ -42,8 +43,57 @@ class AdminValidationTest : public ::testing::Test {
   std::unique_ptr<store::SqliteStore> store_;
   std::unique_ptr<TrustAuthority> authority_;
   std::unique_ptr<EntryRegistry> registry_;
+  std::unique_ptr<AuditLog> audit_;
   std::unique_ptr<AdminService> admin_;
 };
+
+TEST_F(AdminValidationTest, ChangesAreAudited) {
+  mandate::admin::v1::CreateJoinTokenRequest token_request;
+  token_request.set_spiffe_id("spiffe://example.org/node/join/n1");
+  mandate::admin::v1::CreateJoinTokenResponse token;
+  ASSERT_TRUE(admin_->CreateJoinToken(nullptr, &token_request, &token).ok());
+  mandate::admin::v1::CreateEntryRequest create;
+  *create.mutable_entry() = Good();
+  mandate::common::v1::Entry created;
+  ASSERT_TRUE(admin_->CreateEntry(nullptr, &create, &created).ok());
+  mandate::admin::v1::DeleteEntryRequest del;
+  del.set_id(created.id());
+  mandate::admin::v1::DeleteEntryResponse deleted;
+  ASSERT_TRUE(admin_->DeleteEntry(nullptr, &del, &deleted).ok());
+
+  auto records = std::move(store_->ListAuditRecords({})).value();
+  ASSERT_EQ(records.size(), 3u);
+  EXPECT_EQ(records[0].event, "join_token_created");
+  EXPECT_EQ(records[0].spiffe_id, "spiffe://example.org/node/join/n1");
+  // The token itself is never recorded, only a prefix of its hash.
+  EXPECT_EQ(records[0].detail.find(token.token()), std::string::npos);
+  EXPECT_NE(records[0].detail.find("token_sha256_prefix"), std::string::npos);
+  EXPECT_EQ(records[1].event, "entry_created");
+  EXPECT_EQ(records[1].spiffe_id, "spiffe://example.org/agent/bot");
+  EXPECT_EQ(records[1].node_id, "spiffe://example.org/node/join/n1");
+  EXPECT_NE(records[1].detail.find(created.id()), std::string::npos);
+  EXPECT_NE(records[1].detail.find("unix:uid:1000"), std::string::npos);
+  EXPECT_EQ(records[2].event, "entry_deleted");
+  EXPECT_NE(records[2].detail.find(created.id()), std::string::npos);
+}
+
+TEST_F(AdminValidationTest, AChangeWhoseRecordCannotBeStoredSaysSo) {
+  auto closed = AuditLog::Open(*store_, "closed", clock_, {.max_queued = 0});
+  ASSERT_TRUE(closed.ok());
+  AdminService admin(*authority_, *store_, *registry_, **closed, clock_);
+  mandate::admin::v1::CreateEntryRequest create;
+  *create.mutable_entry() = Good();
+  mandate::common::v1::Entry created;
+  grpc::Status status = admin.CreateEntry(nullptr, &create, &created);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::UNAVAILABLE);
+  EXPECT_NE(status.error_message().find("applied, but its audit record"), std::string::npos);
+  mandate::admin::v1::CreateJoinTokenRequest token_request;
+  token_request.set_spiffe_id("spiffe://example.org/node/join/n1");
+  mandate::admin::v1::CreateJoinTokenResponse token;
+  EXPECT_EQ(admin.CreateJoinToken(nullptr, &token_request, &token).error_code(),
+            grpc::StatusCode::UNAVAILABLE);
+  EXPECT_TRUE(token.token().empty()) << "an unaudited join token is not handed out";
+}
 
 TEST_F(AdminValidationTest, AcceptsAWellFormedEntry) {
   EXPECT_TRUE(admin_->ValidateEntry(Good()).ok());
