@@ -89,10 +89,10 @@ absl::StatusOr<IssuedJwtSvid> Issuer::IssueJwtSvid(
                    AuthorizeEntryAudited(node_id, entry_id, "jwt_svid"));
   int64_t ttl = entry.jwt_ttl_s > 0 ? entry.jwt_ttl_s : defaults_.jwt_svid_ttl_seconds;
   int64_t now = clock_.NowSeconds();
-  ASSIGN_OR_RETURN(std::string random, crypto::RandomBytes(16));
+  ASSIGN_OR_RETURN(std::string id, crypto::TimeOrderedId());
   IssuedJwtSvid out;
   out.spiffe_id = entry.spiffe_id;
-  out.jti = crypto::HexEncode(random);
+  out.jti = crypto::HexEncode(id);
   out.expires_at = now + ttl;
   nlohmann::json payload = {{"sub", entry.spiffe_id},
                             {"aud", audiences},
@@ -122,8 +122,8 @@ absl::StatusOr<IssuedTaskToken> Issuer::IssueTaskToken(const TaskTokenGrant& gra
   int64_t ttl = grant.ttl_seconds > 0 ? grant.ttl_seconds : defaults_.task_token_ttl_seconds;
   IssuedTaskToken out;
   out.expires_at = std::min(now + ttl, grant.task_expires_at);
-  ASSIGN_OR_RETURN(std::string random, crypto::RandomBytes(16));
-  out.jti = crypto::HexEncode(random);
+  ASSIGN_OR_RETURN(std::string id, crypto::TimeOrderedId());
+  out.jti = crypto::HexEncode(id);
   std::string scope;
   for (const auto& s : grant.scopes) {
     if (!scope.empty()) scope += ' ';

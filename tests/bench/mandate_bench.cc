@@ -506,14 +506,15 @@ int Match(int64_t count, bool quick) {
 int AuditAppend(const std::string& dir, int concurrency, bool quick) {
   auto store = OrDie(store::SqliteStore::Open(dir + "/audit-bench.db"), "open store");
   auto log = OrDie(broker::AuditLog::Open(*store, "bench", Clock::Real()), "open audit log");
-  std::atomic<int64_t> n{0};
   LoadResult r = RunLoad(concurrency, milliseconds(quick ? 1500 : 4000), [&](int) {
-    const int64_t i = n.fetch_add(1);
+    // Credential identifiers as the issuer makes them (time-ordered, see crypto::TimeOrderedId).
+    absl::StatusOr<std::string> jti = crypto::TimeOrderedId();
+    if (!jti.ok()) return jti.status();
     return log->Record({.event = "jwt_svid",
                         .outcome = "issued",
                         .spiffe_id = "spiffe://example.org/bench/agent",
                         .node_id = "spiffe://example.org/node/join/bench",
-                        .credential_id = absl::StrCat("jti-", i),
+                        .credential_id = crypto::HexEncode(*jti),
                         .detail = R"({"entry_id":"e1","aud":["https://api.example"],)"
                                   R"("expires_at":1800000300})"});
   });

@@ -12,6 +12,8 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <chrono>
+#include <cstdint>
 #include <cstring>
 #include <memory>
 #include <string>
@@ -307,6 +309,15 @@ absl::StatusOr<std::string> RandomBytes(size_t n) {
     return absl::InternalError(absl::StrCat("RAND_bytes failed: ", OpenSslErrors()));
   }
   return out;
+}
+
+absl::StatusOr<std::string> TimeOrderedId() {
+  ASSIGN_OR_RETURN(std::string id, RandomBytes(16));
+  const uint64_t ms = static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::milliseconds>(
+                                                std::chrono::system_clock::now().time_since_epoch())
+                                                .count());
+  for (int i = 0; i < 6; ++i) id[i] = static_cast<char>((ms >> (8 * (5 - i))) & 0xff);
+  return id;
 }
 
 bool ConstantTimeEquals(std::string_view a, std::string_view b) {

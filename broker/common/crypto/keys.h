@@ -104,6 +104,12 @@ std::string HexEncode(std::string_view bytes);
 absl::StatusOr<std::string> HexDecode(std::string_view hex);
 // `n` bytes from the OpenSSL CSPRNG.
 absl::StatusOr<std::string> RandomBytes(size_t n);
+// 16 bytes for a credential identifier (jti, certificate serial): the wall-clock time in
+// milliseconds since the Unix epoch as 6 big-endian bytes, then 10 bytes (80 bits) from the
+// CSPRNG. Unique and unguessable like 16 random bytes, but ordered by issuance time, so an index
+// over identifiers (the audit log's) grows at one end instead of dirtying a random page per
+// insert. The first byte is non-zero until the year 10889 (so it is also a positive serial).
+absl::StatusOr<std::string> TimeOrderedId();
 // Constant-time equality for secrets of equal length.
 bool ConstantTimeEquals(std::string_view a, std::string_view b);
 

@@ -4,8 +4,10 @@
 #include <sys/stat.h>
 
 #include <algorithm>
+#include <chrono>
 #include <filesystem>
 #include <mutex>
+#include <set>
 #include <string>
 #include <thread>
 
@@ -128,6 +130,42 @@ TEST(KeysTest, RandomBytesHaveRequestedLengthAndDiffer) {
   ASSERT_TRUE(a.ok() && b.ok());
   EXPECT_EQ(a->size(), 32u);
   EXPECT_NE(*a, *b);
+}
+
+int64_t NowMs() {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(
+             std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
+
+TEST(KeysTest, TimeOrderedIdsCarryTheTimeThenRandomBytes) {
+  const int64_t before = NowMs();
+  auto id = TimeOrderedId();
+  const int64_t after = NowMs();
+  ASSERT_TRUE(id.ok());
+  ASSERT_EQ(id->size(), 16u);
+  int64_t ms = 0;
+  for (int i = 0; i < 6; ++i) ms = (ms << 8) | static_cast<unsigned char>((*id)[i]);
+  EXPECT_GE(ms, before);
+  EXPECT_LE(ms, after);
+  EXPECT_NE(static_cast<unsigned char>((*id)[0]), 0) << "a positive serial without a zero byte";
+}
+
+TEST(KeysTest, TimeOrderedIdsAreUniqueAndSortByTime) {
+  std::set<std::string> seen;
+  for (int i = 0; i < 20000; ++i) {
+    auto id = TimeOrderedId();
+    ASSERT_TRUE(id.ok());
+    EXPECT_TRUE(seen.insert(*id).second) << "duplicate id";
+  }
+  // Ids from later milliseconds sort after earlier ones, as hex strings too (the index key).
+  auto first = TimeOrderedId();
+  std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  auto second = TimeOrderedId();
+  ASSERT_TRUE(first.ok() && second.ok());
+  EXPECT_LT(HexEncode(*first), HexEncode(*second));
+  // Within one millisecond the 80 random bits still differ.
+  EXPECT_NE(first->substr(6), second->substr(6));
 }
 
 TEST(KeysTest, ConstantTimeEqualsComparesContentAndLength) {
