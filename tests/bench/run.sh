@@ -6,9 +6,9 @@
 #
 # Builds mandate-broker, mandate-agent, mandate and mandate-bench in Release (build-bench/, tests
 # off) unless --build-dir names an existing build, starts a broker and a join-token agent in a
-# temp dir, runs the baseline and every scenario, then measures a broker holding 100,000
-# registration entries (cold start, RSS) and an agent on one of its nodes. Prints progress on
-# stderr and one JSON document as the last line of stdout:
+# temp dir, runs the baseline and every scenario, the audit log alone (audit_append), then
+# measures a broker holding 100,000 registration entries (cold start, RSS) and an agent on one of
+# its nodes. Prints progress on stderr and one JSON document as the last line of stdout:
 #   {"machine": {...}, "baseline": {...}, "scenarios": {...}, "targets": {...}}
 # --quick: about 2 s per scenario (under a minute once built). --smoke: tiny runs that only check
 # that every scenario works (ctest runs this against the Debug build). --curve: also ops/s
@@ -132,6 +132,15 @@ check_daemons_alive "the scenarios"
 stop_pid "$AGENT_PID"
 stop_pid "$BROKER_PID"
 
+# ---------------------------------------------------------------------------- durability alone
+# audit_append: the broker's audit log in process on its own SQLite file, 16 threads, every
+# record fsynced (group commit) before its call returns.
+mkdir -p "$T/audit"
+audit_args=(audit --dir "$T/audit" --concurrency 16)
+[[ $MODE != full ]] && audit_args+=(--quick)
+"$BENCH" "${audit_args[@]}" >"$T/audit.json"
+rm -rf "$T/audit"
+
 # ---------------------------------------------------------------------------- entries at scale
 # measure_entries N: a broker whose store holds N entries over 10 nodes, and an agent on one of
 # those nodes (N / 10 entries). Appends one JSON line to $T/scale.jsonl.
@@ -210,11 +219,12 @@ fi
 
 # ---------------------------------------------------------------------------- report
 "$PY" - "$T/scenarios.json" "$T/scale.jsonl" "$MODE" "$SCENARIO_BROKER_RSS" \
-  "$SCENARIO_AGENT_RSS" >&3 <<'PYEOF'
+  "$SCENARIO_AGENT_RSS" "$T/audit.json" >&3 <<'PYEOF'
 import json, os, platform, sys
 
-scenarios_path, scale_path, mode, broker_rss, agent_rss = sys.argv[1:6]
+scenarios_path, scale_path, mode, broker_rss, agent_rss, audit_path = sys.argv[1:7]
 run = json.load(open(scenarios_path))
+run["scenarios"]["audit_append"] = json.load(open(audit_path))
 scale = [json.loads(line) for line in open(scale_path) if line.strip()]
 largest = max(scale, key=lambda s: s["entries"])
 model = ""
