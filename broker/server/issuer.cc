@@ -53,24 +53,50 @@ absl::StatusOr<store::RegistrationEntry> Issuer::AuthorizeEntry(const std::strin
   return entry;
 }
 
-absl::StatusOr<IssuedX509Svid> Issuer::IssueX509Svid(const std::string& node_id,
-                                                     const std::string& entry_id,
-                                                     std::string_view csr_der) const {
+absl::StatusOr<IssuedX509Svid> Issuer::SignX509Svid(const std::string& node_id,
+                                                    const std::string& entry_id,
+                                                    std::string_view csr_der) const {
   ASSIGN_OR_RETURN(store::RegistrationEntry entry,
                    AuthorizeEntryAudited(node_id, entry_id, "x509_svid"));
   ASSIGN_OR_RETURN(crypto::PublicKey key, KeyFromCsr(csr_der));
   int64_t ttl = entry.x509_ttl_s > 0 ? entry.x509_ttl_s : defaults_.x509_svid_ttl_seconds;
   ASSIGN_OR_RETURN(crypto::Certificate cert, authority_.SignX509Svid(key, entry.spiffe_id, ttl));
-  RETURN_IF_ERROR(audit_.Record(
-      {.event = "x509_svid",
-       .outcome = "issued",
-       .spiffe_id = entry.spiffe_id,
-       .node_id = node_id,
-       .credential_id = cert.SerialHex(),
-       .detail = AuditDetail({{"entry_id", entry.id}, {"expires_at", cert.not_after()}})}));
   spdlog::debug("issued x509-svid spiffe_id={} serial={} entry={} node={} expires_at={}",
                 entry.spiffe_id, cert.SerialHex(), entry.id, node_id, cert.not_after());
   return IssuedX509Svid{entry.id, entry.spiffe_id, std::move(cert)};
+}
+
+AuditEvent Issuer::X509SvidIssued(const std::string& node_id, const IssuedX509Svid& svid) {
+  return {.event = "x509_svid",
+          .outcome = "issued",
+          .spiffe_id = svid.spiffe_id,
+          .node_id = node_id,
+          .credential_id = svid.certificate.SerialHex(),
+          .detail = AuditDetail(
+              {{"entry_id", svid.entry_id}, {"expires_at", svid.certificate.not_after()}})};
+}
+
+absl::StatusOr<IssuedX509Svid> Issuer::IssueX509Svid(const std::string& node_id,
+                                                     const std::string& entry_id,
+                                                     std::string_view csr_der) const {
+  ASSIGN_OR_RETURN(IssuedX509Svid svid, SignX509Svid(node_id, entry_id, csr_der));
+  RETURN_IF_ERROR(audit_.Record(X509SvidIssued(node_id, svid)));
+  return svid;
+}
+
+absl::StatusOr<std::vector<IssuedX509Svid>> Issuer::IssueX509Svids(
+    const std::string& node_id, const std::vector<X509SvidRequest>& requests) const {
+  std::vector<IssuedX509Svid> out;
+  out.reserve(requests.size());
+  std::vector<AuditEvent> events;
+  events.reserve(requests.size());
+  for (const X509SvidRequest& request : requests) {
+    ASSIGN_OR_RETURN(IssuedX509Svid svid, SignX509Svid(node_id, request.entry_id, request.csr_der));
+    events.push_back(X509SvidIssued(node_id, svid));
+    out.push_back(std::move(svid));
+  }
+  RETURN_IF_ERROR(audit_.RecordAll(std::move(events)));
+  return out;
 }
 
 absl::StatusOr<IssuedJwtSvid> Issuer::IssueJwtSvid(

@@ -37,6 +37,11 @@ struct IssuedX509Svid {
   crypto::Certificate certificate;
 };
 
+struct X509SvidRequest {
+  std::string entry_id;
+  std::string csr_der;
+};
+
 struct IssuedJwtSvid {
   std::string spiffe_id;
   std::string token;
@@ -79,6 +84,10 @@ class Issuer {
   absl::StatusOr<IssuedX509Svid> IssueX509Svid(const std::string& node_id,
                                                const std::string& entry_id,
                                                std::string_view csr_der) const;
+  // IssueX509Svid for each request, with all their audit records in one commit. All or nothing:
+  // the first refusal fails the call and nothing is returned.
+  absl::StatusOr<std::vector<IssuedX509Svid>> IssueX509Svids(
+      const std::string& node_id, const std::vector<X509SvidRequest>& requests) const;
   // Mints a JWT-SVID for entry `entry_id` with the given audiences (at least one).
   absl::StatusOr<IssuedJwtSvid> IssueJwtSvid(const std::string& node_id,
                                              const std::string& entry_id,
@@ -101,6 +110,11 @@ class Issuer {
  private:
   absl::StatusOr<store::RegistrationEntry> AuthorizeEntry(const std::string& node_id,
                                                           const std::string& entry_id) const;
+  // Authorises (refusals audited) and signs, without the issuance's own audit record.
+  absl::StatusOr<IssuedX509Svid> SignX509Svid(const std::string& node_id,
+                                              const std::string& entry_id,
+                                              std::string_view csr_der) const;
+  static AuditEvent X509SvidIssued(const std::string& node_id, const IssuedX509Svid& svid);
   // AuthorizeEntry, with a refusal audited as `event` "denied".
   absl::StatusOr<store::RegistrationEntry> AuthorizeEntryAudited(const std::string& node_id,
                                                                  const std::string& entry_id,

@@ -74,51 +74,73 @@ absl::Status AuditLog::LoadHead() {
 }
 
 absl::Status AuditLog::Record(AuditEvent event) {
+  std::vector<AuditEvent> one;
+  one.push_back(std::move(event));
+  return RecordAll(std::move(one));
+}
+
+absl::Status AuditLog::RecordAll(std::vector<AuditEvent> events) {
+  if (events.empty()) return absl::OkStatus();
   Waiter self;
-  store::AuditRecord& record = self.record;
-  record.chain_id = chain_id_;
-  record.time = clock_.NowSeconds();
-  record.event = std::move(event.event);
-  record.outcome = std::move(event.outcome);
-  record.spiffe_id = std::move(event.spiffe_id);
-  record.node_id = std::move(event.node_id);
-  record.task_id = std::move(event.task_id);
-  record.credential_id = std::move(event.credential_id);
-  record.detail = event.detail.empty() ? "{}" : std::move(event.detail);
+  self.records.reserve(events.size());
+  const int64_t now = clock_.NowSeconds();
+  for (AuditEvent& event : events) {
+    store::AuditRecord& record = self.records.emplace_back();
+    record.chain_id = chain_id_;
+    record.time = now;
+    record.event = std::move(event.event);
+    record.outcome = std::move(event.outcome);
+    record.spiffe_id = std::move(event.spiffe_id);
+    record.node_id = std::move(event.node_id);
+    record.task_id = std::move(event.task_id);
+    record.credential_id = std::move(event.credential_id);
+    record.detail = event.detail.empty() ? "{}" : std::move(event.detail);
+  }
+  const size_t mine = self.records.size();
 
   absl::MutexLock lock(&mu_);
-  if (queue_.size() >= options_.max_queued) {
-    ++stats_.failed;
+  if (queued_records_ + mine > options_.max_queued) {
+    stats_.failed += static_cast<int64_t>(mine);
     return absl::UnavailableError("audit log backlog is full; the store is not keeping up");
   }
   queue_.push_back(&self);
+  queued_records_ += mine;
   auto written_or_leading = [this, &self]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     return self.done || queue_.front() == &self;
   };
   mu_.Await(absl::Condition(&written_or_leading));
   if (self.done) return self.status;
 
-  // This caller leads: it writes its own record and those queued behind it. It stays at the
-  // front while writing, so no other caller leads meanwhile.
-  const size_t n = std::min(queue_.size(), options_.max_batch);
+  // This caller leads: it writes its own records and those of the callers queued behind it (up
+  // to max_batch records, its own always whole). It stays at the front while writing, so no
+  // other caller leads meanwhile.
+  size_t waiters = 0, records = 0;
+  while (waiters < queue_.size() &&
+         (waiters == 0 || records + queue_[waiters]->records.size() <= options_.max_batch)) {
+    records += queue_[waiters]->records.size();
+    ++waiters;
+  }
   std::vector<store::AuditRecord> batch;
-  batch.reserve(n);
-  for (size_t i = 0; i < n; ++i) batch.push_back(std::move(queue_[i]->record));
+  batch.reserve(records);
+  for (size_t i = 0; i < waiters; ++i) {
+    for (store::AuditRecord& r : queue_[i]->records) batch.push_back(std::move(r));
+  }
   mu_.Unlock();
   absl::Status status = WriteBatch(batch);
   if (!status.ok()) {
-    spdlog::error("audit log: {} record(s) not stored, their requests fail: {}", n,
+    spdlog::error("audit log: {} record(s) not stored, their requests fail: {}", records,
                   std::string(status.message()));
     status = absl::UnavailableError(absl::StrCat("audit record not stored: ", status.message()));
   }
   mu_.Lock();
   if (status.ok()) {
-    stats_.records += static_cast<int64_t>(n);
+    stats_.records += static_cast<int64_t>(records);
     ++stats_.batches;
   } else {
-    stats_.failed += static_cast<int64_t>(n);
+    stats_.failed += static_cast<int64_t>(records);
   }
-  for (size_t i = 0; i < n; ++i) {
+  queued_records_ -= records;
+  for (size_t i = 0; i < waiters; ++i) {
     Waiter* w = queue_.front();
     queue_.pop_front();
     w->status = status;

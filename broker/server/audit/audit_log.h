@@ -52,7 +52,7 @@ struct AuditEvent {
 };
 
 struct AuditLogOptions {
-  // Most records in one transaction.
+  // Most records in one transaction (a RecordAll larger than this is still written whole).
   size_t max_batch = 1024;
   // Most records waiting to be written; beyond it Record() answers Unavailable at once rather
   // than letting memory and latency grow without bound when the disk stalls.
@@ -75,6 +75,9 @@ class AuditLog {
   // Appends a record stamped with the current time; returns once it is durable. Unavailable
   // when it could not be stored (the caller must not act as if it had been).
   absl::Status Record(AuditEvent event);
+  // Records several events, in order, in one commit (one caller waiting once); all are stored
+  // or none is. For callers that decide many things in one request (a node's batch of CSRs).
+  absl::Status RecordAll(std::vector<AuditEvent> events);
 
   const std::string& chain_id() const { return chain_id_; }
 
@@ -88,7 +91,7 @@ class AuditLog {
  private:
   // A waiting caller; lives on its stack.
   struct Waiter {
-    store::AuditRecord record;
+    std::vector<store::AuditRecord> records;
     bool done = false;
     absl::Status status;
   };
@@ -112,6 +115,7 @@ class AuditLog {
 
   mutable absl::Mutex mu_;
   std::deque<Waiter*> queue_ ABSL_GUARDED_BY(mu_);  // front = the leader
+  size_t queued_records_ ABSL_GUARDED_BY(mu_) = 0;
   Stats stats_ ABSL_GUARDED_BY(mu_);
 };
 

@@ -146,6 +146,35 @@ TEST_F(AuditLogTest, ConcurrentRecordsAreGroupCommittedWithoutGaps) {
   EXPECT_TRUE(Verify().ok()) << Verify();
 }
 
+TEST_F(AuditLogTest, RecordAllStoresEverythingInOneCommitInOrder) {
+  auto log = AuditLog::Open(*store_, "test-broker", clock_, {.max_batch = 2});
+  ASSERT_TRUE(log.ok());
+  std::vector<AuditEvent> events;
+  for (int i = 1; i <= 5; ++i) events.push_back(Event(i));
+  ASSERT_TRUE((*log)->RecordAll(std::move(events)).ok());
+  auto records = All();
+  ASSERT_EQ(records.size(), 5u);
+  for (int i = 0; i < 5; ++i) {
+    EXPECT_EQ(records[i].seq, i + 1);
+    EXPECT_EQ(records[i].credential_id, absl::StrCat("jti-", i + 1));
+  }
+  // Larger than max_batch, still one transaction: all or nothing.
+  EXPECT_EQ((*log)->stats().batches, 1);
+  EXPECT_EQ((*log)->stats().records, 5);
+  EXPECT_TRUE(Verify().ok());
+  EXPECT_TRUE((*log)->RecordAll({}).ok());
+}
+
+TEST_F(AuditLogTest, RecordAllBeyondTheBacklogBoundIsRefusedWhole) {
+  auto log = AuditLog::Open(*store_, "test-broker", clock_, {.max_queued = 3});
+  ASSERT_TRUE(log.ok());
+  std::vector<AuditEvent> events;
+  for (int i = 1; i <= 4; ++i) events.push_back(Event(i));
+  EXPECT_TRUE(absl::IsUnavailable((*log)->RecordAll(std::move(events))));
+  EXPECT_TRUE(All().empty());
+  EXPECT_TRUE((*log)->Record(Event(5)).ok());
+}
+
 TEST_F(AuditLogTest, ARestartedLogContinuesTheChain) {
   {
     auto log = testing::OpenAuditLog(*store_, clock_);

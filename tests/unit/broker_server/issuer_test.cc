@@ -235,6 +235,31 @@ TEST_F(IssuerTest, RefusalsAreAudited) {
   EXPECT_EQ(nlohmann::json::parse(records[1].detail)["entry_id"], "nope");
 }
 
+TEST_F(IssuerTest, ABatchOfX509SvidsIsAuditedInOneCommit) {
+  std::vector<X509SvidRequest> requests;
+  for (int i = 0; i < 3; ++i) requests.push_back({"e1", Csr("")});
+  auto svids = issuer_->IssueX509Svids(kNode, requests);
+  ASSERT_TRUE(svids.ok()) << svids.status();
+  ASSERT_EQ(svids->size(), 3u);
+  auto records = AuditRecords(*store_);
+  ASSERT_EQ(records.size(), 3u);
+  for (size_t i = 0; i < 3; ++i) {
+    EXPECT_EQ(records[i].event, "x509_svid");
+    EXPECT_EQ(records[i].credential_id, (*svids)[i].certificate.SerialHex());
+  }
+  EXPECT_EQ(audit_->stats().batches, 1);
+}
+
+TEST_F(IssuerTest, ABatchWithOneRefusalReturnsNothingAndRecordsOnlyTheRefusal) {
+  std::vector<X509SvidRequest> requests = {{"e1", Csr("")}, {"not-mine", Csr("")}};
+  auto svids = issuer_->IssueX509Svids(kNode, requests);
+  EXPECT_EQ(svids.status().code(), absl::StatusCode::kPermissionDenied);
+  auto records = AuditRecords(*store_);
+  ASSERT_EQ(records.size(), 1u);
+  EXPECT_EQ(records[0].outcome, "denied");
+  EXPECT_EQ(nlohmann::json::parse(records[0].detail)["entry_id"], "not-mine");
+}
+
 TEST_F(IssuerTest, NoCredentialLeavesWithoutItsAuditRecord) {
   // The audit log cannot take records (its backlog bound is zero): issuance fails closed.
   auto closed = AuditLog::Open(*store_, "closed", clock_, {.max_queued = 0});
@@ -246,6 +271,7 @@ TEST_F(IssuerTest, NoCredentialLeavesWithoutItsAuditRecord) {
   EXPECT_TRUE(absl::IsUnavailable(issuer.IssueX509Svid(kNode, "e1", Csr("")).status()));
   EXPECT_TRUE(absl::IsUnavailable(issuer.IssueTaskToken(Grant()).status()));
   EXPECT_TRUE(absl::IsUnavailable(issuer.IssueNodeSvid(kNode, Csr("")).status()));
+  EXPECT_TRUE(absl::IsUnavailable(issuer.IssueX509Svids(kNode, {{"e1", Csr("")}}).status()));
 }
 
 }  // namespace
