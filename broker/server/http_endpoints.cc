@@ -16,8 +16,9 @@ HttpEndpoints::HttpEndpoints(const TrustAuthority& authority) : authority_(autho
 HttpEndpoints::~HttpEndpoints() { Stop(); }
 
 void HttpEndpoints::Serve(const std::string& issuer_url, const TokenEndpoint* token_endpoint,
-                          const AuditLog* audit) {
+                          const AuditLog* audit, store::Store* store) {
   audit_ = audit;
+  store_ = store;
   nlohmann::json doc = {
       {"issuer", issuer_url},
       {"jwks_uri", issuer_url + "/keys"},
@@ -115,6 +116,31 @@ absl::Status HttpEndpoints::Bind(const std::string& host, int port,
                       stats.failed, "\n");
     }
     r.set_content(text, "text/plain; version=0.0.4; charset=utf-8");
+  });
+  // The newest signed checkpoints of every audit chain in the store (DESIGN.md §10), for
+  // exporting elsewhere: anyone can verify them against /keys and hold the chain to them.
+  s.Get("/audit/checkpoints", [this](const httplib::Request&, httplib::Response& r) {
+    r.set_header("Cache-Control", "no-store");
+    if (store_ == nullptr) {
+      r.status = 404;
+      r.set_content("{\"error\":\"not_found\"}", kJson);
+      return;
+    }
+    auto checkpoints = store_->ListAuditCheckpoints("", 100);
+    if (!checkpoints.ok()) {
+      r.status = 503;
+      r.set_content("{\"error\":\"unavailable\"}", kJson);
+      return;
+    }
+    nlohmann::json list = nlohmann::json::array();
+    for (const store::AuditCheckpoint& c : *checkpoints) {
+      list.push_back({{"chain_id", c.chain_id},
+                      {"seq", c.seq},
+                      {"hash", c.hash},
+                      {"time", c.time},
+                      {"jws", c.jws}});
+    }
+    r.set_content(nlohmann::json{{"checkpoints", list}}.dump(), kJson);
   });
   s.Get("/healthz", [](const httplib::Request&, httplib::Response& r) {
     r.set_content("{\"status\":\"ok\"}", kJson);

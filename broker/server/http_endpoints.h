@@ -33,9 +33,10 @@ class HttpEndpoints {
                     const std::string& tls_key_file = "", int threads = 64);
   // Starts serving on the bound socket; the discovery document names `issuer_url`. With a
   // `token_endpoint` (borrowed; must outlive Stop) POST /token is served and advertised. With an
-  // `audit` log (borrowed likewise), /metrics reports its counters.
+  // `audit` log (borrowed likewise), /metrics reports its counters; with a `store`, GET
+  // /audit/checkpoints publishes the newest signed audit checkpoints.
   void Serve(const std::string& issuer_url, const TokenEndpoint* token_endpoint = nullptr,
-             const AuditLog* audit = nullptr);
+             const AuditLog* audit = nullptr, store::Store* store = nullptr);
   int port() const { return port_; }
   void SetReady(bool ready) { ready_ = ready; }
   void Stop();
@@ -45,6 +46,7 @@ class HttpEndpoints {
   std::string discovery_;
   const TokenEndpoint* token_endpoint_ = nullptr;  // set before serving, then read-only
   const AuditLog* audit_ = nullptr;                // likewise
+  store::Store* store_ = nullptr;                  // likewise
   std::unique_ptr<httplib::Server> server_;
   std::thread thread_;
   std::atomic<bool> ready_{false};

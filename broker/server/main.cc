@@ -28,6 +28,7 @@
 #include "broker/common/util/runtime.h"
 #include "broker/common/util/status_macros.h"
 #include "broker/server/admin_service.h"
+#include "broker/server/audit/audit_checkpoint.h"
 #include "broker/server/audit/audit_log.h"
 #include "broker/server/entry_registry.h"
 #include "broker/server/http_endpoints.h"
@@ -62,6 +63,7 @@ struct BrokerFlags {
   bool dpop_nonce = false;
   int64_t dpop_proof_max_age = 60;
   int64_t dpop_proof_max_future = 5;
+  int64_t audit_checkpoint_interval = 60;
   std::vector<std::string> tpm_ek_ca_files;
   std::vector<std::string> tpm_ek_hashes;
 };
@@ -123,6 +125,8 @@ absl::Status ApplyConfigFile(const std::string& path, CLI::App& app, BrokerFlags
       file.GetInt("dpop_proof_max_age", given("--dpop-proof-max-age"), flags.dpop_proof_max_age));
   RETURN_IF_ERROR(file.GetInt("dpop_proof_max_future", given("--dpop-proof-max-future"),
                               flags.dpop_proof_max_future));
+  RETURN_IF_ERROR(file.GetInt("audit_checkpoint_interval", given("--audit-checkpoint-interval"),
+                              flags.audit_checkpoint_interval));
   int64_t threads = flags.max_node_threads;
   RETURN_IF_ERROR(file.GetInt("max_node_threads", given("--max-node-threads"), threads));
   if (threads < 16 || threads > 65536) {
@@ -323,7 +327,17 @@ int Run(const BrokerFlags& flags) {
       [self](const grpcutil::PeerCredentials& peer) { return peer.uid == self || peer.uid == 0; });
   if (!admin_listener.ok()) return Fail(admin_listener.status());
 
-  http.Serve(issuer_url, &token_endpoint, audit->get());
+  // Signs the audit chain's head now and then; its destructor (before the audit log's) signs
+  // the final head of this run.
+  AuditCheckpointer checkpointer(
+      **store, *audit_chain, issuer_url,
+      [&authority](std::string_view typ, std::string_view payload) {
+        return (*authority)->SignJws(typ, payload);
+      },
+      clock);
+  checkpointer.Start(std::chrono::seconds(flags.audit_checkpoint_interval));
+
+  http.Serve(issuer_url, &token_endpoint, audit->get(), store->get());
 
   nlohmann::json endpoints = {{"agent_address", absl::StrCat(agent_host, ":", bound_agent_port)},
                               {"http_address", absl::StrCat(http_host, ":", http.port())},
@@ -355,6 +369,7 @@ int Run(const BrokerFlags& flags) {
   node_server->Shutdown(deadline);
   admin_server->Shutdown(deadline);
   http.Stop();
+  checkpointer.Stop();
   spdlog::info("mandate-broker stopped");
   return 0;
 }
@@ -414,6 +429,10 @@ int main(int argc, char** argv) {
   app.add_option("--dpop-proof-max-future", flags.dpop_proof_max_future,
                  "Newest DPoP proof iat accepted (s after now: clock skew)")
       ->capture_default_str();
+  app.add_option("--audit-checkpoint-interval", flags.audit_checkpoint_interval,
+                 "Seconds between signed checkpoints of the audit chain head (when it grew)")
+      ->capture_default_str()
+      ->check(CLI::Range(int64_t{1}, int64_t{86400}));
   app.add_option("--tpm-ek-ca", flags.tpm_ek_ca_files,
                  "PEM bundle of TPM EK CA certificates to trust (repeatable; enables TPM "
                  "attestation)");

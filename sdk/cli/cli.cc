@@ -554,10 +554,13 @@ absl::Status AuditVerify(const Io& io) {
                         {"records", c.records()},
                         {"head_hash", c.head_hash()},
                         {"intact", c.intact()},
-                        {"problem", c.problem()}});
+                        {"problem", c.problem()},
+                        {"checkpoints", c.checkpoints()},
+                        {"checkpointed_seq", c.checkpointed_seq()}});
     } else if (c.intact()) {
       io.out << "chain " << Printable(c.chain_id()) << ": " << c.records()
-             << " records, intact, head " << Printable(c.head_hash()) << "\n";
+             << " records, intact, head " << Printable(c.head_hash()) << "; " << c.checkpoints()
+             << " signed checkpoint(s) hold, newest at record " << c.checkpointed_seq() << "\n";
     } else {
       io.out << "chain " << Printable(c.chain_id()) << ": BROKEN after " << c.records()
              << " good records: " << Printable(c.problem()) << "\n";

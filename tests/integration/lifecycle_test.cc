@@ -247,6 +247,50 @@ TEST_F(LifecycleTest, IssuancesAreAuditedDurablyAndTamperingIsFound) {
   EXPECT_THAT(broken.out, HasSubstr("was altered"));
 }
 
+// Signed checkpoints of the audit chain are published and kept; a chain cut behind the broker's
+// back still links up, but no longer holds what the checkpoint names.
+TEST_F(LifecycleTest, AuditCheckpointsArePublishedAndCatchACutTail) {
+  BrokerOptions options;
+  options.extra_args = {"--audit-checkpoint-interval", "1"};
+  ASSERT_NO_FATAL_FAILURE(StartServedWorkload("node-ckpt", options));
+  ASSERT_TRUE(client_->FetchJwtSvid({"https://ckpt.example.org"}).ok());
+  const std::string& address = broker_.http_address;
+  httplib::Client http(address.substr(0, address.rfind(':')),
+                       std::stoi(address.substr(address.rfind(':') + 1)));
+  json checkpoint;
+  ASSERT_TRUE(WaitUntil(
+      [&] {
+        auto response = http.Get("/audit/checkpoints");
+        if (!response || response->status != 200) return false;
+        json doc = json::parse(response->body, nullptr, false);
+        if (!doc.is_object() || doc["checkpoints"].empty()) return false;
+        checkpoint = doc["checkpoints"][0];
+        return checkpoint["seq"].get<int64_t>() >= 4;  // node, entry, x509, jwt
+      },
+      5s, 100ms))
+      << checkpoint.dump();
+  // A compact JWS whose header names the checkpoint type (its signature is checked by verify).
+  std::string jws = checkpoint["jws"];
+  EXPECT_EQ(std::count(jws.begin(), jws.end(), '.'), 2);
+  json verified = AdminJson({"audit", "verify"});
+  ASSERT_EQ(verified["chains"].size(), 1u) << verified.dump();
+  EXPECT_EQ(verified["intact"], true) << verified.dump();
+  EXPECT_GE(verified["chains"][0]["checkpoints"].get<int64_t>(), 1);
+
+  // Cut the chain's tail back to before the checkpointed record.
+  const int64_t cut_after = checkpoint["seq"].get<int64_t>() - 1;
+  CommandResult cut = RunCommand(
+      {"/usr/bin/python3", "-c",
+       "import sqlite3,sys; c=sqlite3.connect(sys.argv[1]); "
+       "c.execute('DELETE FROM audit_log WHERE seq > ?', (int(sys.argv[2]),)); c.commit()",
+       broker_.data_dir + "/mandate.db", std::to_string(cut_after)});
+  ASSERT_EQ(cut.exit_code, 0) << cut;
+  CommandResult broken = Admin(broker_, {"audit", "verify"});
+  EXPECT_NE(broken.exit_code, 0) << broken;
+  EXPECT_THAT(broken.out, HasSubstr("BROKEN"));
+  EXPECT_THAT(broken.out, HasSubstr("which a signed checkpoint names"));
+}
+
 TEST_F(LifecycleTest, AgentRestartWithoutTokenServesAgain) {
   ASSERT_NO_FATAL_FAILURE(StartServedWorkload("node-again"));
   const json agent_before = FindAgent(node_id_);

@@ -154,12 +154,26 @@ CREATE INDEX audit_log_by_task ON audit_log (task_id) WHERE task_id != '';
 CREATE INDEX audit_log_by_credential ON audit_log (credential_id) WHERE credential_id != '';
 )sql";
 
-constexpr std::array<SqliteMigration, 5> kMigrations = {{
+// Version 6: signed checkpoints of audit chain heads.
+constexpr char kV6Sql[] = R"sql(
+CREATE TABLE audit_checkpoints (
+  chain_id TEXT NOT NULL,
+  seq INTEGER NOT NULL CHECK (seq >= 1),
+  hash TEXT NOT NULL,
+  time INTEGER NOT NULL,
+  jws TEXT NOT NULL,
+  PRIMARY KEY (chain_id, seq)
+) STRICT, WITHOUT ROWID;
+CREATE INDEX audit_checkpoints_by_time ON audit_checkpoints (time);
+)sql";
+
+constexpr std::array<SqliteMigration, 6> kMigrations = {{
     {1, "entries, nodes, join tokens", kV1Sql},
     {2, "previous node certificate serial", kV2Sql},
     {3, "TPM boot counters per EK", kV3Sql},
     {4, "tasks", kV4Sql},
     {5, "audit log", kV5Sql},
+    {6, "audit checkpoints", kV6Sql},
 }};
 
 }  // namespace

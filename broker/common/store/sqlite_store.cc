@@ -1353,6 +1353,60 @@ absl::StatusOr<std::vector<std::string>> SqliteStore::ListAuditChains() {
   return out;
 }
 
+absl::Status SqliteStore::AddAuditCheckpoint(const AuditCheckpoint& c) {
+  if (c.chain_id.empty() || c.hash.empty() || c.jws.empty() || c.seq < 1) {
+    return absl::InvalidArgumentError("audit checkpoint needs a chain_id, seq >= 1, hash and jws");
+  }
+  absl::MutexLock lock(&audit_mu_);
+  ASSIGN_OR_RETURN(Statement stmt,
+                   Statement::Prepare(audit_db_,
+                                      "INSERT INTO audit_checkpoints (chain_id, seq, hash, time, "
+                                      "jws) VALUES (?1, ?2, ?3, ?4, ?5)"));
+  RETURN_IF_ERROR(stmt.BindText(1, c.chain_id));
+  RETURN_IF_ERROR(stmt.BindInt64(2, c.seq));
+  RETURN_IF_ERROR(stmt.BindText(3, c.hash));
+  RETURN_IF_ERROR(stmt.BindInt64(4, c.time));
+  RETURN_IF_ERROR(stmt.BindText(5, c.jws));
+  absl::Status status = stmt.Run();
+  if (absl::IsAlreadyExists(status)) {
+    return absl::AlreadyExistsError(
+        absl::StrCat("audit chain '", c.chain_id, "' already has a checkpoint at ", c.seq));
+  }
+  return status;
+}
+
+absl::StatusOr<std::vector<AuditCheckpoint>> SqliteStore::ListAuditCheckpoints(
+    std::string_view chain_id, int64_t limit) {
+  if (limit < 1 || limit > kMaxAuditListLimit) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("audit checkpoint limit must be 1..", kMaxAuditListLimit));
+  }
+  absl::MutexLock lock(&audit_mu_);
+  ASSIGN_OR_RETURN(
+      Statement stmt,
+      Statement::Prepare(audit_db_, chain_id.empty()
+                                        ? "SELECT chain_id, seq, hash, time, jws FROM "
+                                          "audit_checkpoints ORDER BY time DESC, seq DESC "
+                                          "LIMIT ?2"
+                                        : "SELECT chain_id, seq, hash, time, jws FROM "
+                                          "audit_checkpoints WHERE chain_id = ?1 "
+                                          "ORDER BY time DESC, seq DESC LIMIT ?2"));
+  if (!chain_id.empty()) RETURN_IF_ERROR(stmt.BindText(1, chain_id));
+  RETURN_IF_ERROR(stmt.BindInt64(2, limit));
+  std::vector<AuditCheckpoint> out;
+  while (true) {
+    ASSIGN_OR_RETURN(bool has_row, stmt.Step());
+    if (!has_row) break;
+    AuditCheckpoint& c = out.emplace_back();
+    c.chain_id = stmt.ColumnText(0);
+    c.seq = stmt.ColumnInt64(1);
+    c.hash = stmt.ColumnText(2);
+    c.time = stmt.ColumnInt64(3);
+    c.jws = stmt.ColumnText(4);
+  }
+  return out;
+}
+
 absl::StatusOr<int> SqliteStore::SchemaVersion() {
   absl::MutexLock lock(&mu_);
   ASSIGN_OR_RETURN(int64_t version, QuerySingleInt(db_, "PRAGMA user_version"));

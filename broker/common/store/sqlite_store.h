@@ -106,6 +106,9 @@ class SqliteStore final : public Store {
   absl::StatusOr<AuditRecord> LastAuditRecord(std::string_view chain_id) override;
   absl::StatusOr<std::vector<AuditRecord>> ListAuditRecords(const AuditQuery& query) override;
   absl::StatusOr<std::vector<std::string>> ListAuditChains() override;
+  absl::Status AddAuditCheckpoint(const AuditCheckpoint& checkpoint) override;
+  absl::StatusOr<std::vector<AuditCheckpoint>> ListAuditCheckpoints(std::string_view chain_id,
+                                                                    int64_t limit) override;
 
   absl::StatusOr<int> SchemaVersion() override;
 

@@ -128,6 +128,19 @@ struct AuditRecord {
   friend bool operator==(const AuditRecord&, const AuditRecord&) = default;
 };
 
+// A signed statement of an audit chain's head: "chain `chain_id` had `seq` records, the last with
+// hash `hash`", as a JWS by the broker's JWT key. Exported copies let anyone detect a chain that
+// was cut or recomputed after the checkpoint.
+struct AuditCheckpoint {
+  std::string chain_id;
+  int64_t seq = 0;
+  std::string hash;
+  int64_t time = 0;
+  std::string jws;
+
+  friend bool operator==(const AuditCheckpoint&, const AuditCheckpoint&) = default;
+};
+
 // Which audit records ListAuditRecords returns; empty/zero fields do not filter.
 struct AuditQuery {
   std::string chain_id;
@@ -268,6 +281,14 @@ class Store {
 
   // Every chain_id with at least one record, sorted.
   virtual absl::StatusOr<std::vector<std::string>> ListAuditChains() = 0;
+
+  // Stores a checkpoint. InvalidArgument: empty chain_id, hash or jws, or seq < 1.
+  // AlreadyExists: one for (chain_id, seq) is stored.
+  virtual absl::Status AddAuditCheckpoint(const AuditCheckpoint& checkpoint) = 0;
+  // Checkpoints of `chain_id` (all chains when empty), newest first (by time, then seq), at most
+  // `limit` (1..10000).
+  virtual absl::StatusOr<std::vector<AuditCheckpoint>> ListAuditCheckpoints(
+      std::string_view chain_id, int64_t limit) = 0;
 
   // ---- Maintenance ----
 

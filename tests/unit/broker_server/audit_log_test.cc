@@ -45,15 +45,7 @@ class AuditLogTest : public ::testing::Test {
     return std::move(store_->ListAuditRecords(q)).value();
   }
 
-  void ExecRaw(const std::string& sql) {
-    sqlite3* db = nullptr;
-    ASSERT_EQ(sqlite3_open(DbPath().c_str(), &db), SQLITE_OK);
-    char* error = nullptr;
-    EXPECT_EQ(sqlite3_exec(db, sql.c_str(), nullptr, nullptr, &error), SQLITE_OK)
-        << (error ? error : "");
-    sqlite3_free(error);
-    sqlite3_close(db);
-  }
+  void ExecRaw(const std::string& sql) { testing::ExecRawSql(dir_, sql); }
 
   absl::Status Verify(const std::string& chain = "test-broker") {
     auto report = VerifyAuditChain(*store_, chain);

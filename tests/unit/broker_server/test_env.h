@@ -3,6 +3,7 @@
 #define MANDATE_TESTS_UNIT_BROKER_SERVER_TEST_ENV_H_
 
 #include <gtest/gtest.h>
+#include <sqlite3.h>
 #include <stdlib.h>
 
 #include <filesystem>
@@ -31,6 +32,17 @@ inline std::unique_ptr<store::SqliteStore> OpenStore(const TempDir& dir) {
   auto store = store::SqliteStore::Open(dir.path() + "/mandate.db");
   EXPECT_TRUE(store.ok()) << store.status();
   return std::move(store).value();
+}
+
+// Runs `sql` on the store file of `dir` directly, bypassing the store (to tamper with it).
+inline void ExecRawSql(const TempDir& dir, const std::string& sql) {
+  sqlite3* db = nullptr;
+  ASSERT_EQ(sqlite3_open((dir.path() + "/mandate.db").c_str(), &db), SQLITE_OK);
+  char* error = nullptr;
+  EXPECT_EQ(sqlite3_exec(db, sql.c_str(), nullptr, nullptr, &error), SQLITE_OK)
+      << (error ? error : "");
+  sqlite3_free(error);
+  sqlite3_close(db);
 }
 
 // An audit log on `store` for fixtures; the store and clock must outlive it.

@@ -143,13 +143,45 @@ TEST_F(SqliteStoreAuditTest, MigratesADatabaseFromBeforeTheAuditLog) {
   }
   // Roll the file back to schema 4 (as an older broker left it) and reopen.
   ExecRaw(
-      "DROP TABLE audit_log; DELETE FROM schema_migrations WHERE version = 5; "
-      "PRAGMA user_version = 4;");
+      "DROP TABLE audit_log; DROP TABLE audit_checkpoints; "
+      "DELETE FROM schema_migrations WHERE version >= 5; PRAGMA user_version = 4;");
   auto store = OpenStore();
   ASSERT_NE(store, nullptr);
-  EXPECT_EQ(*store->SchemaVersion(), 5);
+  EXPECT_EQ(*store->SchemaVersion(), SqliteStore::LatestSchemaVersion());
   EXPECT_THAT(*store->ListAuditRecords({}), IsEmpty());
   EXPECT_TRUE(store->AppendAuditRecords({MakeRecord("b1", 1)}).ok());
+}
+
+AuditCheckpoint MakeCheckpoint(std::string chain, int64_t seq, int64_t time) {
+  return {.chain_id = std::move(chain),
+          .seq = seq,
+          .hash = "h" + std::to_string(seq),
+          .time = time,
+          .jws = "header.payload.sig" + std::to_string(seq)};
+}
+
+TEST_F(SqliteStoreAuditTest, CheckpointsAreStoredOncePerSeqAndListedNewestFirst) {
+  {
+    auto store = OpenStore();
+    ASSERT_TRUE(store->AddAuditCheckpoint(MakeCheckpoint("b1", 10, 100)).ok());
+    ASSERT_TRUE(store->AddAuditCheckpoint(MakeCheckpoint("b1", 20, 200)).ok());
+    ASSERT_TRUE(store->AddAuditCheckpoint(MakeCheckpoint("b2", 5, 150)).ok());
+    EXPECT_TRUE(absl::IsAlreadyExists(store->AddAuditCheckpoint(MakeCheckpoint("b1", 20, 300))));
+    EXPECT_TRUE(absl::IsInvalidArgument(store->AddAuditCheckpoint(MakeCheckpoint("b1", 0, 1))));
+    AuditCheckpoint no_jws = MakeCheckpoint("b1", 30, 1);
+    no_jws.jws.clear();
+    EXPECT_TRUE(absl::IsInvalidArgument(store->AddAuditCheckpoint(no_jws)));
+  }
+  auto store = OpenStore();  // durable across reopen
+  auto all = store->ListAuditCheckpoints("", 10);
+  ASSERT_TRUE(all.ok()) << all.status();
+  ASSERT_EQ(all->size(), 3u);
+  EXPECT_EQ((*all)[0], MakeCheckpoint("b1", 20, 200));
+  EXPECT_EQ((*all)[1].chain_id, "b2");
+  auto b1 = *store->ListAuditCheckpoints("b1", 1);
+  ASSERT_EQ(b1.size(), 1u);
+  EXPECT_EQ(b1[0].seq, 20);
+  EXPECT_TRUE(absl::IsInvalidArgument(store->ListAuditCheckpoints("", 0).status()));
 }
 
 }  // namespace

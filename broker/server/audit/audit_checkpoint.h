@@ -1,0 +1,82 @@
+// Signed checkpoints of the broker's audit chain (DESIGN.md §10).
+//
+// The hash chain shows edits and removals inside the chain, but someone who can write the store
+// could cut its tail or recompute it from scratch. A checkpoint is a JWS by the broker's JWT key
+// (typ "audit-checkpoint+jwt") stating "chain C had N records, the last with hash H" at time T.
+// The broker stores one whenever the chain has grown, every --audit-checkpoint-interval seconds
+// and at shutdown, and publishes the newest at GET /audit/checkpoints. A checkpoint copied
+// elsewhere keeps its force even if the store's copy is deleted: the chain must still hold record
+// N with hash H, which a cut or a recomputed chain does not.
+//
+// Thread-safety: CheckpointNow may be called concurrently with the periodic thread.
+#ifndef MANDATE_BROKER_SERVER_AUDIT_AUDIT_CHECKPOINT_H_
+#define MANDATE_BROKER_SERVER_AUDIT_AUDIT_CHECKPOINT_H_
+
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <thread>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "broker/common/crypto/keys.h"
+#include "broker/common/store/store.h"
+#include "broker/common/util/clock.h"
+
+namespace mandate::broker {
+
+inline constexpr char kAuditCheckpointType[] = "audit-checkpoint+jwt";
+
+// Signs a JWS with header typ `typ` over `payload_json` (TrustAuthority::SignJws).
+using JwsSigner =
+    std::function<absl::StatusOr<std::string>(std::string_view typ, std::string_view payload)>;
+
+class AuditCheckpointer {
+ public:
+  // Borrows `store` and `clock`, which must outlive it. `issuer` is the broker's issuer URL
+  // (the checkpoint's `iss`).
+  AuditCheckpointer(store::Store& store, std::string chain_id, std::string issuer, JwsSigner sign,
+                    const Clock& clock);
+  AuditCheckpointer(const AuditCheckpointer&) = delete;
+  AuditCheckpointer& operator=(const AuditCheckpointer&) = delete;
+  ~AuditCheckpointer();  // Stop()
+
+  // Signs and stores a checkpoint of the chain's stored head, unless the chain is empty or that
+  // head is already checkpointed (then nullopt).
+  absl::StatusOr<std::optional<store::AuditCheckpoint>> CheckpointNow();
+
+  // Calls CheckpointNow every `interval` on a thread of its own (errors are logged).
+  void Start(std::chrono::seconds interval);
+  // Stops the thread, then checkpoints once more so the final head of this run is signed.
+  void Stop();
+
+ private:
+  store::Store& store_;
+  const std::string chain_id_;
+  const std::string issuer_;
+  const JwsSigner sign_;
+  const Clock& clock_;
+
+  absl::Mutex mu_;
+  int64_t checkpointed_seq_ ABSL_GUARDED_BY(mu_) = -1;  // -1: not read from the store yet
+  bool stopping_ ABSL_GUARDED_BY(mu_) = false;
+  std::thread thread_;
+};
+
+// Checks `checkpoint` against `key` (the broker's JWT public key) and the chain in `store`:
+// the JWS verifies, has typ audit-checkpoint+jwt, and its payload names the same chain_id, seq
+// and hash; then record `seq` of that chain exists and has that hash. DataLoss, saying which,
+// when the chain was cut ("has no record N") or rewritten ("record N's hash differs");
+// Unauthenticated / InvalidArgument for a checkpoint that is not genuine; store errors as such.
+absl::Status VerifyAuditCheckpoint(store::Store& store, const store::AuditCheckpoint& checkpoint,
+                                   const crypto::PublicKey& key);
+
+}  // namespace mandate::broker
+
+#endif  // MANDATE_BROKER_SERVER_AUDIT_AUDIT_CHECKPOINT_H_
