@@ -60,9 +60,10 @@ absl::StatusOr<IssuedX509Svid> Issuer::SignX509Svid(const std::string& node_id,
                    AuthorizeEntryAudited(node_id, entry_id, "x509_svid"));
   ASSIGN_OR_RETURN(crypto::PublicKey key, KeyFromCsr(csr_der));
   int64_t ttl = entry.x509_ttl_s > 0 ? entry.x509_ttl_s : defaults_.x509_svid_ttl_seconds;
-  ASSIGN_OR_RETURN(crypto::Certificate cert, authority_.SignX509Svid(key, entry.spiffe_id, ttl));
+  ASSIGN_OR_RETURN(crypto::IssuedCertificate cert,
+                   authority_.SignX509SvidDer(key, entry.spiffe_id, ttl));
   spdlog::debug("issued x509-svid spiffe_id={} serial={} entry={} node={} expires_at={}",
-                entry.spiffe_id, cert.SerialHex(), entry.id, node_id, cert.not_after());
+                entry.spiffe_id, cert.serial_hex, entry.id, node_id, cert.not_after);
   return IssuedX509Svid{entry.id, entry.spiffe_id, std::move(cert)};
 }
 
@@ -71,9 +72,9 @@ AuditEvent Issuer::X509SvidIssued(const std::string& node_id, const IssuedX509Sv
           .outcome = "issued",
           .spiffe_id = svid.spiffe_id,
           .node_id = node_id,
-          .credential_id = svid.certificate.SerialHex(),
+          .credential_id = svid.certificate.serial_hex,
           .detail = AuditDetail(
-              {{"entry_id", svid.entry_id}, {"expires_at", svid.certificate.not_after()}})};
+              {{"entry_id", svid.entry_id}, {"expires_at", svid.certificate.not_after}})};
 }
 
 absl::StatusOr<IssuedX509Svid> Issuer::IssueX509Svid(const std::string& node_id,

@@ -34,7 +34,7 @@ struct IssuerDefaults {
 struct IssuedX509Svid {
   std::string entry_id;
   std::string spiffe_id;
-  crypto::Certificate certificate;
+  crypto::IssuedCertificate certificate;  // DER, serial, validity
 };
 
 struct X509SvidRequest {

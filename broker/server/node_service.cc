@@ -313,8 +313,8 @@ grpc::Status NodeService::SignX509Svids(grpc::ServerContext* context,
     auto* out = response->add_svids();
     out->set_entry_id(std::move(svid.entry_id));
     out->set_spiffe_id(std::move(svid.spiffe_id));
-    out->set_svid_chain(svid.certificate.Der());
-    out->set_expires_at(svid.certificate.not_after());
+    out->set_svid_chain(std::move(svid.certificate.der));
+    out->set_expires_at(svid.certificate.not_after);
   }
   return grpc::Status::OK;
 }

@@ -87,14 +87,28 @@ absl::Status TrustAuthority::BuildDocuments(int64_t refresh_hint) {
   return absl::OkStatus();
 }
 
-absl::StatusOr<crypto::Certificate> TrustAuthority::SignX509Svid(
-    const crypto::PublicKey& subject_key, const std::string& spiffe_id, int64_t ttl_seconds) const {
-  int64_t now = clock_.NowSeconds();
+namespace {
+
+crypto::LeafOptions SvidLeafOptions(const std::string& spiffe_id, int64_t now, int64_t ttl) {
   crypto::LeafOptions leaf;
   leaf.spiffe_id = spiffe_id;
   leaf.not_before = now - 10;
-  leaf.not_after = now + ttl_seconds;
-  return crypto::SignLeaf(ca_cert_, ca_key_, subject_key, leaf);
+  leaf.not_after = now + ttl;
+  return leaf;
+}
+
+}  // namespace
+
+absl::StatusOr<crypto::Certificate> TrustAuthority::SignX509Svid(
+    const crypto::PublicKey& subject_key, const std::string& spiffe_id, int64_t ttl_seconds) const {
+  return crypto::SignLeaf(ca_cert_, ca_key_, subject_key,
+                          SvidLeafOptions(spiffe_id, clock_.NowSeconds(), ttl_seconds));
+}
+
+absl::StatusOr<crypto::IssuedCertificate> TrustAuthority::SignX509SvidDer(
+    const crypto::PublicKey& subject_key, const std::string& spiffe_id, int64_t ttl_seconds) const {
+  return crypto::SignLeafDer(ca_cert_, ca_key_, subject_key,
+                             SvidLeafOptions(spiffe_id, clock_.NowSeconds(), ttl_seconds));
 }
 
 absl::StatusOr<crypto::Certificate> TrustAuthority::SignServerCertificate(

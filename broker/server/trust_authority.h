@@ -43,6 +43,10 @@ class TrustAuthority {
   absl::StatusOr<crypto::Certificate> SignX509Svid(const crypto::PublicKey& subject_key,
                                                    const std::string& spiffe_id,
                                                    int64_t ttl_seconds) const;
+  // The same certificate, returned encoded only (no re-parse): for issuance, which hands on DER.
+  absl::StatusOr<crypto::IssuedCertificate> SignX509SvidDer(const crypto::PublicKey& subject_key,
+                                                            const std::string& spiffe_id,
+                                                            int64_t ttl_seconds) const;
   // The broker's own TLS certificate (spiffe://<td>/broker, DNS:localhost, IP:127.0.0.1).
   absl::StatusOr<crypto::Certificate> SignServerCertificate(const crypto::PublicKey& key,
                                                             int64_t ttl_seconds) const;

@@ -273,6 +273,17 @@ std::vector<std::string> SansOfType(X509* cert, int type) {
   return NamesOfType(names->get(), type);
 }
 
+// Lowercase hex of the serial number; empty if it cannot be read.
+std::string SerialHexOf(const X509* cert) {
+  BignumPtr serial(ASN1_INTEGER_to_BN(X509_get0_serialNumber(cert), nullptr));
+  if (!serial) return {};
+  char* hex = BN_bn2hex(serial.get());
+  if (hex == nullptr) return {};
+  std::string out = absl::AsciiStrToLower(hex);
+  OPENSSL_free(hex);
+  return out;
+}
+
 absl::StatusOr<BignumPtr> RandomSerial() {
   // TimeOrderedId: 80 random bits (CA/B Forum asks for at least 64) behind a millisecond time
   // prefix, read as an unsigned number: positive, at most 17 DER content bytes (well under RFC
@@ -600,15 +611,7 @@ std::vector<std::string> Certificate::UriSans() const { return SansOfType(cert_.
 std::vector<std::string> Certificate::DnsSans() const { return SansOfType(cert_.get(), GEN_DNS); }
 std::vector<std::string> Certificate::IpSans() const { return SansOfType(cert_.get(), GEN_IPADD); }
 
-std::string Certificate::SerialHex() const {
-  BignumPtr serial(ASN1_INTEGER_to_BN(X509_get0_serialNumber(cert_.get()), nullptr));
-  if (!serial) return {};
-  char* hex = BN_bn2hex(serial.get());
-  if (hex == nullptr) return {};
-  std::string out = absl::AsciiStrToLower(hex);
-  OPENSSL_free(hex);
-  return out;
-}
+std::string Certificate::SerialHex() const { return SerialHexOf(cert_.get()); }
 
 bool Certificate::is_ca() const { return (X509_get_extension_flags(cert_.get()) & EXFLAG_CA) != 0; }
 
@@ -753,8 +756,11 @@ absl::StatusOr<ParsedCsr> ParseAndVerifyCsrDer(std::string_view der) {
 
 // ---------------------------------------------------------------------------- X509-SVID
 
-absl::StatusOr<Certificate> SignLeaf(const Certificate& ca_cert, const PrivateKey& ca_key,
-                                     const PublicKey& subject_key, const LeafOptions& options) {
+namespace {
+
+// The unsigned leaf SignLeaf and SignLeafDer sign, after their shared checks.
+absl::StatusOr<X509Ptr> BuildLeaf(const Certificate& ca_cert, const PrivateKey& ca_key,
+                                  const PublicKey& subject_key, const LeafOptions& options) {
   if (!ca_cert.is_ca()) {
     return absl::InvalidArgumentError("issuing certificate is not a CA (basicConstraints)");
   }
@@ -795,7 +801,35 @@ absl::StatusOr<Certificate> SignLeaf(const Certificate& ca_cert, const PrivateKe
   ASSIGN_OR_RETURN(GeneralNamesPtr sans,
                    BuildSans(options.spiffe_id, options.dns_sans, options.ip_sans));
   RETURN_IF_ERROR(AddSans(cert.get(), sans.get()));
+  return cert;
+}
+
+}  // namespace
+
+absl::StatusOr<Certificate> SignLeaf(const Certificate& ca_cert, const PrivateKey& ca_key,
+                                     const PublicKey& subject_key, const LeafOptions& options) {
+  ASSIGN_OR_RETURN(X509Ptr cert, BuildLeaf(ca_cert, ca_key, subject_key, options));
   return SignAndSeal(cert.get(), ca_key);
+}
+
+absl::StatusOr<IssuedCertificate> SignLeafDer(const Certificate& ca_cert, const PrivateKey& ca_key,
+                                              const PublicKey& subject_key,
+                                              const LeafOptions& options) {
+  ASSIGN_OR_RETURN(X509Ptr cert, BuildLeaf(ca_cert, ca_key, subject_key, options));
+  if (X509_sign(cert.get(), ca_key.evp(), SigningDigest(ca_key.evp())) <= 0) {
+    return OpenSslError("signing certificate failed");
+  }
+  IssuedCertificate out;
+  unsigned char* der = nullptr;
+  int len = i2d_X509(cert.get(), &der);
+  if (len <= 0) return OpenSslError("encoding certificate failed");
+  out.der.assign(reinterpret_cast<char*>(der), static_cast<size_t>(len));
+  OPENSSL_free(der);
+  out.serial_hex = SerialHexOf(cert.get());
+  if (out.serial_hex.empty()) return OpenSslError("reading the serial number");
+  ASSIGN_OR_RETURN(out.not_before, Asn1TimeToUnix(X509_get0_notBefore(cert.get()), "notBefore"));
+  ASSIGN_OR_RETURN(out.not_after, Asn1TimeToUnix(X509_get0_notAfter(cert.get()), "notAfter"));
+  return out;
 }
 
 absl::StatusOr<VerifiedSvid> VerifyX509SvidChain(const std::vector<Certificate>& chain,

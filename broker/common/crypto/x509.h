@@ -166,6 +166,21 @@ struct LeafOptions {
 absl::StatusOr<Certificate> SignLeaf(const Certificate& ca_cert, const PrivateKey& ca_key,
                                      const PublicKey& subject_key, const LeafOptions& options);
 
+// A certificate as issued: its DER and what an issuer records about it, without an OpenSSL
+// object. Parsing a certificate back costs more than signing it (OpenSSL 3 decodes its public
+// key through the provider decoders), and an issuer only hands the DER on.
+struct IssuedCertificate {
+  std::string der;
+  std::string serial_hex;  // lowercase hex, as Certificate::SerialHex
+  int64_t not_before = 0;
+  int64_t not_after = 0;
+};
+
+// SignLeaf, returning the encoded certificate only: the same checks, the same certificate.
+absl::StatusOr<IssuedCertificate> SignLeafDer(const Certificate& ca_cert, const PrivateKey& ca_key,
+                                              const PublicKey& subject_key,
+                                              const LeafOptions& options);
+
 struct VerifiedSvid {
   std::string spiffe_id;
   // The verified path: the leaf first, ending with the trust anchor from `roots`.

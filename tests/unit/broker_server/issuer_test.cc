@@ -58,10 +58,14 @@ class IssuerTest : public ::testing::Test {
 TEST_F(IssuerTest, X509SvidCarriesTheEntryIdNotTheCsrSan) {
   auto svid = issuer_->IssueX509Svid(kNode, "e1", Csr("spiffe://example.org/agent/admin"));
   ASSERT_TRUE(svid.ok()) << svid.status();
-  EXPECT_EQ(svid->certificate.UriSans(),
-            std::vector<std::string>{"spiffe://example.org/agent/bot"});
-  EXPECT_EQ(svid->certificate.not_after(), kNow + 3600);
-  auto verified = crypto::VerifyX509SvidChain({svid->certificate}, authority_->x509_roots(), kNow);
+  auto cert = crypto::Certificate::FromDer(svid->certificate.der);
+  ASSERT_TRUE(cert.ok()) << cert.status();
+  EXPECT_EQ(svid->certificate.serial_hex, cert->SerialHex());
+  EXPECT_EQ(svid->certificate.not_before, cert->not_before());
+  EXPECT_EQ(cert->UriSans(), std::vector<std::string>{"spiffe://example.org/agent/bot"});
+  EXPECT_EQ(svid->certificate.not_after, kNow + 3600);
+  EXPECT_EQ(cert->not_after(), kNow + 3600);
+  auto verified = crypto::VerifyX509SvidChain({*cert}, authority_->x509_roots(), kNow);
   EXPECT_TRUE(verified.ok()) << verified.status();
 }
 
@@ -195,7 +199,7 @@ TEST_F(IssuerTest, EveryIssuanceIsAuditedWithItsCredentialId) {
   EXPECT_EQ(records[0].outcome, "issued");
   EXPECT_EQ(records[0].spiffe_id, "spiffe://example.org/agent/bot");
   EXPECT_EQ(records[0].node_id, kNode);
-  EXPECT_EQ(records[0].credential_id, x509->certificate.SerialHex());
+  EXPECT_EQ(records[0].credential_id, x509->certificate.serial_hex);
   EXPECT_EQ(nlohmann::json::parse(records[0].detail)["entry_id"], "e1");
 
   EXPECT_EQ(records[1].event, "jwt_svid");
@@ -245,7 +249,7 @@ TEST_F(IssuerTest, ABatchOfX509SvidsIsAuditedInOneCommit) {
   ASSERT_EQ(records.size(), 3u);
   for (size_t i = 0; i < 3; ++i) {
     EXPECT_EQ(records[i].event, "x509_svid");
-    EXPECT_EQ(records[i].credential_id, (*svids)[i].certificate.SerialHex());
+    EXPECT_EQ(records[i].credential_id, (*svids)[i].certificate.serial_hex);
   }
   EXPECT_EQ(audit_->stats().batches, 1);
 }

@@ -346,6 +346,25 @@ TEST_F(X509Test, SignLeafRefusesMismatchedCaKeyAndNonCaIssuer) {
               HasSubstr("not a CA"));
 }
 
+TEST_F(X509Test, SignLeafDerIssuesTheSameCertificateEncodedWithItsSerialAndValidity) {
+  auto issued = SignLeafDer(ca(), ca_key_, leaf_key_.public_key(), Leaf());
+  ASSERT_TRUE(issued.ok()) << issued.status();
+  auto cert = Certificate::FromDer(issued->der);
+  ASSERT_TRUE(cert.ok()) << cert.status();
+  EXPECT_EQ(issued->serial_hex, cert->SerialHex());
+  EXPECT_EQ(issued->not_before, cert->not_before());
+  EXPECT_EQ(issued->not_after, cert->not_after());
+  EXPECT_EQ(issued->not_after, now_ + 3600);
+  EXPECT_EQ(cert->UriSans(), std::vector<std::string>{kWorkloadId});
+  EXPECT_TRUE(cert->public_key().Equals(leaf_key_.public_key()));
+  auto verified = VerifyX509SvidChain({*cert}, {ca()}, now_);
+  EXPECT_TRUE(verified.ok()) << verified.status();
+  // The same refusals as SignLeaf.
+  EXPECT_THAT(SignLeafDer(ca(), NewKey(), leaf_key_.public_key(), Leaf()).status().message(),
+              HasSubstr("does not match"));
+  EXPECT_FALSE(SignLeafDer(ca(), ca_key_, leaf_key_.public_key(), Leaf("https://x/y")).ok());
+}
+
 TEST_F(X509Test, SignLeafRefusesWeakSubjectKey) {
   PrivateKey weak = KeyOfKind("RSA", 1024);
   EXPECT_THAT(SignLeaf(ca(), ca_key_, weak.public_key(), Leaf()).status().message(),
