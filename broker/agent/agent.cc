@@ -5,6 +5,8 @@
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
+#include <future>
+#include <iterator>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -303,9 +305,8 @@ bool Agent::RefreshSvids() {
       needed.push_back(&entry);
     }
   }
-  bool complete = true;
-  std::vector<std::shared_ptr<HeldX509Svid>> fresh;
-  for (size_t start = 0; start < needed.size(); start += kMaxCsrsPerCall) {
+  // One batch: fresh keys and CSRs, signed by the broker. False when it failed as a whole.
+  auto sign_batch = [&](size_t start, std::vector<std::shared_ptr<HeldX509Svid>>& out) -> bool {
     size_t end = std::min(needed.size(), start + kMaxCsrsPerCall);
     std::vector<std::pair<std::string, std::string>> batch;
     std::unordered_map<std::string, crypto::PrivateKey> keys;
@@ -322,8 +323,7 @@ bool Agent::RefreshSvids() {
     if (!signed_svids.ok()) {
       spdlog::warn("broker refused to sign {} X509-SVIDs: {}", batch.size(),
                    signed_svids.status().ToString());
-      complete = false;
-      continue;
+      return false;
     }
     for (auto& svid : *signed_svids) {
       auto key = keys.find(svid.entry_id);
@@ -335,7 +335,25 @@ bool Agent::RefreshSvids() {
       held->key_pkcs8_der = key->second.ExportPkcs8DerSecret();
       held->not_before = svid.chain.front().not_before();
       held->not_after = svid.chain.front().not_after();
-      fresh.push_back(std::move(held));
+      out.push_back(std::move(held));
+    }
+    return true;
+  };
+  // Two batches in flight: the broker signs a batch on one handler thread, so a node with
+  // thousands of entries would otherwise leave a broker core idle while it waits.
+  bool complete = true;
+  std::vector<std::shared_ptr<HeldX509Svid>> fresh;
+  for (size_t start = 0; start < needed.size(); start += 2 * kMaxCsrsPerCall) {
+    const size_t second = start + kMaxCsrsPerCall;
+    std::vector<std::shared_ptr<HeldX509Svid>> other;
+    std::future<bool> other_done;
+    if (second < needed.size()) {
+      other_done = std::async(std::launch::async, [&] { return sign_batch(second, other); });
+    }
+    if (!sign_batch(start, fresh)) complete = false;
+    if (other_done.valid()) {
+      if (!other_done.get()) complete = false;
+      std::move(other.begin(), other.end(), std::back_inserter(fresh));
     }
   }
   if (fresh.size() < needed.size()) complete = false;
