@@ -17,6 +17,8 @@ namespace {
 
 constexpr size_t kMaxAudiences = 16;
 constexpr size_t kMaxAudienceLength = 512;
+// Entry IDs are made by the admin API (a few dozen bytes); longer ones are refused unread.
+constexpr size_t kMaxEntryIdBytes = 128;
 
 absl::StatusOr<crypto::PublicKey> KeyFromCsr(std::string_view csr_der) {
   auto csr = crypto::ParseAndVerifyCsrDer(csr_der);
@@ -32,18 +34,25 @@ absl::StatusOr<store::RegistrationEntry> Issuer::AuthorizeEntryAudited(
     const std::string& node_id, const std::string& entry_id, std::string_view event) const {
   absl::StatusOr<store::RegistrationEntry> entry = AuthorizeEntry(node_id, entry_id);
   if (entry.ok()) return entry;
-  absl::Status audited =
-      audit_.Record({.event = std::string(event),
-                     .outcome = "denied",
-                     .node_id = node_id,
-                     .detail = AuditDetail({{"entry_id", entry_id},
-                                            {"reason", std::string(entry.status().message())}})});
+  // The ID comes from the node: a refused one is recorded only up to the longest a real ID can
+  // be, so a node cannot grow the audit log by megabytes per call.
+  nlohmann::json detail = {{"entry_id", entry_id.substr(0, kMaxEntryIdBytes)},
+                           {"reason", std::string(entry.status().message())}};
+  if (entry_id.size() > kMaxEntryIdBytes) detail["entry_id_bytes"] = entry_id.size();
+  absl::Status audited = audit_.Record({.event = std::string(event),
+                                        .outcome = "denied",
+                                        .node_id = node_id,
+                                        .detail = AuditDetail(detail)});
   if (!audited.ok()) spdlog::error("refusal not audited: {}", std::string(audited.message()));
   return entry.status();
 }
 
 absl::StatusOr<store::RegistrationEntry> Issuer::AuthorizeEntry(const std::string& node_id,
                                                                 const std::string& entry_id) const {
+  if (entry_id.size() > kMaxEntryIdBytes) {
+    return absl::PermissionDeniedError(absl::StrCat(
+        "registration entry IDs are at most ", kMaxEntryIdBytes, " bytes; no entry has this one"));
+  }
   auto entry = entries_.Get(entry_id);
   if (!entry.ok() || entry->parent_id != node_id) {
     // The same answer for "absent" and "not yours", so a node cannot probe other nodes' entries.

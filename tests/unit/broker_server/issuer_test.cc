@@ -264,6 +264,19 @@ TEST_F(IssuerTest, ABatchWithOneRefusalReturnsNothingAndRecordsOnlyTheRefusal) {
   EXPECT_EQ(nlohmann::json::parse(records[0].detail)["entry_id"], "not-mine");
 }
 
+TEST_F(IssuerTest, AHugeEntryIdIsRefusedWithoutBeingEchoedOrStoredWhole) {
+  const std::string huge(1 << 20, 'x');
+  auto refused = issuer_->IssueJwtSvid(kNode, huge, {"a"});
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kPermissionDenied);
+  EXPECT_LT(refused.status().message().size(), 200u);
+  auto records = AuditRecords(*store_);
+  ASSERT_EQ(records.size(), 1u);
+  EXPECT_LT(records[0].detail.size(), 512u);
+  auto detail = nlohmann::json::parse(records[0].detail);
+  EXPECT_EQ(detail["entry_id"], std::string(128, 'x'));
+  EXPECT_EQ(detail["entry_id_bytes"], huge.size());
+}
+
 TEST_F(IssuerTest, NoCredentialLeavesWithoutItsAuditRecord) {
   // The audit log cannot take records (its backlog bound is zero): issuance fails closed.
   auto closed = AuditLog::Open(*store_, "closed", clock_, {.max_queued = 0});
