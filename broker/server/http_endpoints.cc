@@ -15,6 +15,27 @@ HttpEndpoints::HttpEndpoints(const TrustAuthority& authority) : authority_(autho
 
 HttpEndpoints::~HttpEndpoints() { Stop(); }
 
+absl::StatusOr<std::string> HttpEndpoints::CheckpointsDocument() {
+  std::lock_guard<std::mutex> lock(checkpoints_mu_);
+  const auto now = std::chrono::steady_clock::now();
+  if (!checkpoints_body_.empty() && now - checkpoints_read_at_ < std::chrono::seconds(1)) {
+    return checkpoints_body_;
+  }
+  auto checkpoints = store_->ListAuditCheckpoints("", 100);
+  if (!checkpoints.ok()) return checkpoints.status();
+  nlohmann::json list = nlohmann::json::array();
+  for (const store::AuditCheckpoint& c : *checkpoints) {
+    list.push_back({{"chain_id", c.chain_id},
+                    {"seq", c.seq},
+                    {"hash", c.hash},
+                    {"time", c.time},
+                    {"jws", c.jws}});
+  }
+  checkpoints_body_ = nlohmann::json{{"checkpoints", list}}.dump();
+  checkpoints_read_at_ = now;
+  return checkpoints_body_;
+}
+
 void HttpEndpoints::Serve(const std::string& issuer_url, const TokenEndpoint* token_endpoint,
                           const AuditLog* audit, store::Store* store) {
   audit_ = audit;
@@ -126,21 +147,13 @@ absl::Status HttpEndpoints::Bind(const std::string& host, int port,
       r.set_content("{\"error\":\"not_found\"}", kJson);
       return;
     }
-    auto checkpoints = store_->ListAuditCheckpoints("", 100);
-    if (!checkpoints.ok()) {
+    absl::StatusOr<std::string> body = CheckpointsDocument();
+    if (!body.ok()) {
       r.status = 503;
       r.set_content("{\"error\":\"unavailable\"}", kJson);
       return;
     }
-    nlohmann::json list = nlohmann::json::array();
-    for (const store::AuditCheckpoint& c : *checkpoints) {
-      list.push_back({{"chain_id", c.chain_id},
-                      {"seq", c.seq},
-                      {"hash", c.hash},
-                      {"time", c.time},
-                      {"jws", c.jws}});
-    }
-    r.set_content(nlohmann::json{{"checkpoints", list}}.dump(), kJson);
+    r.set_content(*std::move(body), kJson);
   });
   s.Get("/healthz", [](const httplib::Request&, httplib::Response& r) {
     r.set_content("{\"status\":\"ok\"}", kJson);

@@ -5,11 +5,14 @@
 #define MANDATE_BROKER_SERVER_HTTP_ENDPOINTS_H_
 
 #include <atomic>
+#include <chrono>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <thread>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 #include "broker/server/audit/audit_log.h"
 #include "broker/server/token_endpoint.h"
 #include "broker/server/trust_authority.h"
@@ -47,6 +50,12 @@ class HttpEndpoints {
   const TokenEndpoint* token_endpoint_ = nullptr;  // set before serving, then read-only
   const AuditLog* audit_ = nullptr;                // likewise
   store::Store* store_ = nullptr;                  // likewise
+  // GET /audit/checkpoints answers from this copy, read from the store at most once a second:
+  // the endpoint is unauthenticated and the store's audit connection also takes the commits.
+  std::mutex checkpoints_mu_;
+  std::string checkpoints_body_;                               // GUARDED_BY(checkpoints_mu_)
+  std::chrono::steady_clock::time_point checkpoints_read_at_;  // GUARDED_BY(checkpoints_mu_)
+  absl::StatusOr<std::string> CheckpointsDocument();
   std::unique_ptr<httplib::Server> server_;
   std::thread thread_;
   std::atomic<bool> ready_{false};

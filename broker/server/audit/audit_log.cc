@@ -100,7 +100,7 @@ absl::Status AuditLog::RecordAll(std::vector<AuditEvent> events) {
 
   absl::MutexLock lock(&mu_);
   if (queued_records_ + mine > options_.max_queued) {
-    stats_.failed += static_cast<int64_t>(mine);
+    failed_records_.fetch_add(static_cast<int64_t>(mine), std::memory_order_relaxed);
     return absl::UnavailableError("audit log backlog is full; the store is not keeping up");
   }
   queue_.push_back(&self);
@@ -134,10 +134,10 @@ absl::Status AuditLog::RecordAll(std::vector<AuditEvent> events) {
   }
   mu_.Lock();
   if (status.ok()) {
-    stats_.records += static_cast<int64_t>(records);
-    ++stats_.batches;
+    stored_records_.fetch_add(static_cast<int64_t>(records), std::memory_order_relaxed);
+    commits_.fetch_add(1, std::memory_order_relaxed);
   } else {
-    stats_.failed += static_cast<int64_t>(records);
+    failed_records_.fetch_add(static_cast<int64_t>(records), std::memory_order_relaxed);
   }
   queued_records_ -= records;
   for (size_t i = 0; i < waiters; ++i) {
@@ -172,8 +172,9 @@ absl::Status AuditLog::WriteBatch(std::vector<store::AuditRecord>& records) {
 }
 
 AuditLog::Stats AuditLog::stats() const {
-  absl::MutexLock lock(&mu_);
-  return stats_;
+  return {.records = stored_records_.load(std::memory_order_relaxed),
+          .batches = commits_.load(std::memory_order_relaxed),
+          .failed = failed_records_.load(std::memory_order_relaxed)};
 }
 
 absl::StatusOr<AuditChainReport> VerifyAuditChain(store::Store& store,

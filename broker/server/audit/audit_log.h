@@ -24,6 +24,7 @@
 #ifndef MANDATE_BROKER_SERVER_AUDIT_AUDIT_LOG_H_
 #define MANDATE_BROKER_SERVER_AUDIT_AUDIT_LOG_H_
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <deque>
@@ -86,6 +87,7 @@ class AuditLog {
     int64_t batches = 0;  // Transactions that stored them.
     int64_t failed = 0;   // Records refused (store errors, full queue).
   };
+  // Lock-free: /metrics scrapes must never wait on (or hold up) the commit queue.
   Stats stats() const;
 
  private:
@@ -116,7 +118,9 @@ class AuditLog {
   mutable absl::Mutex mu_;
   std::deque<Waiter*> queue_ ABSL_GUARDED_BY(mu_);  // front = the leader
   size_t queued_records_ ABSL_GUARDED_BY(mu_) = 0;
-  Stats stats_ ABSL_GUARDED_BY(mu_);
+  std::atomic<int64_t> stored_records_{0};
+  std::atomic<int64_t> commits_{0};
+  std::atomic<int64_t> failed_records_{0};
 };
 
 // The chain hash of `record`: hex SHA-256 over every field except `hash` itself.
