@@ -100,6 +100,23 @@ class LifecycleTest : public IntegrationTest {
   std::unique_ptr<WorkloadClient> client_;
 };
 
+// An HTTP client for `broker`'s HTTP listener.
+httplib::Client BrokerHttp(const BrokerProcess& broker) {
+  const std::string& address = broker.http_address;
+  return httplib::Client(address.substr(0, address.rfind(':')),
+                         std::stoi(address.substr(address.rfind(':') + 1)));
+}
+
+// Runs one SQL statement with one bound parameter on `broker`'s store file behind its back
+// (Python's sqlite3: a second writer, as an intruder would be).
+CommandResult TamperWithStore(const BrokerProcess& broker, const std::string& sql,
+                              const std::string& parameter) {
+  return RunCommand({"/usr/bin/python3", "-c",
+                     "import sqlite3,sys; c=sqlite3.connect(sys.argv[1]); "
+                     "c.execute(sys.argv[2], (sys.argv[3],)); c.commit()",
+                     broker.data_dir + "/mandate.db", sql, parameter});
+}
+
 bool Exists(const std::string& path) {
   struct stat st {};
   return ::lstat(path.c_str(), &st) == 0;
@@ -191,9 +208,7 @@ TEST_F(LifecycleTest, IssuancesAreAuditedDurablyAndTamperingIsFound) {
   ASSERT_TRUE(jwt.ok()) << jwt.status();
   {
     // The broker's counters: node SVID, workload X509-SVID, JWT-SVID at least.
-    const std::string& address = broker_.http_address;
-    httplib::Client http(address.substr(0, address.rfind(':')),
-                         std::stoi(address.substr(address.rfind(':') + 1)));
+    httplib::Client http = BrokerHttp(broker_);
     auto metrics = http.Get("/metrics");
     ASSERT_TRUE(metrics);
     EXPECT_EQ(metrics->status, 200);
@@ -235,11 +250,10 @@ TEST_F(LifecycleTest, IssuancesAreAuditedDurablyAndTamperingIsFound) {
 
   // Edit the minted record behind the broker's back.
   CommandResult edit =
-      RunCommand({"/usr/bin/python3", "-c",
-                  "import sqlite3,sys; c=sqlite3.connect(sys.argv[1]); "
-                  "c.execute(\"UPDATE audit_log SET spiffe_id='spiffe://example.org/someone-else' "
-                  "WHERE credential_id=?\", (sys.argv[2],)); c.commit()",
-                  broker_.data_dir + "/mandate.db", minted["credential_id"].get<std::string>()});
+      TamperWithStore(broker_,
+                      "UPDATE audit_log SET spiffe_id = 'spiffe://example.org/someone-else' "
+                      "WHERE credential_id = ?",
+                      minted["credential_id"].get<std::string>());
   ASSERT_EQ(edit.exit_code, 0) << edit;
   CommandResult broken = Admin(broker_, {"audit", "verify"});
   EXPECT_NE(broken.exit_code, 0) << broken;
@@ -254,9 +268,7 @@ TEST_F(LifecycleTest, AuditCheckpointsArePublishedAndCatchACutTail) {
   options.extra_args = {"--audit-checkpoint-interval", "1"};
   ASSERT_NO_FATAL_FAILURE(StartServedWorkload("node-ckpt", options));
   ASSERT_TRUE(client_->FetchJwtSvid({"https://ckpt.example.org"}).ok());
-  const std::string& address = broker_.http_address;
-  httplib::Client http(address.substr(0, address.rfind(':')),
-                       std::stoi(address.substr(address.rfind(':') + 1)));
+  httplib::Client http = BrokerHttp(broker_);
   json checkpoint;
   ASSERT_TRUE(WaitUntil(
       [&] {
@@ -279,11 +291,8 @@ TEST_F(LifecycleTest, AuditCheckpointsArePublishedAndCatchACutTail) {
 
   // Cut the chain's tail back to before the checkpointed record.
   const int64_t cut_after = checkpoint["seq"].get<int64_t>() - 1;
-  CommandResult cut = RunCommand(
-      {"/usr/bin/python3", "-c",
-       "import sqlite3,sys; c=sqlite3.connect(sys.argv[1]); "
-       "c.execute('DELETE FROM audit_log WHERE seq > ?', (int(sys.argv[2]),)); c.commit()",
-       broker_.data_dir + "/mandate.db", std::to_string(cut_after)});
+  CommandResult cut = TamperWithStore(
+      broker_, "DELETE FROM audit_log WHERE seq > CAST(? AS INTEGER)", std::to_string(cut_after));
   ASSERT_EQ(cut.exit_code, 0) << cut;
   CommandResult broken = Admin(broker_, {"audit", "verify"});
   EXPECT_NE(broken.exit_code, 0) << broken;

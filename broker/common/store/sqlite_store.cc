@@ -1218,6 +1218,12 @@ constexpr char kAuditColumns[] =
     "prev_hash, hash";
 constexpr int64_t kMaxAuditListLimit = 10000;
 
+const std::string& LastAuditRecordSql() {
+  static const std::string* sql = new std::string(absl::StrCat(
+      "SELECT ", kAuditColumns, " FROM audit_log WHERE chain_id = ?1 ORDER BY seq DESC LIMIT 1"));
+  return *sql;
+}
+
 AuditRecord ReadAuditRecord(const Statement& stmt) {
   AuditRecord r;
   r.chain_id = stmt.ColumnText(0);
@@ -1297,12 +1303,7 @@ absl::Status SqliteStore::AppendAuditRecords(const std::vector<AuditRecord>& rec
 
 absl::StatusOr<AuditRecord> SqliteStore::LastAuditRecord(std::string_view chain_id) {
   absl::MutexLock lock(&audit_mu_);
-  ASSIGN_OR_RETURN(Statement stmt,
-                   Statement::Prepare(audit_db_,
-                                      "SELECT chain_id, seq, time, event, outcome, "
-                                      "spiffe_id, node_id, task_id, credential_id, "
-                                      "detail, prev_hash, hash FROM audit_log "
-                                      "WHERE chain_id = ?1 ORDER BY seq DESC LIMIT 1"));
+  ASSIGN_OR_RETURN(Statement stmt, Statement::Prepare(audit_db_, LastAuditRecordSql()));
   RETURN_IF_ERROR(stmt.BindText(1, chain_id));
   ASSIGN_OR_RETURN(bool has_row, stmt.Step());
   if (!has_row) {

@@ -3,8 +3,8 @@
 // Only implementations of `Store` touch SQL; everything else in the broker works with the plain
 // record types below. Today there is `SqliteStore` (sqlite_store.h); a `PostgresStore` for several
 // brokers sharing one state will implement the same interface. Later work adds the issued
-// credential index, revocations, trusted issuers, approvals and the audit log here, each as new
-// record types + methods and a new numbered schema migration in each implementation.
+// credential index, revocations, trusted issuers and approvals here, each as new record types +
+// methods and a new numbered schema migration in each implementation.
 //
 // Conventions shared by all records:
 //   - Selectors are "type:value" strings (e.g. "unix:uid:1000", "join:name:web-1"); a selector list
