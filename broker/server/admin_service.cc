@@ -326,30 +326,23 @@ grpc::Status AdminService::ListAudit(grpc::ServerContext*, const adminpb::ListAu
 
 grpc::Status AdminService::VerifyAudit(grpc::ServerContext*, const adminpb::VerifyAuditRequest*,
                                        adminpb::VerifyAuditResponse* response) {
-  auto chains = store_.ListAuditChains();
-  if (!chains.ok()) return ToGrpcStatus(chains.status());
-  for (const std::string& chain : *chains) {
-    auto report = VerifyAuditChain(store_, chain);
-    if (!report.ok()) return ToGrpcStatus(report.status());
-    absl::Status status = report->status;
-    // The chain must still hold what its signed checkpoints name: a cut tail or a recomputed
-    // chain fails here even though it links up.
-    auto checkpoints = store_.ListAuditCheckpoints(chain, 100);
-    if (!checkpoints.ok()) return ToGrpcStatus(checkpoints.status());
-    for (const store::AuditCheckpoint& checkpoint : *checkpoints) {
-      if (!status.ok()) break;
-      status = VerifyAuditCheckpoint(store_, checkpoint, authority_.jwt_public_key());
-      if (absl::IsUnavailable(status) || absl::IsInternal(status)) return ToGrpcStatus(status);
-    }
+  auto verdicts = VerifyAuditStore(store_, audit_, authority_.jwt_public_key());
+  if (!verdicts.ok()) return ToGrpcStatus(verdicts.status());
+  for (const AuditChainVerdict& verdict : *verdicts) {
     adminpb::AuditChainStatus* out = response->add_chains();
-    out->set_chain_id(chain);
-    out->set_records(report->records);
-    out->set_head_hash(report->head_hash);
-    out->set_intact(status.ok());
-    out->set_problem(std::string(status.message()));
-    out->set_checkpoints(static_cast<int64_t>(checkpoints->size()));
-    out->set_checkpointed_seq(checkpoints->empty() ? 0 : checkpoints->front().seq);
-    if (!status.ok()) spdlog::warn("audit verify: {}", std::string(status.message()));
+    out->set_chain_id(verdict.chain_id);
+    out->set_records(verdict.records);
+    out->set_head_hash(verdict.head_hash);
+    out->set_intact(verdict.status.ok());
+    out->set_problem(std::string(verdict.status.message()));
+    out->set_checkpoints(verdict.checkpoints);
+    out->set_checkpointed_seq(verdict.checkpointed_seq);
+    out->set_this_broker(verdict.this_broker);
+    out->set_covered_seq(verdict.covered_seq);
+    out->set_unverified(verdict.unverified);
+    if (!verdict.status.ok()) {
+      spdlog::warn("audit verify: {}", log::EscapeForLog(std::string(verdict.status.message())));
+    }
   }
   return grpc::Status::OK;
 }

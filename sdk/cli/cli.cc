@@ -546,29 +546,43 @@ absl::Status AuditVerify(const Io& io) {
     return admin.stub().VerifyAudit(ctx, adminpb::VerifyAuditRequest(), &resp);
   }));
   bool intact = true;
+  std::vector<std::string> failed;
   json chains = json::array();
   for (const adminpb::AuditChainStatus& c : resp.chains()) {
     intact = intact && c.intact();
+    if (!c.intact()) failed.push_back(Printable(c.chain_id()));
+    const std::string whose = c.this_broker() ? " (this broker)" : "";
     if (io.json()) {
       chains.push_back({{"chain_id", c.chain_id()},
+                        {"this_broker", c.this_broker()},
                         {"records", c.records()},
                         {"head_hash", c.head_hash()},
                         {"intact", c.intact()},
+                        {"unverified", c.unverified()},
                         {"problem", c.problem()},
                         {"checkpoints", c.checkpoints()},
-                        {"checkpointed_seq", c.checkpointed_seq()}});
+                        {"checkpointed_seq", c.checkpointed_seq()},
+                        {"covered_seq", c.covered_seq()}});
     } else if (c.intact()) {
-      io.out << "chain " << Printable(c.chain_id()) << ": " << c.records()
+      io.out << "chain " << Printable(c.chain_id()) << whose << ": " << c.records()
              << " records, intact, head " << Printable(c.head_hash()) << "; " << c.checkpoints()
-             << " signed checkpoint(s) hold, newest at record " << c.checkpointed_seq() << "\n";
+             << " signed checkpoint(s) hold, newest at record " << c.checkpointed_seq();
+      if (c.covered_seq() > 0) io.out << "; records 1-" << c.covered_seq() << " vouched for";
+      io.out << "\n";
+    } else if (c.unverified()) {
+      io.out << "chain " << Printable(c.chain_id()) << whose << ": UNVERIFIED, " << c.records()
+             << " records link up but nothing vouches for them: " << Printable(c.problem()) << "\n";
     } else {
-      io.out << "chain " << Printable(c.chain_id()) << ": BROKEN after " << c.records()
+      io.out << "chain " << Printable(c.chain_id()) << whose << ": BROKEN after " << c.records()
              << " good records: " << Printable(c.problem()) << "\n";
     }
   }
   if (io.json()) PrintJson(io.out, json{{"chains", chains}, {"intact", intact}});
   if (resp.chains().empty() && !io.json()) io.out << "the audit log is empty\n";
-  if (!intact) return absl::DataLossError("the audit log does not verify (see above)");
+  if (!intact) {
+    return absl::DataLossError(absl::StrCat("the audit log does not verify: chain(s) ",
+                                            absl::StrJoin(failed, ", "), " (see above)"));
+  }
   return absl::OkStatus();
 }
 

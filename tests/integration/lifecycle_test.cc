@@ -300,6 +300,88 @@ TEST_F(LifecycleTest, AuditCheckpointsArePublishedAndCatchACutTail) {
   EXPECT_THAT(broken.out, HasSubstr("which a signed checkpoint names"));
 }
 
+// Inserts a self-consistent audit chain `chain_id` of `records` invented records into
+// `broker`'s store behind its back, hashed exactly as the broker hashes (AuditRecordHash).
+CommandResult FabricateAuditChain(const BrokerProcess& broker, const std::string& chain_id,
+                                  int records) {
+  static constexpr char kScript[] = R"py(
+import hashlib, sqlite3, sys
+db, chain, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+fields = ["chain_id", "seq", "time", "event", "outcome", "spiffe_id", "node_id", "task_id",
+          "credential_id", "detail", "prev_hash"]
+c = sqlite3.connect(db)
+prev = ""
+for seq in range(1, n + 1):
+    r = {"chain_id": chain, "seq": seq, "time": 1800000000, "event": "jwt_svid",
+         "outcome": "issued", "spiffe_id": "spiffe://example.org/invented", "node_id": "",
+         "task_id": "", "credential_id": "forged-%d" % seq, "detail": "{}", "prev_hash": prev}
+    enc = b"mandate-audit-v1;"
+    for f in fields:
+        v = str(r[f]).encode()
+        enc += str(len(v)).encode() + b":" + v + b";"
+    r["hash"] = hashlib.sha256(enc).hexdigest()
+    cols = fields + ["hash"]
+    c.execute("INSERT INTO audit_log (%s) VALUES (%s)" % (",".join(cols), ",".join("?" * len(cols))),
+              [r[f] for f in cols])
+    prev = r["hash"]
+c.commit()
+)py";
+  return RunCommand({"/usr/bin/python3", "-c", kScript, broker.data_dir + "/mandate.db", chain_id,
+                     std::to_string(records)});
+}
+
+// `audit verify` vouches only for what it can check: a fabricated chain under a new chain ID
+// (self-consistent, so it links up) is reported unverified, and this broker's own chain must be
+// in the store up to the head the running broker holds (cut or deleted: refused).
+TEST_F(LifecycleTest, AuditVerifyRefusesAFabricatedChainAndACutOrDeletedOwnChain) {
+  ASSERT_NO_FATAL_FAILURE(StartServedWorkload("node-forge"));
+  ASSERT_TRUE(client_->FetchJwtSvid({"https://forge.example.org"}).ok());
+  json verified = AdminJson({"audit", "verify"});
+  EXPECT_EQ(verified["intact"], true) << verified.dump();
+  ASSERT_EQ(verified["chains"].size(), 1u) << verified.dump();
+  const std::string own_chain = verified["chains"][0]["chain_id"];
+  EXPECT_EQ(verified["chains"][0]["this_broker"], true) << verified.dump();
+  const int64_t head = verified["chains"][0]["records"];
+  EXPECT_EQ(verified["chains"][0]["covered_seq"], head) << verified.dump();
+
+  const std::string forged = "broker-0123456789abcdef";
+  CommandResult inserted = FabricateAuditChain(broker_, forged, 3);
+  ASSERT_EQ(inserted.exit_code, 0) << inserted;
+  json listed = AdminJson({"audit", "list", "--spiffe-id", "spiffe://example.org/invented"});
+  ASSERT_EQ(listed["records"].size(), 3u) << "the forgery is in the store: " << listed.dump();
+  CommandResult refused = Admin(broker_, {"audit", "verify"});
+  EXPECT_NE(refused.exit_code, 0) << refused;
+  EXPECT_THAT(refused.out, HasSubstr("chain " + forged + ": UNVERIFIED")) << refused;
+  EXPECT_THAT(refused.err, HasSubstr(forged)) << refused;
+  EXPECT_THAT(refused.out, HasSubstr("chain " + own_chain + " (this broker): " +
+                                     std::to_string(head) + " records, intact"))
+      << refused;
+
+  // Without the forgery the store verifies again.
+  ASSERT_EQ(TamperWithStore(broker_, "DELETE FROM audit_log WHERE chain_id = ?", forged).exit_code,
+            0);
+  EXPECT_EQ(AdminJson({"audit", "verify"})["intact"], true);
+
+  // No checkpoint was signed yet (default interval 60 s): only the running broker's head shows
+  // that the chain's last record was cut.
+  CommandResult cut = TamperWithStore(
+      broker_, "DELETE FROM audit_log WHERE seq = CAST(? AS INTEGER)", std::to_string(head));
+  ASSERT_EQ(cut.exit_code, 0) << cut;
+  CommandResult behind = Admin(broker_, {"audit", "verify"});
+  EXPECT_NE(behind.exit_code, 0) << behind;
+  EXPECT_THAT(behind.out, HasSubstr("BROKEN")) << behind;
+  EXPECT_THAT(behind.out, HasSubstr("behind record " + std::to_string(head))) << behind;
+  EXPECT_THAT(behind.err, HasSubstr(own_chain)) << behind;
+
+  // The whole chain deleted: the broker's own chain is required.
+  ASSERT_EQ(
+      TamperWithStore(broker_, "DELETE FROM audit_log WHERE chain_id = ?", own_chain).exit_code, 0);
+  CommandResult missing = Admin(broker_, {"audit", "verify"});
+  EXPECT_NE(missing.exit_code, 0) << missing;
+  EXPECT_THAT(missing.out, HasSubstr("chain " + own_chain + " (this broker): BROKEN")) << missing;
+  EXPECT_THAT(missing.out, HasSubstr("missing from the store")) << missing;
+}
+
 TEST_F(LifecycleTest, AgentRestartWithoutTokenServesAgain) {
   ASSERT_NO_FATAL_FAILURE(StartServedWorkload("node-again"));
   const json agent_before = FindAgent(node_id_);

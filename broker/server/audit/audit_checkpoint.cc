@@ -2,6 +2,7 @@
 
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
 #include <nlohmann/json.hpp>
 #include <utility>
 
@@ -113,6 +114,75 @@ absl::Status VerifyAuditCheckpoint(store::Store& store, const store::AuditCheckp
                                             "(rewritten?)"));
   }
   return absl::OkStatus();
+}
+
+namespace {
+
+constexpr int64_t kCheckpointsVerified = 100;
+
+// Fills `verdict` for one chain; `own_status` / `own_head` come from this broker's
+// CheckStoredHead and only count for its own chain.
+absl::Status VerifyOneChain(store::Store& store, const crypto::PublicKey& key,
+                            const absl::Status& own_status, int64_t own_head,
+                            AuditChainVerdict& verdict) {
+  ASSIGN_OR_RETURN(AuditChainReport report, VerifyAuditChain(store, verdict.chain_id));
+  verdict.records = report.records;
+  verdict.head_hash = std::move(report.head_hash);
+  verdict.status = std::move(report.status);
+  // The chain must still hold what its signed checkpoints name: a cut tail or a recomputed
+  // chain fails here even though it links up.
+  ASSIGN_OR_RETURN(std::vector<store::AuditCheckpoint> checkpoints,
+                   store.ListAuditCheckpoints(verdict.chain_id, kCheckpointsVerified));
+  verdict.checkpoints = static_cast<int64_t>(checkpoints.size());
+  verdict.checkpointed_seq = checkpoints.empty() ? 0 : checkpoints.front().seq;
+  for (const store::AuditCheckpoint& checkpoint : checkpoints) {
+    if (!verdict.status.ok()) break;
+    absl::Status status = VerifyAuditCheckpoint(store, checkpoint, key);
+    if (absl::IsUnavailable(status) || absl::IsInternal(status)) return status;
+    if (status.ok()) {
+      verdict.covered_seq = std::max(verdict.covered_seq, checkpoint.seq);
+    } else {
+      verdict.status = std::move(status);
+    }
+  }
+  if (verdict.this_broker && verdict.status.ok()) verdict.status = own_status;
+  if (!verdict.status.ok()) return absl::OkStatus();
+  if (verdict.this_broker) verdict.covered_seq = std::max(verdict.covered_seq, own_head);
+  if (verdict.covered_seq == 0 && verdict.records > 0) {
+    verdict.unverified = true;
+    verdict.status = absl::FailedPreconditionError(absl::StrCat(
+        "audit chain ", verdict.chain_id,
+        " is not this broker's, and no checkpoint signed by a "
+        "key this broker knows covers any of its ",
+        verdict.records, " records (fabricated, or written by a broker with another key)"));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<std::vector<AuditChainVerdict>> VerifyAuditStore(store::Store& store, AuditLog& own,
+                                                                const crypto::PublicKey& key) {
+  int64_t own_head = 0;
+  absl::Status own_status = own.CheckStoredHead(&own_head);
+  if (!own_status.ok() && !absl::IsDataLoss(own_status)) return own_status;
+  ASSIGN_OR_RETURN(std::vector<std::string> chains, store.ListAuditChains());
+  if (std::find(chains.begin(), chains.end(), own.chain_id()) == chains.end()) {
+    // This broker's chain has no record in the store. Fine for a broker that has written none
+    // (and whose chain no checkpoint names); otherwise the chain was deleted.
+    ASSIGN_OR_RETURN(std::vector<store::AuditCheckpoint> own_checkpoints,
+                     store.ListAuditCheckpoints(own.chain_id(), 1));
+    if (!own_status.ok() || !own_checkpoints.empty()) chains.push_back(own.chain_id());
+  }
+  std::vector<AuditChainVerdict> verdicts;
+  verdicts.reserve(chains.size());
+  for (std::string& chain : chains) {
+    AuditChainVerdict& verdict = verdicts.emplace_back();
+    verdict.chain_id = std::move(chain);
+    verdict.this_broker = verdict.chain_id == own.chain_id();
+    RETURN_IF_ERROR(VerifyOneChain(store, key, own_status, own_head, verdict));
+  }
+  return verdicts;
 }
 
 }  // namespace mandate::broker

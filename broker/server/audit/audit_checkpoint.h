@@ -28,6 +28,7 @@
 #include "broker/common/crypto/keys.h"
 #include "broker/common/store/store.h"
 #include "broker/common/util/clock.h"
+#include "broker/server/audit/audit_log.h"
 
 namespace mandate::broker {
 
@@ -76,6 +77,39 @@ class AuditCheckpointer {
 // Unauthenticated / InvalidArgument for a checkpoint that is not genuine; store errors as such.
 absl::Status VerifyAuditCheckpoint(store::Store& store, const store::AuditCheckpoint& checkpoint,
                                    const crypto::PublicKey& key);
+
+// What `mandate audit verify` says about one chain of the store.
+struct AuditChainVerdict {
+  std::string chain_id;
+  bool this_broker = false;  // the chain the verifying broker writes
+  int64_t records = 0;       // records that link up from seq 1
+  std::string head_hash;     // hash of the last of them
+  int64_t checkpoints = 0;   // stored checkpoints checked (the newest 100)
+  int64_t checkpointed_seq = 0;
+  // Records 1..covered_seq are vouched for: by a checkpoint that verifies with the broker's JWT
+  // key and whose record is still there, or (this broker's chain) by the head the running broker
+  // holds. 0: nothing vouches for the chain.
+  int64_t covered_seq = 0;
+  // The chain links up but nothing this broker can check vouches for it: fabricated, or written
+  // by a broker whose key this one does not know. `status` is then FailedPrecondition.
+  bool unverified = false;
+  // OK; DataLoss naming the first break, the cut or the rewrite; FailedPrecondition when
+  // unverified.
+  absl::Status status;
+};
+
+// Verifies every chain of `store` (DESIGN.md §10; docs/threat-model.md "Audit log"):
+// - each chain links up from seq 1 (VerifyAuditChain) and holds what its newest 100 signed
+//   checkpoints name (VerifyAuditCheckpoint with `key`);
+// - a chain of another broker passes only when at least one checkpoint verifiable with `key`
+//   covers it (its head or a prefix); otherwise it is reported unverified, so a self-consistent
+//   chain inserted under a new chain ID does not pass;
+// - this broker's chain (`own`'s) is always reported, and must match the head `own` holds in
+//   memory (AuditLog::CheckStoredHead): deleted, cut, rewritten or extended behind the broker's
+//   back, it fails.
+// Errors reading the store are returned as such.
+absl::StatusOr<std::vector<AuditChainVerdict>> VerifyAuditStore(store::Store& store, AuditLog& own,
+                                                                const crypto::PublicKey& key);
 
 }  // namespace mandate::broker
 

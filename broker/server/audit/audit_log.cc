@@ -115,7 +115,7 @@ absl::Status AuditLog::RecordAll(std::vector<AuditEvent> events) {
   // to max_batch records, its own always whole). It stays at the front while writing, so no
   // other caller leads meanwhile.
   size_t waiters = 0, records = 0;
-  while (waiters < queue_.size() &&
+  while (waiters < queue_.size() && !queue_[waiters]->head_check &&
          (waiters == 0 || records + queue_[waiters]->records.size() <= options_.max_batch)) {
     records += queue_[waiters]->records.size();
     ++waiters;
@@ -168,6 +168,68 @@ absl::Status AuditLog::WriteBatch(std::vector<store::AuditRecord>& records) {
   }
   head_seq_ = seq;
   head_hash_ = records.back().hash;
+  return absl::OkStatus();
+}
+
+absl::Status AuditLog::CheckStoredHead(int64_t* head_seq) {
+  Waiter self;
+  self.head_check = true;
+  absl::MutexLock lock(&mu_);
+  queue_.push_back(&self);
+  auto leading = [this, &self]()
+                     ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return queue_.front() == &self; };
+  mu_.Await(absl::Condition(&leading));
+  // At the front: no batch is being written until this one leaves the queue.
+  mu_.Unlock();
+  absl::Status status = CompareStoredHead();
+  const int64_t seq = head_seq_;
+  mu_.Lock();
+  queue_.pop_front();
+  if (status.ok() && head_seq != nullptr) *head_seq = seq;
+  return status;
+}
+
+absl::Status AuditLog::CompareStoredHead() {
+  absl::StatusOr<store::AuditRecord> last = store_.LastAuditRecord(chain_id_);
+  if (!last.ok() && !absl::IsNotFound(last.status())) return last.status();
+  const int64_t stored_seq = last.ok() ? last->seq : 0;
+  if (stored_seq < head_seq_) {
+    if (stored_seq == 0) {
+      return absl::DataLossError(absl::StrCat("audit chain ", chain_id_,
+                                              " of this broker is missing from the store (this "
+                                              "broker holds its head at record ",
+                                              head_seq_, "; deleted?)"));
+    }
+    return absl::DataLossError(absl::StrCat("audit chain ", chain_id_, " ends at record ",
+                                            stored_seq, " in the store, behind record ", head_seq_,
+                                            " which this broker holds as its head (cut?)"));
+  }
+  // After a failed write the batch may or may not have been stored (head_stale_): the store may
+  // then be ahead, but must still hold the head this broker knew before it.
+  if (stored_seq > head_seq_ && !head_stale_) {
+    return absl::DataLossError(absl::StrCat("audit chain ", chain_id_, " goes on to record ",
+                                            stored_seq, " in the store, past record ", head_seq_,
+                                            " which this broker wrote last (records added?)"));
+  }
+  if (head_seq_ == 0) return absl::OkStatus();
+  std::string stored_hash;
+  if (stored_seq == head_seq_) {
+    stored_hash = std::move(last->hash);
+  } else {
+    store::AuditQuery query;
+    query.chain_id = chain_id_;
+    query.after_seq = head_seq_ - 1;
+    query.limit = 1;
+    ASSIGN_OR_RETURN(std::vector<store::AuditRecord> at_head, store_.ListAuditRecords(query));
+    if (!at_head.empty() && at_head.front().seq == head_seq_) {
+      stored_hash = std::move(at_head.front().hash);
+    }
+  }
+  if (stored_hash != head_hash_) {
+    return absl::DataLossError(absl::StrCat("audit chain ", chain_id_, ": record ", head_seq_,
+                                            " in the store is not the one this broker wrote "
+                                            "(hash differs; rewritten?)"));
+  }
   return absl::OkStatus();
 }
 

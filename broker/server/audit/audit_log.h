@@ -82,6 +82,15 @@ class AuditLog {
 
   const std::string& chain_id() const { return chain_id_; }
 
+  // Compares the store's copy of this chain with the head this process holds (the last record it
+  // wrote, or found at Open). It waits its turn in the commit queue, so no batch of this log is
+  // being written meanwhile and a legitimate append can never look like tampering. DataLoss,
+  // naming the chain, when the stored chain ends before that head (cut, or deleted: "missing
+  // from the store"), holds a different record there (rewritten), or goes on past it (records
+  // this broker did not write); the store's error when it cannot be read. On OK, `*head_seq`
+  // (when given) is the head's seq (0: this process has no record in its chain yet).
+  absl::Status CheckStoredHead(int64_t* head_seq = nullptr);
+
   struct Stats {
     int64_t records = 0;  // Stored by this process.
     int64_t batches = 0;  // Transactions that stored them.
@@ -94,6 +103,8 @@ class AuditLog {
   // A waiting caller; lives on its stack.
   struct Waiter {
     std::vector<store::AuditRecord> records;
+    // A CheckStoredHead call: never batched with others, it runs alone at the front.
+    bool head_check = false;
     bool done = false;
     absl::Status status;
   };
@@ -103,6 +114,8 @@ class AuditLog {
   // Numbers, hashes and stores `records`; advances the chain head only when stored.
   absl::Status WriteBatch(std::vector<store::AuditRecord>& records);
   absl::Status LoadHead();
+  // CheckStoredHead's comparison; only the caller at the front of `queue_` may run it.
+  absl::Status CompareStoredHead();
 
   store::Store& store_;
   const std::string chain_id_;

@@ -6,7 +6,11 @@
 #include <gtest/gtest.h>
 #include <sqlite3.h>
 
+#include <atomic>
+#include <nlohmann/json.hpp>
 #include <string>
+#include <thread>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "broker/common/jose/jose.h"
@@ -165,6 +169,208 @@ TEST_F(AuditCheckpointTest, ACheckpointNotSignedByTheBrokerIsRefused) {
   store::AuditCheckpoint garbage = checkpoint;
   garbage.jws = "not a jws";
   EXPECT_FALSE(VerifyAuditCheckpoint(*store_, garbage, authority_->jwt_public_key()).ok());
+}
+
+// VerifyAuditStore: what `mandate audit verify` answers.
+class AuditVerifyStoreTest : public AuditCheckpointTest {
+ protected:
+  absl::StatusOr<std::vector<AuditChainVerdict>> VerifyAll() {
+    return VerifyAuditStore(*store_, *log_, authority_->jwt_public_key());
+  }
+
+  // The verdict for `chain`; fails the test when there is none.
+  AuditChainVerdict VerdictFor(const std::string& chain) {
+    auto verdicts = VerifyAll();
+    EXPECT_TRUE(verdicts.ok()) << verdicts.status();
+    if (!verdicts.ok()) return {};
+    for (const AuditChainVerdict& v : *verdicts) {
+      if (v.chain_id == chain) return v;
+    }
+    ADD_FAILURE() << "no verdict for chain " << chain;
+    return {};
+  }
+
+  // A self-consistent chain of `n` invented records, appended straight to the store.
+  void Fabricate(const std::string& chain, int n) {
+    std::vector<store::AuditRecord> records;
+    std::string prev;
+    for (int i = 1; i <= n; ++i) {
+      store::AuditRecord& r = records.emplace_back();
+      r.chain_id = chain;
+      r.seq = i;
+      r.time = kNow;
+      r.event = "jwt_svid";
+      r.outcome = "issued";
+      r.spiffe_id = "spiffe://example.org/invented";
+      r.credential_id = absl::StrCat("forged-", i);
+      r.detail = "{}";
+      r.prev_hash = prev;
+      r.hash = AuditRecordHash(r);
+      prev = r.hash;
+    }
+    ASSERT_TRUE(store_->AppendAuditRecords(records).ok());
+  }
+};
+
+TEST_F(AuditVerifyStoreTest, AnUntouchedStorePasses) {
+  auto empty = VerifyAll();
+  ASSERT_TRUE(empty.ok()) << empty.status();
+  EXPECT_TRUE(empty->empty()) << "a broker that wrote nothing has no chain to show";
+
+  RecordN(3);
+  ASSERT_TRUE(checkpointer_->CheckpointNow()->has_value());
+  RecordN(2);  // not checkpointed yet: the running broker's head vouches for them
+  auto verdicts = VerifyAll();
+  ASSERT_TRUE(verdicts.ok()) << verdicts.status();
+  ASSERT_EQ(verdicts->size(), 1u);
+  const AuditChainVerdict& v = verdicts->front();
+  EXPECT_TRUE(v.status.ok()) << v.status;
+  EXPECT_TRUE(v.this_broker);
+  EXPECT_FALSE(v.unverified);
+  EXPECT_EQ(v.records, 5);
+  EXPECT_EQ(v.checkpoints, 1);
+  EXPECT_EQ(v.checkpointed_seq, 3);
+  EXPECT_EQ(v.covered_seq, 5);
+}
+
+TEST_F(AuditVerifyStoreTest, AFabricatedChainUnderANewIdIsUnverified) {
+  RecordN(2);
+  ASSERT_NO_FATAL_FAILURE(Fabricate("broker-forged", 4));
+  // It links up on its own: only the missing checkpoint gives it away.
+  EXPECT_TRUE(VerifyAuditChain(*store_, "broker-forged")->status.ok());
+  AuditChainVerdict forged = VerdictFor("broker-forged");
+  EXPECT_TRUE(absl::IsFailedPrecondition(forged.status)) << forged.status;
+  EXPECT_TRUE(forged.unverified);
+  EXPECT_FALSE(forged.this_broker);
+  EXPECT_EQ(forged.records, 4);
+  EXPECT_EQ(forged.covered_seq, 0);
+  EXPECT_THAT(forged.status.message(), HasSubstr("broker-forged"));
+  EXPECT_THAT(forged.status.message(),
+              HasSubstr("no checkpoint signed by a key this broker knows"));
+  EXPECT_TRUE(VerdictFor("test-broker").status.ok());
+}
+
+TEST_F(AuditVerifyStoreTest, AFabricatedChainWithACheckpointOfAnotherKeyIsRefused) {
+  ASSERT_NO_FATAL_FAILURE(Fabricate("broker-forged", 2));
+  auto forger = crypto::PrivateKey::GenerateP256();
+  ASSERT_TRUE(forger.ok());
+  auto last = store_->LastAuditRecord("broker-forged");
+  ASSERT_TRUE(last.ok());
+  nlohmann::json payload = {{"iss", "https://broker.example.org"},
+                            {"chain_id", "broker-forged"},
+                            {"seq", 2},
+                            {"hash", last->hash},
+                            {"iat", kNow}};
+  auto signer = jose::JwsSigner::Create(std::move(*forger), "forger");
+  ASSERT_TRUE(signer.ok()) << signer.status();
+  auto jws = signer->Sign({{"typ", kAuditCheckpointType}}, payload);
+  ASSERT_TRUE(jws.ok()) << jws.status();
+  ASSERT_TRUE(store_
+                  ->AddAuditCheckpoint({.chain_id = "broker-forged",
+                                        .seq = 2,
+                                        .hash = last->hash,
+                                        .time = kNow,
+                                        .jws = *jws})
+                  .ok());
+  AuditChainVerdict forged = VerdictFor("broker-forged");
+  EXPECT_FALSE(forged.status.ok());
+  EXPECT_EQ(forged.covered_seq, 0);
+}
+
+TEST_F(AuditVerifyStoreTest, AnotherBrokersChainCheckpointedWithAKnownKeyPasses) {
+  auto other_log = AuditLog::Open(*store_, "other-broker", clock_);
+  ASSERT_TRUE(other_log.ok());
+  ASSERT_TRUE((*other_log)->Record({.event = "jwt_svid", .outcome = "issued"}).ok());
+  ASSERT_TRUE((*other_log)->Record({.event = "jwt_svid", .outcome = "issued"}).ok());
+  AuditCheckpointer other_checkpointer(
+      *store_, "other-broker", "https://broker.example.org",
+      [this](std::string_view typ, std::string_view payload) {
+        return authority_->SignJws(typ, payload);
+      },
+      clock_);
+  ASSERT_TRUE(other_checkpointer.CheckpointNow()->has_value());
+  ASSERT_TRUE((*other_log)->Record({.event = "jwt_svid", .outcome = "issued"}).ok());
+  AuditChainVerdict other = VerdictFor("other-broker");
+  EXPECT_TRUE(other.status.ok()) << other.status;
+  EXPECT_FALSE(other.this_broker);
+  EXPECT_EQ(other.records, 3);
+  EXPECT_EQ(other.covered_seq, 2) << "a checkpoint of a prefix covers the chain";
+}
+
+TEST_F(AuditVerifyStoreTest, ThisBrokersDeletedChainFails) {
+  RecordN(3);
+  ExecRaw("DELETE FROM audit_log WHERE chain_id = 'test-broker'");
+  AuditChainVerdict own = VerdictFor("test-broker");
+  EXPECT_TRUE(absl::IsDataLoss(own.status)) << own.status;
+  EXPECT_TRUE(own.this_broker);
+  EXPECT_THAT(own.status.message(), HasSubstr("test-broker of this broker is missing"));
+}
+
+TEST_F(AuditVerifyStoreTest, ThisBrokersDeletedChainFailsAfterARestartThroughItsCheckpoints) {
+  RecordN(3);
+  ASSERT_TRUE(checkpointer_->CheckpointNow()->has_value());
+  ExecRaw("DELETE FROM audit_log WHERE chain_id = 'test-broker'");
+  log_ = testing::OpenAuditLog(*store_, clock_);  // a restart: the head is read afresh
+  AuditChainVerdict own = VerdictFor("test-broker");
+  EXPECT_TRUE(absl::IsDataLoss(own.status)) << own.status;
+  EXPECT_THAT(own.status.message(), HasSubstr("has no record 3"));
+}
+
+TEST_F(AuditVerifyStoreTest, AHeadCutBehindTheRunningBrokerFails) {
+  RecordN(3);  // no checkpoint yet: only the in-memory head knows
+  ExecRaw("DELETE FROM audit_log WHERE seq > 2");
+  EXPECT_TRUE(VerifyAuditChain(*store_, "test-broker")->status.ok());
+  AuditChainVerdict own = VerdictFor("test-broker");
+  EXPECT_TRUE(absl::IsDataLoss(own.status)) << own.status;
+  EXPECT_THAT(own.status.message(), HasSubstr("ends at record 2 in the store, behind record 3"));
+}
+
+TEST_F(AuditVerifyStoreTest, ARewrittenHeadFails) {
+  RecordN(2);
+  auto head = store_->LastAuditRecord("test-broker");
+  ASSERT_TRUE(head.ok());
+  head->spiffe_id = "spiffe://example.org/someone-else";
+  head->hash = AuditRecordHash(*head);
+  ExecRaw(absl::StrCat("UPDATE audit_log SET spiffe_id = '", head->spiffe_id, "', hash = '",
+                       head->hash, "' WHERE seq = 2"));
+  EXPECT_TRUE(VerifyAuditChain(*store_, "test-broker")->status.ok());
+  AuditChainVerdict own = VerdictFor("test-broker");
+  EXPECT_TRUE(absl::IsDataLoss(own.status)) << own.status;
+  EXPECT_THAT(own.status.message(), HasSubstr("not the one this broker wrote"));
+}
+
+TEST_F(AuditVerifyStoreTest, RecordsAppendedBehindTheBrokersBackFail) {
+  RecordN(2);
+  auto head = store_->LastAuditRecord("test-broker");
+  ASSERT_TRUE(head.ok());
+  store::AuditRecord extra = *head;
+  extra.seq = 3;
+  extra.credential_id = "invented";
+  extra.prev_hash = head->hash;
+  extra.hash = AuditRecordHash(extra);
+  ASSERT_TRUE(store_->AppendAuditRecords({extra}).ok());
+  AuditChainVerdict own = VerdictFor("test-broker");
+  EXPECT_TRUE(absl::IsDataLoss(own.status)) << own.status;
+  EXPECT_THAT(own.status.message(), HasSubstr("past record 2"));
+  // The broker's next record fails rather than continuing a chain it did not write.
+  EXPECT_FALSE(log_->Record({.event = "jwt_svid", .outcome = "issued"}).ok());
+}
+
+TEST_F(AuditVerifyStoreTest, HeadChecksInterleaveWithConcurrentRecordsWithoutFalseAlarms) {
+  std::atomic<bool> stop{false};
+  std::vector<std::thread> writers;
+  for (int t = 0; t < 4; ++t) {
+    writers.emplace_back([&] {
+      while (!stop) ASSERT_TRUE(log_->Record({.event = "jwt_svid", .outcome = "issued"}).ok());
+    });
+  }
+  for (int i = 0; i < 50; ++i) {
+    absl::Status status = log_->CheckStoredHead();
+    EXPECT_TRUE(status.ok()) << status;
+  }
+  stop = true;
+  for (std::thread& w : writers) w.join();
+  EXPECT_TRUE(VerdictFor("test-broker").status.ok());
 }
 
 }  // namespace
