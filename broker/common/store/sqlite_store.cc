@@ -1408,6 +1408,17 @@ absl::StatusOr<std::vector<AuditCheckpoint>> SqliteStore::ListAuditCheckpoints(
   return out;
 }
 
+absl::StatusOr<std::vector<int64_t>> SqliteStore::SynchronousModesForTesting() {
+  int64_t main_mode = 0;
+  {
+    absl::MutexLock lock(&mu_);
+    ASSIGN_OR_RETURN(main_mode, QuerySingleInt(db_, "PRAGMA synchronous"));
+  }
+  absl::MutexLock lock(&audit_mu_);
+  ASSIGN_OR_RETURN(int64_t audit_mode, QuerySingleInt(audit_db_, "PRAGMA synchronous"));
+  return std::vector<int64_t>{main_mode, audit_mode};
+}
+
 absl::StatusOr<int> SqliteStore::SchemaVersion() {
   absl::MutexLock lock(&mu_);
   ASSIGN_OR_RETURN(int64_t version, QuerySingleInt(db_, "PRAGMA user_version"));

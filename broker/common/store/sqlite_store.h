@@ -112,6 +112,11 @@ class SqliteStore final : public Store {
 
   absl::StatusOr<int> SchemaVersion() override;
 
+  // `PRAGMA synchronous` as each of the store's own connections reports it (main first, then
+  // the audit connection): the durability promise above is per connection, since the setting is
+  // not stored in the file. For tests.
+  absl::StatusOr<std::vector<int64_t>> SynchronousModesForTesting();
+
  private:
   explicit SqliteStore(sqlite3* db) : db_(db) {}
   static absl::Status CanonicalizeEntry(RegistrationEntry& entry);

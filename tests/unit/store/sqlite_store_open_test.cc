@@ -127,6 +127,17 @@ TEST_F(SqliteStoreOpenTest, StoreRunsInWalModeWithForeignKeys) {
   sqlite3_close(db);
 }
 
+// synchronous is a per-connection setting (not kept in the file), so it is asserted on the
+// store's own connections: kill -9 tests pass without it, only power loss would show it.
+TEST_F(SqliteStoreOpenTest, EveryConnectionOfTheStoreRunsWithSynchronousFull) {
+  std::unique_ptr<SqliteStore> store = OpenStore();
+  ASSERT_NE(store, nullptr);
+  absl::StatusOr<std::vector<int64_t>> modes = store->SynchronousModesForTesting();
+  ASSERT_TRUE(modes.ok()) << modes.status();
+  constexpr int64_t kFull = 2;  // PRAGMA synchronous: 0 OFF, 1 NORMAL, 2 FULL, 3 EXTRA
+  EXPECT_THAT(*modes, ElementsAre(kFull, kFull)) << "main and audit connections";
+}
+
 TEST_F(SqliteStoreOpenTest, ReopenDoesNotReapplyMigrations) {
   ASSERT_NE(OpenStore(), nullptr);
   ASSERT_NE(OpenStore(), nullptr);
