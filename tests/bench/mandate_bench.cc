@@ -47,6 +47,7 @@
 #include "mandate/token_verifier.h"
 #include "mandate/workload_client.h"
 #include "tests/bench/load.h"
+#include "tests/bench/report.h"
 
 namespace mandate::bench {
 namespace {
@@ -72,6 +73,23 @@ json ToJson(const LoadResult& r) {
 [[noreturn]] void Die(const std::string& what, const absl::Status& status) {
   std::cerr << "mandate-bench: " << what << ": " << status << "\n";
   std::exit(1);
+}
+
+// The exit code for a run whose results are `scenarios` (name -> result; `curve`, when given,
+// holds more of them by scenario and concurrency): 1, after naming each failed one on stderr,
+// when any operation failed or a scenario did none (FailedScenarios). The results are printed
+// all the same, so the failures can be read in context.
+int ExitCodeFor(const json& scenarios, const json& curve = json()) {
+  std::vector<std::string> failed = FailedScenarios(scenarios);
+  if (curve.is_object()) {
+    for (const auto& [name, points] : curve.items()) {
+      for (std::string& line : FailedScenarios(points, "curve " + name + " concurrency ")) {
+        failed.push_back(std::move(line));
+      }
+    }
+  }
+  for (const std::string& line : failed) std::cerr << "mandate-bench: FAILED " << line << "\n";
+  return failed.empty() ? 0 : 1;
 }
 
 template <typename T>
@@ -497,7 +515,7 @@ int Match(int64_t count, bool quick) {
   json out = ToJson(r);
   out["entries"] = count;
   std::cout << out.dump() << std::endl;
-  return 0;
+  return ExitCodeFor({{"match", out}});
 }
 
 // The audit log alone, in process, on a real SQLite store in `dir`: `concurrency` threads
@@ -523,7 +541,7 @@ int AuditAppend(const std::string& dir, int concurrency, bool quick) {
   out["audit_records_per_commit"] =
       std::round(10.0 * stats.records / std::max<int64_t>(stats.batches, 1)) / 10.0;
   std::cout << out.dump() << std::endl;
-  return 0;
+  return ExitCodeFor({{"audit_append", out}});
 }
 
 }  // namespace
@@ -573,8 +591,10 @@ int main(int argc, char** argv) {
 
   if (*run) {
     mandate::bench::Bench bench(run_args);
-    std::cout << bench.Run().dump() << std::endl;
-    return 0;
+    const nlohmann::json out = bench.Run();
+    std::cout << out.dump() << std::endl;
+    return mandate::bench::ExitCodeFor(out.value("scenarios", nlohmann::json()),
+                                       out.value("curve", nlohmann::json()));
   }
   if (*seed) return mandate::bench::Seed(db, td, count, std::max<int64_t>(1, nodes));
   return mandate::bench::Match(count, quick_match);

@@ -124,7 +124,13 @@ if [[ -n $PROFILE ]]; then
 fi
 [[ $MODE == smoke ]] && RUN_ARGS+=(--smoke)
 ((CURVE)) && [[ $MODE != smoke ]] && RUN_ARGS+=(--curve)
-"$BENCH" "${RUN_ARGS[@]}" >"$T/scenarios.json"
+# mandate-bench exits 1 when an operation of a scenario failed or a scenario did none; its
+# results are still shown, then the run fails (a figure measured on failures means nothing).
+if ! "$BENCH" "${RUN_ARGS[@]}" >"$T/scenarios.json"; then
+  log "scenarios failed; their results:"
+  cat "$T/scenarios.json" >&2
+  exit 1
+fi
 SCENARIO_BROKER_RSS=$(rss_mib "$BROKER_PID")
 SCENARIO_AGENT_RSS=$(rss_mib "$AGENT_PID")
 check_daemons_alive "the scenarios"
@@ -138,7 +144,7 @@ stop_pid "$BROKER_PID"
 mkdir -p "$T/audit"
 audit_args=(audit --dir "$T/audit" --concurrency 16)
 [[ $MODE != full ]] && audit_args+=(--quick)
-"$BENCH" "${audit_args[@]}" >"$T/audit.json"
+"$BENCH" "${audit_args[@]}" >"$T/audit.json" || { log "audit_append failed"; exit 1; }
 rm -rf "$T/audit"
 
 # ---------------------------------------------------------------------------- entries at scale
