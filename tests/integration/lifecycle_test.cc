@@ -74,19 +74,20 @@ class LifecycleTest : public IntegrationTest {
     return nullptr;
   }
 
-  // Polls the Workload API (every 20 ms) until a fetch fails with one of `codes`; returns how
-  // long it took, or -1 ms if it never did within `timeout`.
-  std::chrono::milliseconds TimeUntilRefused(std::vector<absl::StatusCode> codes,
-                                             std::chrono::milliseconds timeout,
-                                             absl::Status* last) {
+  // Polls the Workload API (every 20 ms) until a fetch fails, within `deadline` (generous: the
+  // outcome is what is tested here; how fast it comes is measured by the benchmark's
+  // revocation_propagation). Returns how long it took, printed for the log, or -1 ms if the
+  // fetch never failed. `*first_refusal` is the first failure seen: its code is what the test
+  // holds against docs/api.md, so a different error on the way cannot pass unnoticed.
+  std::chrono::milliseconds TimeUntilRefused(std::chrono::milliseconds deadline,
+                                             absl::Status* first_refusal) {
     auto start = std::chrono::steady_clock::now();
     bool refused = WaitUntil(
         [&] {
-          auto svid = client_->FetchX509Svid();
-          *last = svid.status();
-          return std::find(codes.begin(), codes.end(), last->code()) != codes.end();
+          *first_refusal = client_->FetchX509Svid().status();
+          return !first_refusal->ok();
         },
-        timeout, 20ms);
+        deadline, 20ms);
     if (!refused) return -1ms;
     return std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() -
                                                                  start);
@@ -418,17 +419,19 @@ TEST_F(LifecycleTest, AgentRestartWithoutTokenServesAgain) {
   EXPECT_THAT(ReadFileOrEmpty(agent_.log_path), HasSubstr("reusing stored agent SVID"));
 }
 
-TEST_F(LifecycleTest, EntryDeleteReachesAgentWithinTwoSeconds) {
+TEST_F(LifecycleTest, EntryDeleteReachesAgent) {
   ASSERT_NO_FATAL_FAILURE(StartServedWorkload("node-delete"));
   CommandResult deleted = Admin(broker_, {"entry", "delete", entry_id_});
   ASSERT_EQ(deleted.exit_code, 0) << deleted;
-  absl::Status last;
-  auto took = TimeUntilRefused({absl::StatusCode::kPermissionDenied}, 2s, &last);
-  std::cout << "[ measured ] PermissionDenied on the agent " << took.count()
+  absl::Status refusal;
+  auto took = TimeUntilRefused(15s, &refusal);
+  std::cout << "[ measured ] refused on the agent " << took.count()
             << " ms after `entry delete` returned\n";
   RecordProperty("entry_delete_latency_ms", static_cast<int>(took.count()));
-  ASSERT_GE(took.count(), 0) << "still served 2 s after entry delete; last: " << last;
-  EXPECT_THAT(last.message(), HasSubstr("no identity issued"));
+  ASSERT_GE(took.count(), 0) << "still served 15 s after entry delete";
+  // docs/api.md: a caller that matches no entry gets PERMISSION_DENIED "no identity issued".
+  EXPECT_TRUE(absl::IsPermissionDenied(refusal)) << refusal;
+  EXPECT_THAT(refusal.message(), HasSubstr("no identity issued"));
   // The CLI sees the same.
   CommandResult fetch = Workload(agent_, {"fetch", "x509"});
   EXPECT_NE(fetch.exit_code, 0) << fetch;
@@ -440,12 +443,17 @@ TEST_F(LifecycleTest, AgentEvictStopsServingButAllowsReattestation) {
   ASSERT_NO_FATAL_FAILURE(StartServedWorkload("node-evict"));
   CommandResult evict = Admin(broker_, {"agent", "evict", node_id_});
   ASSERT_EQ(evict.exit_code, 0) << evict;
-  absl::Status last;
-  auto took = TimeUntilRefused(
-      {absl::StatusCode::kUnavailable, absl::StatusCode::kPermissionDenied}, 3s, &last);
+  absl::Status refusal;
+  auto took = TimeUntilRefused(15s, &refusal);
   std::cout << "[ measured ] workloads refused " << took.count()
             << " ms after `agent evict` returned\n";
-  ASSERT_GE(took.count(), 0) << "still served 3 s after evict; last: " << last;
+  ASSERT_GE(took.count(), 0) << "still served 15 s after evict";
+  // docs/api.md: an agent that is not synchronised (evicted, banned) answers UNAVAILABLE, from
+  // the first refusal on, and keeps doing so.
+  EXPECT_TRUE(absl::IsUnavailable(refusal)) << refusal;
+  EXPECT_THAT(refusal.message(), HasSubstr("not synchronised with the broker"));
+  absl::Status still = client_->FetchX509Svid().status();
+  EXPECT_TRUE(absl::IsUnavailable(still)) << still;
   EXPECT_TRUE(FindAgent(node_id_).is_null()) << "evicted node still listed";
 
   // Evicting is not banning: a fresh token for the same node ID attests again (fresh data dir,
@@ -475,12 +483,17 @@ TEST_F(LifecycleTest, AgentBanStopsServingAndRefusesReattestation) {
   ASSERT_NO_FATAL_FAILURE(StartServedWorkload("node-ban"));
   CommandResult ban = Admin(broker_, {"agent", "ban", node_id_});
   ASSERT_EQ(ban.exit_code, 0) << ban;
-  absl::Status last;
-  auto took = TimeUntilRefused(
-      {absl::StatusCode::kUnavailable, absl::StatusCode::kPermissionDenied}, 3s, &last);
+  absl::Status refusal;
+  auto took = TimeUntilRefused(15s, &refusal);
   std::cout << "[ measured ] workloads refused " << took.count()
             << " ms after `agent ban` returned\n";
-  ASSERT_GE(took.count(), 0) << "still served 3 s after ban; last: " << last;
+  ASSERT_GE(took.count(), 0) << "still served 15 s after ban";
+  // docs/api.md: an agent that is not synchronised (evicted, banned) answers UNAVAILABLE, from
+  // the first refusal on, and keeps doing so.
+  EXPECT_TRUE(absl::IsUnavailable(refusal)) << refusal;
+  EXPECT_THAT(refusal.message(), HasSubstr("not synchronised with the broker"));
+  absl::Status still = client_->FetchX509Svid().status();
+  EXPECT_TRUE(absl::IsUnavailable(still)) << still;
   CommandResult fetch = Workload(agent_, {"fetch", "x509"});
   EXPECT_NE(fetch.exit_code, 0) << fetch;
   json listed = FindAgent(node_id_);

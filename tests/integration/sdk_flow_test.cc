@@ -132,8 +132,9 @@ TEST_F(SdkFlowTest, FetchVerifyAndWatchThroughWorkloadClient) {
   std::cout << "[ measured ] watch update with 2 SVIDs: " << latency_ms
             << " ms after `entry create` returned (" << since_invoked_ms
             << " ms after the CLI was started)\n";
+  // Measured, not asserted: the outcome (the update arrives, within the generous 10 s above) is
+  // what this test holds; latency belongs in the benchmark (revocation_propagation).
   RecordProperty("watch_update_latency_ms", static_cast<int>(latency_ms));
-  EXPECT_LT(latency_ms, 2000) << "the design target is about 1 s";
   EXPECT_EQ(Ids(two), (std::set<std::string>{first_id, second_id}));
   BundleSet two_bundles = two.Bundles();
   for (const X509Svid& svid : two.svids) {

@@ -13,6 +13,7 @@
 #include <filesystem>
 #include <fstream>
 #include <sstream>
+#include <string_view>
 #include <thread>
 #include <vector>
 
@@ -117,6 +118,11 @@ bool CanConnect(const std::string& socket_path) {
 
 bool SwtpmAvailable() {
   return OnPath("swtpm") && OnPath("swtpm_setup") && OnPath("swtpm_localca");
+}
+
+bool RunningInCi() {
+  const char* ci = getenv("CI");
+  return ci != nullptr && std::string_view(ci) == "true";
 }
 
 absl::StatusOr<std::unique_ptr<Swtpm>> Swtpm::Start(const SwtpmOptions& options) {
@@ -254,7 +260,7 @@ Swtpm::~Swtpm() {
 }
 
 void SwtpmTest::SetUp() {
-  if (!SwtpmAvailable()) GTEST_SKIP() << "swtpm is not installed";
+  MANDATE_REQUIRE_SWTPM();
   absl::StatusOr<std::unique_ptr<Swtpm>> tpm = Swtpm::Start();
   ASSERT_TRUE(tpm.ok()) << tpm.status();
   swtpm_ = std::move(*tpm);

@@ -68,8 +68,8 @@ class Swtpm {
   pid_t pid_ = -1;
 };
 
-// GoogleTest fixture: a fresh swtpm per test in `swtpm_` (skipped, not failed, when swtpm is not
-// installed).
+// GoogleTest fixture: a fresh swtpm per test in `swtpm_` (skipped when swtpm is not installed,
+// failed instead under CI=true: MANDATE_REQUIRE_SWTPM).
 class SwtpmTest : public ::testing::Test {
  protected:
   void SetUp() override;
@@ -80,6 +80,22 @@ class SwtpmTest : public ::testing::Test {
 
 // True when swtpm, swtpm_setup and swtpm_localca are on PATH.
 bool SwtpmAvailable();
+
+// True when the environment says CI=true (as CI services set it).
+bool RunningInCi();
+
+// In a test body or SetUp: skips the test when swtpm is not installed, except under CI=true,
+// where a missing swtpm fails it: CI must run the TPM suite, not pass it by skipping it all.
+#define MANDATE_REQUIRE_SWTPM()                                                              \
+  do {                                                                                       \
+    if (!::mandate::testing::SwtpmAvailable()) {                                             \
+      if (::mandate::testing::RunningInCi()) {                                               \
+        GTEST_FAIL() << "swtpm is not installed, and CI=true requires the TPM suite to run " \
+                        "(deploy/install-deps.sh installs it)";                              \
+      }                                                                                      \
+      GTEST_SKIP() << "swtpm is not installed";                                              \
+    }                                                                                        \
+  } while (false)
 
 }  // namespace mandate::testing
 

@@ -185,7 +185,7 @@ TEST_F(TpmAgentTest, EkHashHexStableAcrossCreates) {
 }
 
 TEST(TpmAgentEccTest, EccEkUsedWhenRsaCertificateIsAbsent) {
-  if (!testing::SwtpmAvailable()) GTEST_SKIP() << "swtpm is not installed";
+  MANDATE_REQUIRE_SWTPM();
   absl::StatusOr<std::unique_ptr<Swtpm>> tpm = Swtpm::Start({.without_rsa_ek_cert = true});
   ASSERT_TRUE(tpm.ok()) << tpm.status();
   absl::StatusOr<std::unique_ptr<TpmAgentAttestor>> agent =

@@ -17,7 +17,7 @@ class TpmDaemonTest : public IntegrationTest {
  protected:
   void SetUp() override {
     IntegrationTest::SetUp();
-    if (!mandate::testing::SwtpmAvailable()) GTEST_SKIP() << "swtpm is not installed";
+    MANDATE_REQUIRE_SWTPM();
   }
 
   // Starts mandate-agent with --tpm-tcti and no token.

@@ -40,7 +40,7 @@ std::string ReadFile(const std::string& path) {
 class TpmEndToEndTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    if (!testing::SwtpmAvailable()) GTEST_SKIP() << "swtpm is not installed";
+    MANDATE_REQUIRE_SWTPM();
     absl::StatusOr<crypto::PrivateKey> key = crypto::PrivateKey::GenerateP256();
     ASSERT_TRUE(key.ok()) << key.status();
     csr_spki_der_ = key->public_key().SpkiDer();
