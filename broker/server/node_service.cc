@@ -21,6 +21,13 @@ using grpcutil::ToGrpcStatus;
 
 std::string PeerAddress(const grpc::ServerContext* context) { return context->peer(); }
 
+// A store that cannot answer says nothing about the node: the caller should retry, so every
+// store error (whatever SQLite's code) reaches it as UNAVAILABLE, never as a verdict.
+grpc::Status StoreUnavailable(const absl::Status& status) {
+  return grpc::Status(grpc::StatusCode::UNAVAILABLE,
+                      absl::StrCat("the store cannot answer: ", status.message()));
+}
+
 grpc::Status TasksDisabled() {
   return grpc::Status(grpc::StatusCode::UNIMPLEMENTED, "tasks are not enabled on this broker");
 }
@@ -153,6 +160,8 @@ absl::Status NodeService::RecordNode(const attestors::NodeAttestationResult& res
   // valid until it uses the new SVID, exactly as after a renewal.
   if (auto existing = store_.GetNode(node.spiffe_id); existing.ok()) {
     node.previous_cert_serial = existing->cert_serial;
+  } else if (!absl::IsNotFound(existing.status())) {
+    return existing.status();
   }
   return store_.UpsertNode(node);
 }
@@ -201,7 +210,7 @@ grpc::Status NodeService::Attest(
     return ToGrpcStatus(result.status());
   }
   auto banned = store_.IsNodeBanned(result->node_spiffe_id);
-  if (!banned.ok()) return ToGrpcStatus(banned.status());
+  if (!banned.ok()) return StoreUnavailable(banned.status());
   if (*banned) {
     spdlog::warn("attestation refused peer={} node={}: node is banned", PeerAddress(context),
                  result->node_spiffe_id);
@@ -210,7 +219,7 @@ grpc::Status NodeService::Attest(
   }
   auto svid = issuer_.IssueNodeSvid(result->node_spiffe_id, params.csr());
   if (!svid.ok()) return ToGrpcStatus(svid.status());
-  if (auto s = RecordNode(*result, it->first, *svid); !s.ok()) return ToGrpcStatus(s);
+  if (auto s = RecordNode(*result, it->first, *svid); !s.ok()) return StoreUnavailable(s);
   entries_.NotifyNodeChanged();
   spdlog::info("node attested node={} attestor={} peer={}", result->node_spiffe_id, it->first,
                PeerAddress(context));

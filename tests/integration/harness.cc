@@ -280,6 +280,15 @@ CommandResult RunCommand(const std::vector<std::string>& argv_in,
   return result;
 }
 
+CommandResult TamperWithStore(const BrokerProcess& broker, const std::string& sql,
+                              const std::string& parameter) {
+  return RunCommand({"/usr/bin/python3", "-c",
+                     "import sqlite3,sys; c=sqlite3.connect(sys.argv[1]); "
+                     "c.execute(sys.argv[2], (sys.argv[3],) if '?' in sys.argv[2] else ()); "
+                     "c.commit()",
+                     broker.data_dir + "/mandate.db", sql, parameter});
+}
+
 std::string BrokerProcess::JoinNodeId(const std::string& name) const {
   return absl::StrCat("spiffe://", trust_domain, "/node/join/", name);
 }

@@ -77,6 +77,12 @@ CommandResult RunCommand(const std::vector<std::string>& argv,
                          const std::map<std::string, std::string>& env = {},
                          std::chrono::milliseconds timeout = 30s);
 
+struct BrokerProcess;
+// Runs one SQL statement with one bound parameter (empty: none) on `broker`'s store file behind
+// its back (Python's sqlite3: a second writer, as an intruder would be).
+CommandResult TamperWithStore(const BrokerProcess& broker, const std::string& sql,
+                              const std::string& parameter = "");
+
 // A running broker, as told by its endpoints.json.
 struct BrokerProcess {
   pid_t pid = -1;

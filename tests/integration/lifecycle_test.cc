@@ -108,16 +108,6 @@ httplib::Client BrokerHttp(const BrokerProcess& broker) {
                          std::stoi(address.substr(address.rfind(':') + 1)));
 }
 
-// Runs one SQL statement with one bound parameter on `broker`'s store file behind its back
-// (Python's sqlite3: a second writer, as an intruder would be).
-CommandResult TamperWithStore(const BrokerProcess& broker, const std::string& sql,
-                              const std::string& parameter) {
-  return RunCommand({"/usr/bin/python3", "-c",
-                     "import sqlite3,sys; c=sqlite3.connect(sys.argv[1]); "
-                     "c.execute(sys.argv[2], (sys.argv[3],)); c.commit()",
-                     broker.data_dir + "/mandate.db", sql, parameter});
-}
-
 bool Exists(const std::string& path) {
   struct stat st {};
   return ::lstat(path.c_str(), &st) == 0;
