@@ -52,7 +52,9 @@ class AdminService final : public mandate::admin::v1::Admin::Service {
                          mandate::admin::v1::GetBundleResponse*) override;
   grpc::Status ListAudit(grpc::ServerContext*, const mandate::admin::v1::ListAuditRequest*,
                          mandate::admin::v1::ListAuditResponse*) override;
-  // Recomputes every chain in the store (several brokers may share it).
+  // Recomputes every chain in the store (several brokers may share it) and says which are
+  // vouched for: VerifyAuditStore (this broker's chain against its in-memory head, the others
+  // against checkpoints signed with the broker's key).
   grpc::Status VerifyAudit(grpc::ServerContext*, const mandate::admin::v1::VerifyAuditRequest*,
                            mandate::admin::v1::VerifyAuditResponse*) override;
 
