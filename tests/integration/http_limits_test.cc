@@ -6,10 +6,6 @@
 // The attackers connect from other loopback addresses (127.0.0.2 and up: the whole of 127/8 is
 // local on Linux) so that the per-address connection cap, which they are not testing, does not
 // turn them away; the normal client uses 127.0.0.1.
-#include <arpa/inet.h>
-#include <netinet/in.h>
-#include <poll.h>
-#include <sys/socket.h>
 #include <unistd.h>
 #include <zlib.h>
 
@@ -26,10 +22,12 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "tests/integration/harness.h"
+#include "tests/integration/raw_http.h"
 
 namespace mandate::integration {
 namespace {
 
+using namespace ::mandate::testing_http;
 using Clock = std::chrono::steady_clock;
 
 // What one attack may leave the broker holding, resident: well below what each attack cost
@@ -50,81 +48,6 @@ int64_t RssKiB(pid_t pid) {
     }
   }
   return -1;
-}
-
-// An open TCP connection to `host_port` (127.0.0.1:PORT) from `source_ip`, with 5 s send and
-// receive timeouts; -1 on failure.
-int Connect(const std::string& host_port, const std::string& source_ip = "127.0.0.1") {
-  int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  if (fd < 0) return -1;
-  timeval tv{.tv_sec = 5, .tv_usec = 0};
-  ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
-  ::setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
-  sockaddr_in source{};
-  source.sin_family = AF_INET;
-  ::inet_pton(AF_INET, source_ip.c_str(), &source.sin_addr);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_port =
-      htons(static_cast<uint16_t>(std::stoi(host_port.substr(host_port.rfind(':') + 1))));
-  ::inet_pton(AF_INET, host_port.substr(0, host_port.rfind(':')).c_str(), &addr.sin_addr);
-  if (::bind(fd, reinterpret_cast<sockaddr*>(&source), sizeof(source)) != 0 ||
-      ::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
-    ::close(fd);
-    return -1;
-  }
-  return fd;
-}
-
-bool SendAll(int fd, std::string_view data) {
-  while (!data.empty()) {
-    ssize_t n = ::send(fd, data.data(), data.size(), MSG_NOSIGNAL);
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) return false;
-    data.remove_prefix(static_cast<size_t>(n));
-  }
-  return true;
-}
-
-// Reads until the peer closes, a whole response (by Content-Length) has arrived, or the receive
-// timeout passes; returns what arrived.
-std::string ReadResponse(int fd) {
-  std::string raw;
-  char buf[4096];
-  while (true) {
-    size_t header_end = raw.find("\r\n\r\n");
-    if (header_end != std::string::npos) {
-      size_t at = raw.find("Content-Length: ");
-      size_t length = 0;
-      if (at != std::string::npos && at < header_end &&
-          absl::SimpleAtoi(raw.substr(at + 16, raw.find("\r\n", at) - at - 16), &length) &&
-          raw.size() >= header_end + 4 + length) {
-        return raw;
-      }
-    }
-    ssize_t n = ::recv(fd, buf, sizeof(buf), 0);
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) return raw;
-    raw.append(buf, static_cast<size_t>(n));
-  }
-}
-
-// The status of a raw response ("HTTP/1.1 431 ..."), 0 when there is none.
-int StatusOf(const std::string& raw) {
-  int status = 0;
-  if (raw.rfind("HTTP/1.", 0) != 0 || raw.size() < 12 ||
-      !absl::SimpleAtoi(raw.substr(9, 3), &status)) {
-    return 0;
-  }
-  return status;
-}
-
-// True once the peer has closed `fd` (EOF or reset), without blocking.
-bool PeerClosed(int fd) {
-  char c;
-  ssize_t n = ::recv(fd, &c, 1, MSG_DONTWAIT | MSG_PEEK);
-  if (n == 0) return true;
-  return n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR;
 }
 
 // One request on a fresh connection from 127.0.0.1; returns the status (0: no answer).
