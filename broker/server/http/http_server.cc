@@ -14,6 +14,7 @@
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/strand.hpp>
 #include <boost/asio/thread_pool.hpp>
+#include <boost/asio/write.hpp>
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
 #include <boost/beast/ssl.hpp>
@@ -94,7 +95,8 @@ struct RequestData {
   std::vector<FieldAt> fields;
   std::vector<HttpHeader> headers;  // views into field_bytes, made once parsing is done
   std::string body;
-  int refusal = 0;  // an HTTP status decided while parsing; 0: none
+  int refusal = 0;                // an HTTP status decided while parsing; 0: none
+  bool expects_continue = false;  // "Expect: 100-continue"
 
   void Clear() {
     method.clear();
@@ -104,6 +106,7 @@ struct RequestData {
     headers.clear();
     body.clear();
     refusal = 0;
+    expects_continue = false;
   }
 
   HttpRequest View() {
@@ -157,6 +160,9 @@ class RequestParser final : public bhttp::basic_parser<true> {
     } else if (name == bhttp::field::content_encoding &&
                !EqualsIgnoreCase(TrimSpaces(value), "identity")) {
       saw_content_encoding_ = true;
+    } else if (name == bhttp::field::expect &&
+               EqualsIgnoreCase(TrimSpaces(value), "100-continue")) {
+      data_.expects_continue = true;
     }
     RequestData::FieldAt at;
     at.name_at = static_cast<uint32_t>(data_.field_bytes.size());
@@ -375,9 +381,32 @@ class Session : public std::enable_shared_from_this<Session<Stream>> {
                             });
   }
 
+  // The header, then (after "100 Continue" when the client waits for it) the body, all before
+  // one deadline: tcp_stream's expiry is a point in time that holds for every operation.
   void ReadRequest() {
     parser_.emplace(limits_, request_);
     tcp().expires_after(limits_.request_deadline);
+    bhttp::async_read_header(stream_, buffer_, *parser_,
+                             [self = this->shared_from_this()](error_code ec, size_t) {
+                               if (ec || self->parser_->is_done()) {
+                                 self->OnRead(ec);
+                               } else if (self->request_.expects_continue) {
+                                 self->SendContinue();
+                               } else {
+                                 self->ReadBody();
+                               }
+                             });
+  }
+
+  void SendContinue() {
+    static constexpr std::string_view kContinue = "HTTP/1.1 100 Continue\r\n\r\n";
+    asio::async_write(stream_, asio::buffer(kContinue.data(), kContinue.size()),
+                      [self = this->shared_from_this()](error_code ec, size_t) {
+                        if (!ec) self->ReadBody();
+                      });
+  }
+
+  void ReadBody() {
     bhttp::async_read(
         stream_, buffer_, *parser_,
         [self = this->shared_from_this()](error_code ec, size_t) { self->OnRead(ec); });
@@ -389,6 +418,7 @@ class Session : public std::enable_shared_from_this<Session<Stream>> {
       int status = StatusForReadError(ec, request_);
       if (status == 0) return;  // the connection ends
       SetError(status, response_);
+      head_ = false;
       closing_ = true;
       refused_ = true;
       Write();

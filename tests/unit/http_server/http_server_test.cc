@@ -109,6 +109,24 @@ TEST_F(HttpServerTest, KeepsConnectionsAlive) {
   ::close(fd);
 }
 
+// curl sends "Expect: 100-continue" with bodies over 1 KiB and waits for the go-ahead.
+TEST_F(HttpServerTest, AnswersExpectContinue) {
+  StartServer();
+  int fd = Connect(address_);
+  ASSERT_GE(fd, 0);
+  ASSERT_TRUE(SendAll(
+      fd, "POST /echo HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n"));
+  char buf[64];
+  ssize_t n = ::recv(fd, buf, sizeof(buf), 0);
+  ASSERT_GT(n, 0);
+  EXPECT_EQ(std::string(buf, static_cast<size_t>(n)), "HTTP/1.1 100 Continue\r\n\r\n");
+  ASSERT_TRUE(SendAll(fd, "abc"));
+  const std::string answer = ReadResponse(fd);
+  EXPECT_EQ(StatusOf(answer), 200);
+  EXPECT_NE(answer.find("abc;;/echo;0"), std::string::npos) << answer;
+  ::close(fd);
+}
+
 TEST_F(HttpServerTest, RefusesOversizedHeaders) {
   HttpLimits limits;
   limits.max_header_bytes = 1024;
