@@ -330,8 +330,9 @@ struct ServerCore {
 
 // One connection: waits for a request (idle_timeout), reads it whole (request_deadline), runs
 // its handler (here or on the worker pool), writes the answer (write_deadline), and again while
-// keep-alive lasts. All of it on the connection's strand; while a handler runs on the pool no
-// operation is pending on the connection, so the request and response need no lock.
+// keep-alive lasts. Every completion runs on the connection's strand; while a handler runs on the
+// pool no operation is pending on the connection, so the request and response need no lock, and
+// the pool thread itself starts the write of its answer.
 template <class Stream>
 class Session : public std::enable_shared_from_this<Session<Stream>> {
   static constexpr bool kTls = !std::is_same_v<Stream, beast::tcp_stream>;
@@ -440,7 +441,11 @@ class Session : public std::enable_shared_from_this<Session<Stream>> {
     }
     asio::post(*core_.workers, [self = this->shared_from_this(), route] {
       self->RunHandler(*route);
-      asio::post(self->tcp().get_executor(), [self] { self->Write(); });
+      // Started here, not posted back to the strand: no operation is pending on the connection,
+      // so this thread may start the write, and Asio's first attempt at it (a non-blocking send)
+      // puts the answer on the wire without waiting for an I/O thread to wake. Its completion
+      // runs on the strand.
+      self->Write();
     });
   }
 
