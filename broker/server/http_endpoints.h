@@ -28,8 +28,8 @@ class HttpEndpoints {
 
   // Binds host:port (port 0 picks a free one); port() is known afterwards. With a certificate
   // and key file it serves HTTPS. `threads` is the size of the worker pool that runs POST /token
-  // (the other routes answer from memory on the I/O threads); `limits` bound what clients can
-  // make the server hold (http_server.h).
+  // and GET /audit/checkpoints, which block (the other routes answer from memory on the I/O
+  // threads); `limits` bound what clients can make the server hold (http_server.h).
   absl::Status Bind(const std::string& host, int port, const std::string& tls_cert_file = "",
                     const std::string& tls_key_file = "", int threads = 64,
                     const http::HttpLimits& limits = {});

@@ -11,8 +11,9 @@
 // connection is closed after `idle_timeout`, a response must be written within `write_deadline`.
 // Connections past `max_connections`, or past `max_connections_per_ip` from one address, are
 // closed at accept without reading from them. So the memory the server holds for clients is
-// bounded by connections x (header buffer + fields + body + response), about 100 KiB each with
-// the defaults: under 100 MiB for the default 1024 connections (docs/threat-model.md).
+// bounded by connections x (read buffer + header copy + body + answer): about 100 KiB each with
+// the defaults (~50 KiB more for OpenSSL with HTTPS), ~100 MiB for the default 1024 connections
+// (docs/operator-guide.md, "HTTP listener limits").
 //
 // Refusals are answered with a JSON body {"error":"..."} and `Connection: close`:
 //   400 bad_request (malformed request), 411 length_required (Transfer-Encoding),
