@@ -136,6 +136,28 @@ void HttpEndpoints::AddRoutes() {
                       "mandate_audit_failed_total ",
                       stats.failed, "\n");
     }
+    const http::HttpServerStats http = server_->stats();
+    absl::StrAppend(
+        &r.body,
+        "# HELP mandate_http_connections_open HTTP connections open now.\n"
+        "# TYPE mandate_http_connections_open gauge\n"
+        "mandate_http_connections_open ",
+        http.connections_open,
+        "\n# HELP mandate_http_connections_refused_total HTTP connections closed at accept "
+        "(connection cap reached).\n"
+        "# TYPE mandate_http_connections_refused_total counter\n"
+        "mandate_http_connections_refused_total ",
+        http.connections_refused,
+        "\n# HELP mandate_http_requests_refused_total HTTP requests refused by the listener's "
+        "limits (400, 411, 413, 415, 431).\n"
+        "# TYPE mandate_http_requests_refused_total counter\n"
+        "mandate_http_requests_refused_total ",
+        http.requests_refused,
+        "\n# HELP mandate_http_deadlines_missed_total HTTP connections closed because a "
+        "request, handshake or answer missed its deadline.\n"
+        "# TYPE mandate_http_deadlines_missed_total counter\n"
+        "mandate_http_deadlines_missed_total ",
+        http.deadlines_missed, "\n");
   });
   // The newest signed checkpoints of every audit chain in the store (DESIGN.md §10), for
   // exporting elsewhere: anyone can verify them against /keys and hold the chain to them. On the

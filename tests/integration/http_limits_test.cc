@@ -105,6 +105,21 @@ size_t StreamUntilRefused(int fd, const std::string& head, const std::string& pi
   return sent;
 }
 
+// A counter or gauge from the broker's /metrics; -1 when absent or unreadable.
+int64_t Metric(const std::string& http_address, const std::string& name) {
+  auto metrics = HttpGet(http_address, "/metrics");
+  if (!metrics.ok() || metrics->status != 200) return -1;
+  const std::string needle = "\n" + name + " ";
+  size_t at = metrics->body.find(needle);
+  int64_t value = -1;
+  if (at == std::string::npos) return -1;
+  at += needle.size();
+  if (!absl::SimpleAtoi(metrics->body.substr(at, metrics->body.find('\n', at) - at), &value)) {
+    return -1;
+  }
+  return value;
+}
+
 class HttpLimitsTest : public IntegrationTest {
  protected:
   void SetUp() override {
@@ -196,6 +211,7 @@ TEST_F(HttpLimitsTest, TenThousandHeadersRefused) {
   std::string request = "GET /keys HTTP/1.1\r\nHost: x\r\n";
   for (int i = 0; i < 150; ++i) absl::StrAppend(&request, "X-", i, ": v\r\n");
   EXPECT_EQ(Request(broker_.http_address, request + "\r\n"), 431);
+  EXPECT_EQ(Metric(broker_.http_address, "mandate_http_requests_refused_total"), 5);
   ExpectServedAndBounded();
 }
 
@@ -241,6 +257,8 @@ TEST_F(HttpLimitsTest, SlowClientsDoNotStarveOthersAndAreClosedByTheDeadline) {
   }
   EXPECT_GE(rounds, 5);
   EXPECT_EQ(still_open, 0u) << "slow connections outlived the request deadline";
+  EXPECT_GE(Metric(broker_.http_address, "mandate_http_deadlines_missed_total"),
+            static_cast<int64_t>(slow.size()));
   for (int fd : slow) ::close(fd);
   ExpectServedAndBounded();
 }
@@ -281,6 +299,11 @@ TEST_F(HttpConnectionCapsTest, CapsRefuseAtAcceptAndRecover) {
   // Every held connection is still open: the refusals closed only the newcomers.
   for (int fd : held) EXPECT_FALSE(PeerClosed(fd));
   EXPECT_EQ(Request(address, GetKeys(address)), 0) << "served past the global cap";
+  // Operators see the refusals (once a slot is free to ask).
+  ::close(held.back());
+  held.pop_back();
+  EXPECT_TRUE(WaitUntil(
+      [&] { return Metric(address, "mandate_http_connections_refused_total") >= 3; }, 5s));
 
   for (int fd : held) ::close(fd);
   EXPECT_TRUE(WaitUntil([&] { return Request(address, GetKeys(address)) == 200; }, 5s))

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <boost/asio/dispatch.hpp>
 #include <boost/asio/executor_work_guard.hpp>
 #include <boost/asio/io_context.hpp>
@@ -314,6 +315,10 @@ struct ServerCore {
   int port = 0;
   bool started = false;
   bool stopped = false;
+  std::atomic<int64_t> open{0};
+  std::atomic<int64_t> refused_at_accept{0};
+  std::atomic<int64_t> requests_refused{0};
+  std::atomic<int64_t> deadlines_missed{0};
 
   // The route for `method` `path`; HEAD uses GET's (`*head` set). nullptr when none.
   const Route* Find(std::string_view method, std::string_view path, bool* head) const {
@@ -344,9 +349,14 @@ class Session : public std::enable_shared_from_this<Session<Stream>> {
         limits_(core.options.limits),
         ip_(ip),
         stream_(std::forward<StreamArgs>(stream_args)...),
-        buffer_(std::max<size_t>(limits_.max_header_bytes, kFirstReadBytes) + kFirstReadBytes) {}
+        buffer_(std::max<size_t>(limits_.max_header_bytes, kFirstReadBytes) + kFirstReadBytes) {
+    core_.open.fetch_add(1);
+  }
 
-  ~Session() { core_.connections->Remove(ip_); }
+  ~Session() {
+    core_.open.fetch_sub(1);
+    core_.connections->Remove(ip_);
+  }
 
   void Start() {
     asio::dispatch(tcp().get_executor(), [self = this->shared_from_this()] { self->Begin(); });
@@ -355,12 +365,21 @@ class Session : public std::enable_shared_from_this<Session<Stream>> {
  private:
   beast::tcp_stream& tcp() { return beast::get_lowest_layer(stream_); }
 
+  // An idle connection closed after idle_timeout is normal; these are not.
+  void CountDeadline(const error_code& ec) {
+    if (ec == beast::error::timeout) core_.deadlines_missed.fetch_add(1);
+  }
+
   void Begin() {
     if constexpr (kTls) {
       tcp().expires_after(limits_.request_deadline);
       stream_.async_handshake(asio::ssl::stream_base::server,
                               [self = this->shared_from_this()](error_code ec) {
-                                if (!ec) self->AwaitRequest();
+                                if (!ec) {
+                                  self->AwaitRequest();
+                                } else {
+                                  self->CountDeadline(ec);
+                                }
                               });
     } else {
       AwaitRequest();
@@ -416,8 +435,10 @@ class Session : public std::enable_shared_from_this<Session<Stream>> {
   void OnRead(error_code ec) {
     response_ = HttpResponse{};
     if (ec) {
+      CountDeadline(ec);
       int status = StatusForReadError(ec, request_);
       if (status == 0) return;  // the connection ends
+      core_.requests_refused.fetch_add(1);
       SetError(status, response_);
       head_ = false;
       closing_ = true;
@@ -472,7 +493,10 @@ class Session : public std::enable_shared_from_this<Session<Stream>> {
     tcp().expires_after(limits_.write_deadline);
     bhttp::async_write(stream_, response_message_,
                        [self = this->shared_from_this()](error_code ec, size_t) {
-                         if (ec) return;
+                         if (ec) {
+                           self->CountDeadline(ec);
+                           return;
+                         }
                          if (!self->closing_) {
                            self->AwaitRequest();
                          } else {
@@ -533,7 +557,9 @@ void ServerCore::Accept() {
     if (!endpoint_ec) {
       IpKey ip = KeyOf(peer.address());
       // Past a cap the connection is closed here (socket's destructor), never read.
-      if (connections->TryAdd(ip)) {
+      if (!connections->TryAdd(ip)) {
+        refused_at_accept.fetch_add(1);
+      } else {
         error_code ignored;
         // Answers are written as header + body: without TCP_NODELAY, Nagle plus the client's
         // delayed ACK would stall keep-alive requests by ~40 ms.
@@ -650,5 +676,12 @@ void HttpServer::Stop() {
 }
 
 int HttpServer::port() const { return impl_->port; }
+
+HttpServerStats HttpServer::stats() const {
+  return {.connections_open = impl_->open.load(),
+          .connections_refused = impl_->refused_at_accept.load(),
+          .requests_refused = impl_->requests_refused.load(),
+          .deadlines_missed = impl_->deadlines_missed.load()};
+}
 
 }  // namespace mandate::http

@@ -32,6 +32,7 @@
 
 #include <chrono>
 #include <cstddef>
+#include <cstdint>
 #include <functional>
 #include <memory>
 #include <span>
@@ -109,8 +110,16 @@ struct HttpServerOptions {
   HttpLimits limits;
 };
 
+// What the server has refused or cut off since it started, and what it holds now (for /metrics).
+struct HttpServerStats {
+  int64_t connections_open = 0;
+  int64_t connections_refused = 0;  // closed at accept: a connection cap was reached
+  int64_t requests_refused = 0;     // answered 400/411/413/415/431 by the limits
+  int64_t deadlines_missed = 0;     // closed: a request not read, or an answer not written, in time
+};
+
 // Thread-safety: Route before Start only; Start and Stop from one thread; handlers are called
-// concurrently from several threads.
+// concurrently from several threads; stats() from any thread.
 class HttpServer {
  public:
   // Binds (and loads the TLS files, if given). InvalidArgument for unusable TLS files or
@@ -129,6 +138,7 @@ class HttpServer {
   // Stops accepting, closes every connection, and waits for running handlers. Idempotent.
   void Stop();
   int port() const;
+  HttpServerStats stats() const;
 
  private:
   struct Impl;
