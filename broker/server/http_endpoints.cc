@@ -1,16 +1,12 @@
 #include "broker/server/http_endpoints.h"
 
-#include <httplib.h>
-
+#include <algorithm>
 #include <nlohmann/json.hpp>
+#include <thread>
 
 #include "absl/strings/str_cat.h"
 
 namespace mandate::broker {
-namespace {
-constexpr char kJson[] = "application/json";
-}  // namespace
-
 HttpEndpoints::HttpEndpoints(const TrustAuthority& authority) : authority_(authority) {}
 
 HttpEndpoints::~HttpEndpoints() { Stop(); }
@@ -56,71 +52,75 @@ void HttpEndpoints::Serve(const std::string& issuer_url, const TokenEndpoint* to
     doc["dpop_signing_alg_values_supported"] = dpop::kProofAlgorithms;
   }
   discovery_ = doc.dump();
-  thread_ = std::thread([this] { server_->listen_after_bind(); });
+  AddRoutes();
+  server_->Start();
 }
 
 absl::Status HttpEndpoints::Bind(const std::string& host, int port,
                                  const std::string& tls_cert_file, const std::string& tls_key_file,
-                                 int threads) {
-  if (!tls_cert_file.empty()) {
-    server_ = std::make_unique<httplib::SSLServer>(tls_cert_file.c_str(), tls_key_file.c_str());
-    if (!server_->is_valid()) {
-      return absl::InvalidArgumentError(absl::StrCat("cannot load --http-tls-cert ", tls_cert_file,
-                                                     " / --http-tls-key ", tls_key_file));
-    }
-  } else {
-    server_ = std::make_unique<httplib::Server>();
-  }
-  httplib::Server& s = *server_;
-  s.set_payload_max_length(64 * 1024);
-  s.set_read_timeout(5, 0);
-  s.set_write_timeout(5, 0);
-  s.new_task_queue = [threads] { return new httplib::ThreadPool(threads); };
-  // An idle keep-alive connection holds a pool thread: release it soon, and recycle busy
-  // connections now and then so one client cannot keep a thread forever.
-  s.set_keep_alive_timeout(2);
-  s.set_keep_alive_max_count(1000);
-  // Answers are written in pieces (headers, body): without TCP_NODELAY, Nagle plus the client's
-  // delayed ACK stalls every keep-alive request by ~40 ms.
-  s.set_tcp_nodelay(true);
-  s.Get("/.well-known/openid-configuration", [this](const httplib::Request&, httplib::Response& r) {
-    r.set_content(discovery_, kJson);
+                                 int threads, const http::HttpLimits& limits) {
+  http::HttpServerOptions options;
+  options.host = host;
+  options.port = port;
+  options.tls_cert_file = tls_cert_file;
+  options.tls_key_file = tls_key_file;
+  // Parsing and the answers from memory take little CPU: a few I/O threads serve every
+  // connection, the worker pool takes what blocks.
+  options.io_threads = static_cast<int>(std::clamp(std::thread::hardware_concurrency(), 1u, 4u));
+  options.worker_threads = threads;
+  options.limits = limits;
+  absl::StatusOr<std::unique_ptr<http::HttpServer>> server = http::HttpServer::Create(options);
+  if (!server.ok()) return server.status();
+  server_ = *std::move(server);
+  port_ = server_->port();
+  return absl::OkStatus();
+}
+
+void HttpEndpoints::AddRoutes() {
+  using http::Execution;
+  using http::HttpRequest;
+  using http::HttpResponse;
+  http::HttpServer& s = *server_;
+  s.Route("GET", "/.well-known/openid-configuration", Execution::kIoThread,
+          [this](const HttpRequest&, HttpResponse& r) { r.body = discovery_; });
+  s.Route("GET", "/keys", Execution::kIoThread, [this](const HttpRequest&, HttpResponse& r) {
+    r.headers.emplace_back("Cache-Control", "max-age=300");
+    r.body = authority_.oidc_jwks();
   });
-  s.Get("/keys", [this](const httplib::Request&, httplib::Response& r) {
-    r.set_header("Cache-Control", "max-age=300");
-    r.set_content(authority_.oidc_jwks(), kJson);
+  s.Route("GET", "/bundle", Execution::kIoThread, [this](const HttpRequest&, HttpResponse& r) {
+    r.headers.emplace_back("Cache-Control", "max-age=300");
+    r.body = authority_.spiffe_bundle_jwks();
   });
-  s.Get("/bundle", [this](const httplib::Request&, httplib::Response& r) {
-    r.set_header("Cache-Control", "max-age=300");
-    r.set_content(authority_.spiffe_bundle_jwks(), kJson);
-  });
-  s.Post("/token", [this](const httplib::Request& req, httplib::Response& r) {
-    r.set_header("Cache-Control", "no-store");
-    r.set_header("Pragma", "no-cache");
-    if (token_endpoint_ == nullptr) {
-      r.status = 404;
-      r.set_content("{\"error\":\"not_found\"}", kJson);
-      return;
-    }
-    TokenRequest request;
-    request.content_type = req.get_header_value("Content-Type");
-    request.body = req.body;
-    request.has_query = req.target.find('?') != std::string::npos;
-    size_t proofs = req.get_header_value_count("DPoP");
-    for (size_t i = 0; i < proofs; ++i) {
-      request.dpop_headers.push_back(req.get_header_value("DPoP", i));
-    }
-    TokenResponse response = token_endpoint_->Handle(request);
-    r.status = response.status;
-    if (!response.dpop_nonce.empty()) r.set_header("DPoP-Nonce", response.dpop_nonce);
-    r.set_content(response.body, kJson);
-  });
+  // Verifies a DPoP proof, signs, and waits for the audit record's group commit (an fsync).
+  s.Route("POST", "/token", Execution::kWorkerPool,
+          [this](const HttpRequest& req, HttpResponse& r) {
+            r.headers = {{"Cache-Control", "no-store"}, {"Pragma", "no-cache"}};
+            if (token_endpoint_ == nullptr) {
+              r.status = 404;
+              r.body = "{\"error\":\"not_found\"}";
+              return;
+            }
+            TokenRequest request;
+            request.content_type = req.Header("Content-Type");
+            request.body = req.body;
+            request.has_query = req.target.find('?') != std::string_view::npos;
+            // Every DPoP header is passed on, so that more than one is refused.
+            for (std::string_view proof : req.HeaderValues("DPoP")) {
+              request.dpop_headers.emplace_back(proof);
+            }
+            TokenResponse response = token_endpoint_->Handle(request);
+            r.status = response.status;
+            if (!response.dpop_nonce.empty()) {
+              r.headers.emplace_back("DPoP-Nonce", std::move(response.dpop_nonce));
+            }
+            r.body = std::move(response.body);
+          });
   // Prometheus text exposition format 0.0.4.
-  s.Get("/metrics", [this](const httplib::Request&, httplib::Response& r) {
-    std::string text;
+  s.Route("GET", "/metrics", Execution::kIoThread, [this](const HttpRequest&, HttpResponse& r) {
+    r.content_type = "text/plain; version=0.0.4; charset=utf-8";
     if (audit_ != nullptr) {
       AuditLog::Stats stats = audit_->stats();
-      absl::StrAppend(&text,
+      absl::StrAppend(&r.body,
                       "# HELP mandate_audit_records_total Audit records stored by this process.\n"
                       "# TYPE mandate_audit_records_total counter\n"
                       "mandate_audit_records_total ",
@@ -136,57 +136,62 @@ absl::Status HttpEndpoints::Bind(const std::string& host, int port,
                       "mandate_audit_failed_total ",
                       stats.failed, "\n");
     }
-    r.set_content(text, "text/plain; version=0.0.4; charset=utf-8");
+    const http::HttpServerStats http = server_->stats();
+    absl::StrAppend(
+        &r.body,
+        "# HELP mandate_http_connections_open HTTP connections open now.\n"
+        "# TYPE mandate_http_connections_open gauge\n"
+        "mandate_http_connections_open ",
+        http.connections_open,
+        "\n# HELP mandate_http_connections_refused_total HTTP connections closed at accept "
+        "(connection cap reached).\n"
+        "# TYPE mandate_http_connections_refused_total counter\n"
+        "mandate_http_connections_refused_total ",
+        http.connections_refused,
+        "\n# HELP mandate_http_requests_refused_total HTTP requests refused by the listener's "
+        "limits (400, 411, 413, 415, 431).\n"
+        "# TYPE mandate_http_requests_refused_total counter\n"
+        "mandate_http_requests_refused_total ",
+        http.requests_refused,
+        "\n# HELP mandate_http_deadlines_missed_total HTTP connections closed because a "
+        "request, handshake or answer missed its deadline.\n"
+        "# TYPE mandate_http_deadlines_missed_total counter\n"
+        "mandate_http_deadlines_missed_total ",
+        http.deadlines_missed, "\n");
   });
   // The newest signed checkpoints of every audit chain in the store (DESIGN.md §10), for
-  // exporting elsewhere: anyone can verify them against /keys and hold the chain to them.
-  s.Get("/audit/checkpoints", [this](const httplib::Request&, httplib::Response& r) {
-    r.set_header("Cache-Control", "no-store");
-    if (store_ == nullptr) {
-      r.status = 404;
-      r.set_content("{\"error\":\"not_found\"}", kJson);
-      return;
-    }
-    absl::StatusOr<std::string> body = CheckpointsDocument();
-    if (!body.ok()) {
-      r.status = 503;
-      r.set_content("{\"error\":\"unavailable\"}", kJson);
-      return;
-    }
-    r.set_content(*std::move(body), kJson);
-  });
-  s.Get("/healthz", [](const httplib::Request&, httplib::Response& r) {
-    r.set_content("{\"status\":\"ok\"}", kJson);
-  });
-  s.Get("/readyz", [this](const httplib::Request&, httplib::Response& r) {
+  // exporting elsewhere: anyone can verify them against /keys and hold the chain to them. On the
+  // worker pool: reading the store can wait for the audit connection's commit.
+  s.Route("GET", "/audit/checkpoints", Execution::kWorkerPool,
+          [this](const HttpRequest&, HttpResponse& r) {
+            r.headers.emplace_back("Cache-Control", "no-store");
+            if (store_ == nullptr) {
+              r.status = 404;
+              r.body = "{\"error\":\"not_found\"}";
+              return;
+            }
+            absl::StatusOr<std::string> body = CheckpointsDocument();
+            if (!body.ok()) {
+              r.status = 503;
+              r.body = "{\"error\":\"unavailable\"}";
+              return;
+            }
+            r.body = *std::move(body);
+          });
+  s.Route("GET", "/healthz", Execution::kIoThread,
+          [](const HttpRequest&, HttpResponse& r) { r.body = "{\"status\":\"ok\"}"; });
+  s.Route("GET", "/readyz", Execution::kIoThread, [this](const HttpRequest&, HttpResponse& r) {
     if (ready_) {
-      r.set_content("{\"status\":\"ready\"}", kJson);
+      r.body = "{\"status\":\"ready\"}";
     } else {
       r.status = 503;
-      r.set_content("{\"status\":\"starting\"}", kJson);
+      r.body = "{\"status\":\"starting\"}";
     }
   });
-  s.set_error_handler([](const httplib::Request&, httplib::Response& r) {
-    if (r.body.empty()) {
-      r.set_content(absl::StrCat("{\"error\":\"", r.status == 404 ? "not_found" : "error", "\"}"),
-                    kJson);
-    }
-  });
-  if (port == 0) {
-    port_ = s.bind_to_any_port(host);
-    if (port_ < 0) return absl::UnavailableError(absl::StrCat("cannot bind HTTP on ", host));
-  } else {
-    if (!s.bind_to_port(host, port)) {
-      return absl::UnavailableError(absl::StrCat("cannot bind HTTP on ", host, ":", port));
-    }
-    port_ = port;
-  }
-  return absl::OkStatus();
 }
 
 void HttpEndpoints::Stop() {
-  if (server_) server_->stop();
-  if (thread_.joinable()) thread_.join();
+  if (server_) server_->Stop();
 }
 
 }  // namespace mandate::broker

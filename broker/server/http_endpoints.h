@@ -1,6 +1,7 @@
 // The broker's HTTP endpoints (DESIGN.md §6): OIDC discovery, JWKS, SPIFFE bundle, the OAuth
-// token endpoint, health. Serves on its own threads; documents are prebuilt by the
-// TrustAuthority, token requests are answered by TokenEndpoint.
+// token endpoint, health. Serves on its own threads (http::HttpServer, with its request and
+// connection limits); documents are prebuilt by the TrustAuthority, token requests are answered
+// by TokenEndpoint on the server's worker pool (they block on signing and the audit fsync).
 #ifndef MANDATE_BROKER_SERVER_HTTP_ENDPOINTS_H_
 #define MANDATE_BROKER_SERVER_HTTP_ENDPOINTS_H_
 
@@ -9,17 +10,13 @@
 #include <memory>
 #include <mutex>
 #include <string>
-#include <thread>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "broker/server/audit/audit_log.h"
+#include "broker/server/http/http_server.h"
 #include "broker/server/token_endpoint.h"
 #include "broker/server/trust_authority.h"
-
-namespace httplib {
-class Server;
-}
 
 namespace mandate::broker {
 
@@ -30,10 +27,12 @@ class HttpEndpoints {
   ~HttpEndpoints();
 
   // Binds host:port (port 0 picks a free one); port() is known afterwards. With a certificate
-  // and key file it serves HTTPS. `threads` bounds the connections served at once: cpp-httplib
-  // gives each connection (keep-alive included) a pool thread, so later ones wait for a free one.
+  // and key file it serves HTTPS. `threads` is the size of the worker pool that runs POST /token
+  // and GET /audit/checkpoints, which block (the other routes answer from memory on the I/O
+  // threads); `limits` bound what clients can make the server hold (http_server.h).
   absl::Status Bind(const std::string& host, int port, const std::string& tls_cert_file = "",
-                    const std::string& tls_key_file = "", int threads = 64);
+                    const std::string& tls_key_file = "", int threads = 64,
+                    const http::HttpLimits& limits = {});
   // Starts serving on the bound socket; the discovery document names `issuer_url`. With a
   // `token_endpoint` (borrowed; must outlive Stop) POST /token is served and advertised. With an
   // `audit` log (borrowed likewise), /metrics reports its counters; with a `store`, GET
@@ -56,8 +55,8 @@ class HttpEndpoints {
   std::string checkpoints_body_;                               // GUARDED_BY(checkpoints_mu_)
   std::chrono::steady_clock::time_point checkpoints_read_at_;  // GUARDED_BY(checkpoints_mu_)
   absl::StatusOr<std::string> CheckpointsDocument();
-  std::unique_ptr<httplib::Server> server_;
-  std::thread thread_;
+  void AddRoutes();
+  std::unique_ptr<http::HttpServer> server_;
   std::atomic<bool> ready_{false};
   int port_ = 0;
 };

@@ -59,6 +59,8 @@ struct BrokerFlags {
   int64_t agent_svid_ttl = 3600;
   int max_node_threads = 1024;
   int http_threads = 64;
+  int http_max_connections = 1024;
+  int http_max_connections_per_ip = 64;
   int64_t max_task_ttl = 8 * 3600;
   bool dpop_nonce = false;
   int64_t dpop_proof_max_age = 60;
@@ -139,6 +141,19 @@ absl::Status ApplyConfigFile(const std::string& path, CLI::App& app, BrokerFlags
     return absl::InvalidArgumentError("http_threads must be between 4 and 4096");
   }
   flags.http_threads = static_cast<int>(http_threads);
+  int64_t http_conns = flags.http_max_connections;
+  RETURN_IF_ERROR(file.GetInt("http_max_connections", given("--http-max-connections"), http_conns));
+  int64_t http_conns_per_ip = flags.http_max_connections_per_ip;
+  RETURN_IF_ERROR(file.GetInt("http_max_connections_per_ip", given("--http-max-connections-per-ip"),
+                              http_conns_per_ip));
+  if (http_conns < 1 || http_conns > 65536 || http_conns_per_ip < 1 ||
+      http_conns_per_ip > http_conns) {
+    return absl::InvalidArgumentError(
+        "http_max_connections must be between 1 and 65536, http_max_connections_per_ip between 1 "
+        "and http_max_connections");
+  }
+  flags.http_max_connections = static_cast<int>(http_conns);
+  flags.http_max_connections_per_ip = static_cast<int>(http_conns_per_ip);
   RETURN_IF_ERROR(file.GetStringList("tpm_ek_ca", given("--tpm-ek-ca"), flags.tpm_ek_ca_files));
   RETURN_IF_ERROR(file.GetStringList("tpm_ek_hash", given("--tpm-ek-hash"), flags.tpm_ek_hashes));
   return file.CheckAllKeysKnown();
@@ -223,8 +238,11 @@ int Run(const BrokerFlags& flags) {
   // Bind HTTP first: the issuer URL (iss of every token) may name its port.
   std::string issuer_url = flags.issuer_url;
   HttpEndpoints http(**authority);
+  http::HttpLimits http_limits;
+  http_limits.max_connections = flags.http_max_connections;
+  http_limits.max_connections_per_ip = flags.http_max_connections_per_ip;
   if (auto s = http.Bind(http_host, http_port, flags.http_tls_cert, flags.http_tls_key,
-                         flags.http_threads);
+                         flags.http_threads, http_limits);
       !s.ok()) {
     return Fail(s);
   }
@@ -414,9 +432,17 @@ int main(int argc, char** argv) {
       ->capture_default_str()
       ->check(CLI::Range(16, 65536));
   app.add_option("--http-threads", flags.http_threads,
-                 "HTTP connections served at once (each keep-alive connection holds a thread)")
+                 "Worker threads for POST /token (requests handled at once)")
       ->capture_default_str()
       ->check(CLI::Range(4, 4096));
+  app.add_option("--http-max-connections", flags.http_max_connections,
+                 "Open HTTP connections in all; more are closed at accept")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 65536));
+  app.add_option("--http-max-connections-per-ip", flags.http_max_connections_per_ip,
+                 "Open HTTP connections from one IP address; more are closed at accept")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 65536));
   app.add_option("--max-task-ttl", flags.max_task_ttl,
                  "Longest lifetime of a declared task (s); longer requests are capped")
       ->capture_default_str()

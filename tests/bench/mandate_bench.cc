@@ -48,6 +48,7 @@
 #include "mandate/workload_client.h"
 #include "tests/bench/load.h"
 #include "tests/bench/report.h"
+#include "tests/bench/slow_clients.h"
 
 namespace mandate::bench {
 namespace {
@@ -139,6 +140,7 @@ class Bench {
         {"x509_svid_mint", [&] { return X509SvidMint(args_.concurrency); }},
         {"task_token", [&] { return TaskToken(args_.concurrency); }},
         {"token_endpoint", [&] { return TokenEndpoint(args_.concurrency); }},
+        {"token_endpoint_idle_mix", [&] { return TokenEndpointIdleMix(args_.concurrency); }},
         {"verify_task_token", [&] { return VerifyTaskToken(); }},
         {"attest_connection", [&] { return AttestConnection(1); }},
         {"revocation_propagation", [&] { return RevocationPropagation(); }},
@@ -367,6 +369,17 @@ class Bench {
       return absl::OkStatus();
     });
     return ToJson(r);
+  }
+
+  // token_endpoint while 200 slow clients (slowloris: a header byte every 500 ms, reopened when
+  // closed) hold connections to the same HTTP listener.
+  json TokenEndpointIdleMix(int concurrency) {
+    const int slow = args_.smoke ? 20 : 200;
+    SlowClients clients(args_.http, slow);
+    json out = TokenEndpoint(concurrency);
+    out["slow_connections"] = slow;
+    out["slow_reopened"] = clients.reopened();
+    return out;
   }
 
   // The verifier SDK on one thread: token + proof per request. Proofs are made beforehand (each
