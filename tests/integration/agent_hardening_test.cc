@@ -7,14 +7,19 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <condition_variable>
 #include <cstdlib>
 #include <filesystem>
 #include <memory>
+#include <mutex>
+#include <set>
 #include <vector>
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
+#include "mandate/workload_client.h"
+#include "mandate/x509svid.h"
 #include "spiffe/workload.grpc.pb.h"
 #include "tests/integration/harness.h"
 
@@ -168,6 +173,38 @@ TEST_F(AgentHardeningTest, PathFakedInAPrivateMountNamespaceGetsNoIdentity) {
   EXPECT_THAT(spoofed.out, Not(HasSubstr(broker_.Id("/tail")))) << spoofed;
   // The host's /usr/bin/tail was never touched (unshare makes the mount private).
   EXPECT_EQ(RunCommand({"/usr/bin/tail", "--version"}).exit_code, 0);
+}
+
+// Executables are hashed only when an entry could use the digest, so a watch opened before any
+// unix:sha256 entry exists was attested without one. When such an entry is created, the open
+// stream must attest again and deliver it.
+TEST_F(AgentHardeningTest, OpenWatchReceivesAnEntryThatNeedsItsDigest) {
+  StartDaemons();
+  Entry("/by-uid", {OwnUidSelector()});
+  auto client = WorkloadClient::Connect("unix://" + agent_.socket);
+  ASSERT_TRUE(client.ok()) << client.status();
+  std::mutex mu;
+  std::condition_variable cv;
+  std::set<std::string> latest;
+  auto watcher = (*client)->WatchX509Context([&](const X509Context& update) {
+    std::lock_guard<std::mutex> lock(mu);
+    latest.clear();
+    for (const X509Svid& svid : update.svids) latest.insert(svid.spiffe_id);
+    cv.notify_all();
+  });
+  {
+    std::unique_lock<std::mutex> lock(mu);
+    ASSERT_TRUE(cv.wait_for(lock, 10s, [&] { return latest.contains(broker_.Id("/by-uid")); }));
+  }
+  CommandResult sha = RunCommand({"/usr/bin/sha256sum", fs::read_symlink("/proc/self/exe")});
+  ASSERT_EQ(sha.exit_code, 0) << sha;
+  Entry("/by-digest", {OwnUidSelector(), "unix:sha256:" + sha.out.substr(0, sha.out.find(' '))});
+  {
+    std::unique_lock<std::mutex> lock(mu);
+    EXPECT_TRUE(cv.wait_for(lock, 10s, [&] { return latest.contains(broker_.Id("/by-digest")); }))
+        << "the open watch never delivered the unix:sha256 entry";
+  }
+  watcher->Close();
 }
 
 // One workload opens 3,000 FetchX509SVID streams. The agent refuses those past its per-uid cap
