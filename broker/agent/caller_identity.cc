@@ -93,7 +93,6 @@ absl::StatusOr<Caller> CallerIdentifier::IdentifyPeer(const grpcutil::PeerCreden
   caller.pid = peer.pid;
   caller.uid = peer.uid;
   caller.selectors = spiffe::SelectorSet(selectors);
-  caller.sha256_not_needed = attested->hash_not_needed;
   return caller;
 }
 

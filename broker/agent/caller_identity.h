@@ -27,9 +27,6 @@ struct Caller {
   int pid = 0;
   uint32_t uid = 0;
   spiffe::SelectorSet selectors;
-  // unix:sha256 was left out because no entry could use it at the time (HashNeed): a stream
-  // whose entry set later gains such an entry identifies its caller again.
-  bool sha256_not_needed = false;
 };
 
 class CallerIdentifier {

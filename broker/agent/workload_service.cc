@@ -33,19 +33,6 @@ std::string TrustDomainId(const Snapshot& snapshot) {
 
 }  // namespace
 
-absl::Status WorkloadService::RefreshCaller(grpc::ServerContext* context, const Snapshot& snapshot,
-                                            Caller& caller) const {
-  if (!caller.sha256_not_needed || !Agent::NeedsExeHash(snapshot, caller.selectors)) {
-    return absl::OkStatus();
-  }
-  absl::StatusOr<Caller> again = identifier_.Identify(context);
-  if (!again.ok()) return again.status();
-  caller = std::move(*again);
-  // Should the entry set change back meanwhile, do not attest on every snapshot.
-  caller.sha256_not_needed = false;
-  return absl::OkStatus();
-}
-
 template <typename Message, typename Build>
 grpc::Status WorkloadService::StreamUpdates(grpc::ServerContext* context,
                                             grpc::ServerWriter<Message>* writer, Build build) {
@@ -63,8 +50,14 @@ grpc::Status WorkloadService::StreamUpdates(grpc::ServerContext* context,
   auto snapshot = agent_.Current();
   while (!context->IsCancelled() && !shutting_down_) {
     if (snapshot->generation != seen) {
+      // Every update is a fresh answer to whoever is on the connection now: attest again, so a
+      // process that exited, exec'd or changed user since the stream began ends it, and a
+      // digest that a new entry needs is computed.
+      if (seen != 0) {
+        caller = identifier_.Identify(context);
+        if (!caller.ok()) return ToGrpcStatus(caller.status());
+      }
       seen = snapshot->generation;
-      if (auto s = RefreshCaller(context, *snapshot, *caller); !s.ok()) return ToGrpcStatus(s);
       Message message;
       grpc::Status status = build(*snapshot, *caller, &message);
       if (!status.ok()) return status;

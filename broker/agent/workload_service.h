@@ -34,16 +34,13 @@ class WorkloadService final : public SpiffeWorkloadAPI::Service {
                                ValidateJWTSVIDResponse* response) override;
 
  private:
-  // Identifies the caller, takes a stream slot for it, and then runs `build(snapshot, caller,
-  // message)` on every new snapshot, writing what it returns when it differs from the last
-  // message sent, until the client goes away. `build` returns an error to end the stream.
+  // Identifies the caller, takes a stream slot for it, and then, on every new snapshot,
+  // identifies the caller again and runs `build(snapshot, caller, message)`, writing what it
+  // returns when it differs from the last message sent, until the client goes away. `build` (or
+  // a failed identification) returns an error to end the stream.
   template <typename Message, typename Build>
   grpc::Status StreamUpdates(grpc::ServerContext* context, grpc::ServerWriter<Message>* writer,
                              Build build);
-  // A caller attested without unix:sha256 (no entry needed it then) is attested again when
-  // `snapshot` has an entry that could match it with its digest.
-  absl::Status RefreshCaller(grpc::ServerContext* context, const Snapshot& snapshot,
-                             Caller& caller) const;
 
   Agent& agent_;
   const CallerIdentifier& identifier_;

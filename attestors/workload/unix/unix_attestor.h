@@ -103,8 +103,7 @@ struct Attestation {
   // Why expected selectors are missing (e.g. "executable is 300000000 bytes, over the 268435456
   // byte hash limit; unix:sha256 omitted"); for logs, never for decisions.
   std::vector<std::string> notes;
-  // True when unix:sha256 was not computed only because the HashNeed said no entry needs it (a
-  // later entry set may: the caller can attest again).
+  // True when unix:sha256 was not computed only because the HashNeed said no entry needs it.
   bool hash_not_needed = false;
 };
 

@@ -174,7 +174,6 @@ TEST_F(CallerIdentityTest, DigestIsLeftOutWhenNoEntryNeedsIt) {
   CallerIdentifier no_need(attestor_, [](const std::vector<spiffe::Selector>&) { return false; });
   auto caller = no_need.IdentifyPeer(Self());
   ASSERT_TRUE(caller.ok()) << caller.status();
-  EXPECT_TRUE(caller->sha256_not_needed);
   EXPECT_FALSE(HasPrefix(caller->selectors, "unix:sha256:"));
   EXPECT_TRUE(HasPrefix(caller->selectors, "unix:path:"));
 }
