@@ -307,16 +307,7 @@ absl::Status UnixAttestor::Collect(Attestation& attestation, const HashNeed& nee
 
   CollectSystemdUnits(attestation);
   ScopedFd exe(OpenExecutable(attestation));
-  if (exe.get() >= 0 && options_.hash_executables) {
-    if (need && !need(SelectorsFor(identity, nullptr))) {
-      // Nothing registered could match this caller whatever its digest: hashing would only be
-      // work an unregistered caller can make us do.
-      attestation.hash_not_needed = true;
-      attestation.notes.push_back("unix:sha256 not computed: no registration entry needs it");
-    } else {
-      HashExecutable(exe.get(), attestation);
-    }
-  }
+  if (exe.get() >= 0 && options_.hash_executables) HashExecutable(exe.get(), need, attestation);
   attestation.selectors = SelectorsFor(identity, &attestation.notes);
   return absl::OkStatus();
 }
@@ -401,7 +392,7 @@ int UnixAttestor::OpenExecutable(Attestation& attestation) const {
   return fd.release();
 }
 
-void UnixAttestor::HashExecutable(int fd, Attestation& attestation) const {
+void UnixAttestor::HashExecutable(int fd, const HashNeed& need, Attestation& attestation) const {
   ProcessIdentity& identity = attestation.identity;
   std::vector<std::string>& notes = attestation.notes;
   struct stat before {};
@@ -418,6 +409,14 @@ void UnixAttestor::HashExecutable(int fd, Attestation& attestation) const {
   FileVersion version = FileVersion::FromStat(before);
   if (std::optional<std::string> cached = hash_cache_.Lookup(version); cached.has_value()) {
     identity.exe_sha256_hex = std::move(*cached);
+    return;
+  }
+  // A known digest costs nothing to state; a new one is computed only when it can matter.
+  if (need && !need(SelectorsFor(identity, nullptr))) {
+    // Nothing registered could match this caller whatever its digest: hashing would only be
+    // work an unregistered caller can make us do.
+    attestation.hash_not_needed = true;
+    notes.push_back("unix:sha256 not computed: no registration entry needs it");
     return;
   }
   // Every miss costs a read of the whole file; a caller that keeps changing its executable

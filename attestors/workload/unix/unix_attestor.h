@@ -19,8 +19,9 @@
 //   unix:sha256:<hex>                 SHA-256 of the file opened through <proc_root>/<pid>/exe;
 //                                     omitted (with a note) when larger than max_hash_bytes,
 //                                     when the executable is deleted, when hashing is disabled,
-//                                     when the caller's HashNeed says no entry could use it, or
-//                                     when the uid is over its hashing budget (HashBudget)
+//                                     or, unless the digest is cached, when the caller's
+//                                     HashNeed says no entry could use it or the uid is over
+//                                     its hashing budget (HashBudget)
 //   systemd:unit:<name>               the system service the process runs in (see
 //                                     ParseSystemdUnits in proc_parsing.h for the rules)
 //   systemd:user_unit:<name>          the per-user service, when under user@<uid>.service
@@ -115,8 +116,8 @@ struct ExecutableFile {
 };
 
 // Decides, from the selectors a caller has without unix:sha256, whether any registration entry
-// could match it once its unix:sha256 is known; only then is the executable hashed. Called once
-// per attestation, from the attesting thread.
+// could match it once its unix:sha256 is known; only then is an executable whose digest is not
+// cached hashed. Called at most once per attestation, from the attesting thread.
 using HashNeed = std::function<bool(const std::vector<spiffe::Selector>& selectors_without_hash)>;
 
 // Thread-safe: Attest may be called concurrently from many connection threads. Reads no global
@@ -170,8 +171,9 @@ class UnixAttestor {
   // Opens the executable (returned; -1 when it cannot be) and fills exe_known/device/inode and,
   // when it names that file here, exe_path.
   int OpenExecutable(Attestation& attestation) const;
-  // Fills exe_sha256_hex from the open executable `fd`, through the cache and the uid's budget.
-  void HashExecutable(int fd, Attestation& attestation) const;
+  // Fills exe_sha256_hex from the open executable `fd`: from the cache, else (when `need`
+  // allows) by hashing within the uid's budget.
+  void HashExecutable(int fd, const HashNeed& need, Attestation& attestation) const;
   void CollectSystemdUnits(Attestation& attestation) const;
   std::string ProcPath(int pid, const char* entry) const;
 
