@@ -198,6 +198,46 @@ TEST_F(AgentHardeningTest, PathFakedInAPrivateMountNamespaceGetsNoIdentity) {
   EXPECT_THAT(spoofed.out, Not(HasSubstr(broker_.Id("/tail")))) << spoofed;
   // The host's /usr/bin/tail was never touched (unshare makes the mount private).
   EXPECT_EQ(RunCommand({"/usr/bin/tail", "--version"}).exit_code, 0);
+
+  // The same as an unprivileged user (uid 65534), exactly as reported, where this test can
+  // switch users and the system allows unprivileged user namespaces.
+  const std::vector<std::string> as_nobody = {"/usr/bin/setpriv", "--reuid", "65534",
+                                              "--regid",          "65534",   "--clear-groups",
+                                              "/usr/bin/unshare", "-Urm"};
+  std::vector<std::string> probe = as_nobody;
+  probe.push_back("/bin/true");
+  if (::geteuid() != 0 || RunCommand(probe).exit_code != 0) {
+    std::cout << "unprivileged variant not run (needs root to switch to uid 65534, and "
+                 "unprivileged user namespaces)"
+              << std::endl;
+    return;
+  }
+  Entry("/tail-for-nobody", {"unix:uid:65534", "unix:path:/usr/bin/tail"});
+  Entry("/mine-for-nobody", {"unix:uid:65534", "unix:path:" + fs::canonical(mine).string()});
+  ASSERT_EQ(::chmod(temp_dir().c_str(), 0755), 0);
+  ASSERT_EQ(::chmod((temp_dir() + "/run").c_str(), 0755), 0);
+  // Control: uid 65534 in its own user and mount namespace reaches the agent and is served
+  // under its honest path (so both entries have reached the agent).
+  std::vector<std::string> nobody_honest = as_nobody;
+  nobody_honest.insert(nobody_honest.end(), {mine, "--socket", socket, "fetch", "x509"});
+  CommandResult nobody_own;
+  ASSERT_TRUE(WaitUntil(
+      [&] {
+        nobody_own = RunCommand(nobody_honest);
+        return nobody_own.exit_code == 0;
+      },
+      10s, 100ms))
+      << nobody_own;
+  EXPECT_THAT(nobody_own.out, HasSubstr("SPIFFE ID: " + broker_.Id("/mine-for-nobody")));
+  std::vector<std::string> nobody_spoof = as_nobody;
+  nobody_spoof.insert(
+      nobody_spoof.end(),
+      {"/bin/sh", "-c", "mount --bind \"$0\" /usr/bin/tail && exec /usr/bin/tail \"$@\"", mine,
+       "--socket", socket, "fetch", "x509"});
+  CommandResult nobody = RunCommand(nobody_spoof);
+  EXPECT_NE(nobody.exit_code, 0) << nobody;
+  EXPECT_THAT(nobody.err, HasSubstr("no identity issued")) << nobody;
+  EXPECT_THAT(nobody.out, Not(HasSubstr(broker_.Id("/tail-for-nobody")))) << nobody;
 }
 
 // Executables are hashed only when an entry could use the digest, so a watch opened before any
