@@ -65,6 +65,18 @@ class AgentHardeningTest : public IntegrationTest {
     auto entry = CreateEntry(broker_, broker_.JoinNodeId("node-h"), broker_.Id(path), selectors);
     ASSERT_TRUE(entry.ok()) << entry.status();
   }
+  // A copy of the CLI at <temp>/bin/<name> that any user can run, with the temp dir and the
+  // agent's socket directory opened for other users (the socket itself is 0666).
+  std::string CliCopy(const std::string& name) {
+    EXPECT_EQ(::chmod(temp_dir().c_str(), 0755), 0);
+    EXPECT_EQ(::chmod((temp_dir() + "/run").c_str(), 0755), 0);
+    fs::create_directories(temp_dir() + "/bin");
+    EXPECT_EQ(::chmod((temp_dir() + "/bin").c_str(), 0755), 0);
+    const std::string copy = temp_dir() + "/bin/" + name;
+    fs::copy_file(CliBinary(), copy);
+    EXPECT_EQ(::chmod(copy.c_str(), 0755), 0);
+    return fs::canonical(copy).string();
+  }
   static std::string RelayClient() {
     return fs::canonical(BuildDir() + "/tests/integration/exec_relay_client").string();
   }
@@ -165,12 +177,9 @@ TEST_F(AgentHardeningTest, PathFakedInAPrivateMountNamespaceGetsNoIdentity) {
   StartDaemons();
   ASSERT_TRUE(fs::exists("/usr/bin/tail"));
   // The attacker's own program: a copy of the CLI.
-  ASSERT_EQ(::mkdir((temp_dir() + "/bin").c_str(), 0755), 0);
-  const std::string mine = temp_dir() + "/bin/mine";
-  fs::copy_file(CliBinary(), mine);
-  ASSERT_EQ(::chmod(mine.c_str(), 0755), 0);
+  const std::string mine = CliCopy("mine");
   Entry("/tail", {OwnUidSelector(), "unix:path:/usr/bin/tail"});
-  Entry("/mine", {OwnUidSelector(), "unix:path:" + fs::canonical(mine).string()});
+  Entry("/mine", {OwnUidSelector(), "unix:path:" + mine});
   const std::string socket = "unix://" + agent_.socket;
 
   // Control: a private mount namespace by itself changes nothing; the honest path is served.
@@ -213,9 +222,7 @@ TEST_F(AgentHardeningTest, PathFakedInAPrivateMountNamespaceGetsNoIdentity) {
     return;
   }
   Entry("/tail-for-nobody", {"unix:uid:65534", "unix:path:/usr/bin/tail"});
-  Entry("/mine-for-nobody", {"unix:uid:65534", "unix:path:" + fs::canonical(mine).string()});
-  ASSERT_EQ(::chmod(temp_dir().c_str(), 0755), 0);
-  ASSERT_EQ(::chmod((temp_dir() + "/run").c_str(), 0755), 0);
+  Entry("/mine-for-nobody", {"unix:uid:65534", "unix:path:" + mine});
   // Control: uid 65534 in its own user and mount namespace reaches the agent and is served
   // under its honest path (so both entries have reached the agent).
   std::vector<std::string> nobody_honest = as_nobody;
@@ -383,12 +390,7 @@ TEST_F(AgentHardeningTest, WatchStreamFloodIsBoundedAndAnotherUidIsServed) {
   EXPECT_LT(rss_during_kb - rss_before_kb, 64 * 1024);
 
   // Another uid is still served while the flood holds its streams.
-  ASSERT_EQ(::chmod(temp_dir().c_str(), 0755), 0);
-  ASSERT_EQ(::chmod((temp_dir() + "/run").c_str(), 0755), 0);
-  ASSERT_EQ(::mkdir((temp_dir() + "/bin").c_str(), 0755), 0);
-  const std::string cli_copy = temp_dir() + "/bin/mandate";
-  fs::copy_file(CliBinary(), cli_copy);
-  ASSERT_EQ(::chmod(cli_copy.c_str(), 0755), 0);
+  const std::string cli_copy = CliCopy("mandate");
   CommandResult other;
   EXPECT_TRUE(WaitUntil(
       [&] {
