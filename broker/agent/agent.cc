@@ -32,6 +32,8 @@ std::string ChainPem(const std::vector<crypto::Certificate>& chain) {
   return out;
 }
 
+bool IsSha256Selector(std::string_view selector) { return selector.starts_with("unix:sha256:"); }
+
 bool PastHalfLife(int64_t not_before, int64_t not_after, int64_t now) {
   return now >= not_before + (not_after - not_before) / 2;
 }
@@ -453,8 +455,12 @@ void Agent::IndexEntries(Snapshot& snapshot) {
     for (const std::string& selector : entry.selectors.strings()) ++frequency[selector];
   }
   snapshot.entry_index.clear();
+  snapshot.sha256_entries.clear();
   for (size_t i = 0; i < snapshot.entries.size(); ++i) {
     const auto& selectors = snapshot.entries[i].selectors.strings();
+    if (std::any_of(selectors.begin(), selectors.end(), IsSha256Selector)) {
+      snapshot.sha256_entries.push_back(static_cast<uint32_t>(i));
+    }
     // An entry without selectors matches no one, so it needs no index slot.
     if (selectors.empty()) continue;
     const std::string* rarest = &selectors.front();
@@ -464,6 +470,25 @@ void Agent::IndexEntries(Snapshot& snapshot) {
     snapshot.entry_index[*rarest].push_back(static_cast<uint32_t>(i));
   }
   snapshot.indexed_entries = snapshot.entries.size();
+}
+
+bool Agent::NeedsExeHash(const Snapshot& snapshot, const spiffe::SelectorSet& without_hash) {
+  auto could_match = [&](const AssignedEntry& entry) {
+    bool has_sha256 = false;
+    for (const std::string& selector : entry.selectors.strings()) {
+      if (IsSha256Selector(selector)) {
+        has_sha256 = true;
+      } else if (!without_hash.Contains(selector)) {
+        return false;
+      }
+    }
+    return has_sha256;
+  };
+  if (snapshot.indexed_entries != snapshot.entries.size()) {
+    return std::any_of(snapshot.entries.begin(), snapshot.entries.end(), could_match);
+  }
+  return std::any_of(snapshot.sha256_entries.begin(), snapshot.sha256_entries.end(),
+                     [&](uint32_t i) { return could_match(snapshot.entries[i]); });
 }
 
 std::vector<const AssignedEntry*> Agent::Match(const Snapshot& snapshot,

@@ -61,6 +61,9 @@ struct Snapshot {
   // `entries`.
   std::unordered_map<std::string, std::vector<uint32_t>> entry_index;
   size_t indexed_entries = 0;
+  // Positions of the entries with a unix:sha256 selector (built with entry_index): only a
+  // caller one of these could match needs its executable hashed.
+  std::vector<uint32_t> sha256_entries;
   std::map<std::string, std::shared_ptr<const HeldX509Svid>> svids;  // by entry id
   std::string bundle_der;  // concatenated DER CA certificates
   std::string jwt_bundle;  // JWKS
@@ -104,6 +107,9 @@ class Agent {
                                                  const spiffe::SelectorSet& caller);
   // (Re)builds snapshot.entry_index for snapshot.entries.
   static void IndexEntries(Snapshot& snapshot);
+  // Whether some entry of `snapshot` with a unix:sha256 selector has all its other selectors
+  // among `without_hash`: only then can the caller's digest change what it matches.
+  static bool NeedsExeHash(const Snapshot& snapshot, const spiffe::SelectorSet& without_hash);
 
   // The connection to the broker, for calls forwarded on a workload's behalf (tasks).
   BrokerClient& broker() { return broker_; }

@@ -6,6 +6,7 @@
 #include <sys/stat.h>
 
 #include <CLI/CLI.hpp>
+#include <algorithm>
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
@@ -18,12 +19,14 @@
 #include "attestors/workload/unix/unix_attestor.h"
 #include "broker/agent/agent.h"
 #include "broker/agent/caller_identity.h"
+#include "broker/agent/stream_limiter.h"
 #include "broker/agent/tasks_service.h"
 #include "broker/agent/workload_service.h"
 #include "broker/common/config/config_file.h"
 #include "broker/common/crypto/keys.h"
 #include "broker/common/grpcutil/uds_listener.h"
 #include "broker/common/log/log.h"
+#include "broker/common/util/file_limit.h"
 #include "broker/common/util/runtime.h"
 #include "broker/common/util/status_macros.h"
 
@@ -41,8 +44,16 @@ struct AgentFlags {
   std::string socket;  // default <data-dir>/agent.sock
   std::string log_format = "text";
   std::string log_level = "info";
-  uint64_t max_exe_hash_bytes = 256ull * 1024 * 1024;
+  uint64_t max_exe_hash_bytes = 64ull * 1024 * 1024;
+  // Open watch streams (each holds a handler thread) in all and per uid.
+  int max_watch_streams = 1024;
+  int max_watch_streams_per_uid = 256;
 };
+
+// gRPC handler threads beyond the watch streams, for unary calls (short) and pollers.
+constexpr int kUnaryThreads = 64;
+// Concurrent calls on one connection; more wait in the client for a free stream.
+constexpr int kMaxStreamsPerConnection = 32;
 
 int Fail(const absl::Status& status) {
   spdlog::error("{}", std::string(status.message()));
@@ -67,6 +78,14 @@ absl::Status ApplyConfigFile(const std::string& path, CLI::App& app, AgentFlags&
   RETURN_IF_ERROR(file.GetInt("max_exe_hash_bytes", given("--max-exe-hash-bytes"), max_hash));
   if (max_hash < 0) return absl::InvalidArgumentError("max_exe_hash_bytes must not be negative");
   flags.max_exe_hash_bytes = static_cast<uint64_t>(max_hash);
+  int64_t streams = flags.max_watch_streams;
+  RETURN_IF_ERROR(file.GetInt("max_watch_streams", given("--max-watch-streams"), streams));
+  int64_t per_uid = flags.max_watch_streams_per_uid;
+  RETURN_IF_ERROR(
+      file.GetInt("max_watch_streams_per_uid", given("--max-watch-streams-per-uid"), per_uid));
+  // Range-checked in Run, with the command line's values.
+  flags.max_watch_streams = static_cast<int>(std::clamp<int64_t>(streams, -1, 1 << 20));
+  flags.max_watch_streams_per_uid = static_cast<int>(std::clamp<int64_t>(per_uid, -1, 1 << 20));
   return file.CheckAllKeysKnown();
 }
 
@@ -85,6 +104,14 @@ absl::StatusOr<spiffe::TrustDomain> TrustDomainOfBundle(const std::string& pem) 
 }
 
 int Run(AgentFlags flags) {
+  if (flags.max_watch_streams < 1 || flags.max_watch_streams > 65536 ||
+      flags.max_watch_streams_per_uid < 1 ||
+      flags.max_watch_streams_per_uid > flags.max_watch_streams) {
+    return Fail(absl::InvalidArgumentError(
+        "--max-watch-streams must be 1-65536 and --max-watch-streams-per-uid "
+        "1-max-watch-streams"));
+  }
+  const uint64_t file_limit = RaiseFileLimit();
   // 0711: other users may reach the Workload API socket inside it but cannot list it; the
   // agent's key file inside is 0600.
   if (::mkdir(flags.data_dir.c_str(), 0711) != 0 && errno != EEXIST) {
@@ -154,26 +181,45 @@ int Run(AgentFlags flags) {
   unix_attestor::UnixAttestorOptions attestor_options;
   attestor_options.max_hash_bytes = flags.max_exe_hash_bytes;
   unix_attestor::UnixAttestor attestor(attestor_options);
-  CallerIdentifier identifier(attestor);
-  WorkloadService service(**agent, identifier);
-  TasksService tasks_service(**agent, identifier);
+  // Executables are hashed only for callers an entry with unix:sha256 could match.
+  Agent& core = **agent;
+  CallerIdentifier identifier(attestor, [&core](const std::vector<spiffe::Selector>& selectors) {
+    return Agent::NeedsExeHash(*core.Current(), spiffe::SelectorSet(selectors));
+  });
+  StreamLimiter streams(static_cast<size_t>(flags.max_watch_streams),
+                        static_cast<size_t>(flags.max_watch_streams_per_uid));
+  WorkloadService service(core, identifier, streams);
+  TasksService tasks_service(core, identifier);
   grpc::ServerBuilder builder;
   builder.RegisterService(&service);
   builder.RegisterService(&tasks_service);
+  // Bound what local callers can make the agent hold: handler threads (each open watch stream
+  // keeps one; calls past the quota get RESOURCE_EXHAUSTED from gRPC) and calls per connection.
+  grpc::ResourceQuota quota("workload-api");
+  quota.SetMaxThreads(flags.max_watch_streams + kUnaryThreads);
+  builder.SetResourceQuota(quota);
+  builder.AddChannelArgument(GRPC_ARG_MAX_CONCURRENT_STREAMS, kMaxStreamsPerConnection);
+  builder.SetMaxReceiveMessageSize(1024 * 1024);
   // gRPC's synchronous server keeps at most MAX_POLLERS idle threads and creates one per call
   // beyond them; the default (2) made busy workloads pay a thread creation per request.
   builder.SetSyncServerOption(grpc::ServerBuilder::SyncServerOption::MIN_POLLERS, 2);
   builder.SetSyncServerOption(grpc::ServerBuilder::SyncServerOption::MAX_POLLERS, 16);
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   std::string socket = flags.socket.empty() ? flags.data_dir + "/agent.sock" : flags.socket;
-  // Callers are identified per call; anyone may connect (mode 0666).
-  auto listener =
-      grpcutil::UdsListener::Start(server.get(), socket, 0666, nullptr,
-                                   [&attestor](pid_t pid) { return attestor.ReadStartTime(pid); });
+  // Callers are identified per call, held to the executable they ran at accept; anyone may
+  // connect (mode 0666). Connection caps come from the descriptor limit.
+  grpcutil::UdsListener::Options listen_options;
+  listen_options.start_time_reader = [&attestor](pid_t pid) { return attestor.ReadStartTime(pid); };
+  listen_options.executable_reader = identifier.ExecutableReader();
+  auto listener = grpcutil::UdsListener::Start(server.get(), socket, 0666, listen_options);
   if (!listener.ok()) return Fail(listener.status());
   identifier.set_listener(listener->get());
-  spdlog::info("mandate-agent ready node={} socket={} serving={}", (*agent)->node_id(), socket,
-               (*agent)->Current()->serving);
+  grpcutil::ConnectionCaps caps = (*listener)->caps();
+  spdlog::info(
+      "mandate-agent ready node={} socket={} serving={} open_files_limit={} max_connections={} "
+      "max_connections_per_uid={} max_watch_streams={} max_watch_streams_per_uid={}",
+      (*agent)->node_id(), socket, (*agent)->Current()->serving, file_limit, caps.total,
+      caps.per_uid, flags.max_watch_streams, flags.max_watch_streams_per_uid);
 
   sigset_t signals;
   sigemptyset(&signals);
@@ -219,6 +265,12 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--max-exe-hash-bytes", flags.max_exe_hash_bytes,
                  "Executables larger than this get no unix:sha256 selector")
+      ->capture_default_str();
+  app.add_option("--max-watch-streams", flags.max_watch_streams,
+                 "Open Workload API watch streams at most; more get RESOURCE_EXHAUSTED")
+      ->capture_default_str();
+  app.add_option("--max-watch-streams-per-uid", flags.max_watch_streams_per_uid,
+                 "Open watch streams at most per caller uid")
       ->capture_default_str();
   CLI11_PARSE(app, argc, argv);
   if (!flags.config_file.empty()) {

@@ -36,14 +36,30 @@ std::string TrustDomainId(const Snapshot& snapshot) {
 template <typename Message, typename Build>
 grpc::Status WorkloadService::StreamUpdates(grpc::ServerContext* context,
                                             grpc::ServerWriter<Message>* writer, Build build) {
+  auto caller = identifier_.Identify(context);
+  if (!caller.ok()) return ToGrpcStatus(caller.status());
+  std::optional<StreamLimiter::Slot> slot = streams_.Acquire(caller->uid);
+  if (!slot.has_value()) {
+    return grpc::Status(
+        grpc::StatusCode::RESOURCE_EXHAUSTED,
+        absl::StrCat("too many open Workload API streams (at most ", streams_.max_per_uid(),
+                     " per uid and ", streams_.max_total(), " in all); close some and retry"));
+  }
   std::string last_sent;
   uint64_t seen = 0;
   auto snapshot = agent_.Current();
   while (!context->IsCancelled() && !shutting_down_) {
     if (snapshot->generation != seen) {
+      // Every update is a fresh answer to whoever is on the connection now: attest again, so a
+      // process that exited, exec'd or changed user since the stream began ends it, and a
+      // digest that a new entry needs is computed.
+      if (seen != 0) {
+        caller = identifier_.Identify(context);
+        if (!caller.ok()) return ToGrpcStatus(caller.status());
+      }
       seen = snapshot->generation;
       Message message;
-      grpc::Status status = build(*snapshot, &message);
+      grpc::Status status = build(*snapshot, *caller, &message);
       if (!status.ok()) return status;
       std::string serialized;
       message.SerializeToString(&serialized);
@@ -59,60 +75,57 @@ grpc::Status WorkloadService::StreamUpdates(grpc::ServerContext* context,
 
 grpc::Status WorkloadService::FetchX509SVID(grpc::ServerContext* context, const X509SVIDRequest*,
                                             grpc::ServerWriter<X509SVIDResponse>* writer) {
-  auto caller = identifier_.Identify(context);
-  if (!caller.ok()) return ToGrpcStatus(caller.status());
-  return StreamUpdates(context, writer,
-                       [&](const Snapshot& snapshot, X509SVIDResponse* out) -> grpc::Status {
-                         if (!snapshot.serving) return NotServing();
-                         auto matches = Agent::Match(snapshot, caller->selectors);
-                         if (matches.empty()) return NoIdentity();
-                         for (const AssignedEntry* entry : matches) {
-                           auto it = snapshot.svids.find(entry->id);
-                           if (it == snapshot.svids.end()) continue;
-                           X509SVID* svid = out->add_svids();
-                           svid->set_spiffe_id(it->second->spiffe_id);
-                           svid->set_x509_svid(it->second->chain_der);
-                           svid->set_x509_svid_key(it->second->key_pkcs8_der);
-                           svid->set_bundle(snapshot.bundle_der);
-                         }
-                         if (out->svids().empty()) {
-                           return grpc::Status(grpc::StatusCode::UNAVAILABLE,
-                                               "X509-SVID not issued yet; retry shortly");
-                         }
-                         return grpc::Status::OK;
-                       });
+  return StreamUpdates(
+      context, writer,
+      [](const Snapshot& snapshot, const Caller& caller, X509SVIDResponse* out) -> grpc::Status {
+        if (!snapshot.serving) return NotServing();
+        auto matches = Agent::Match(snapshot, caller.selectors);
+        if (matches.empty()) return NoIdentity();
+        for (const AssignedEntry* entry : matches) {
+          auto it = snapshot.svids.find(entry->id);
+          if (it == snapshot.svids.end()) continue;
+          X509SVID* svid = out->add_svids();
+          svid->set_spiffe_id(it->second->spiffe_id);
+          svid->set_x509_svid(it->second->chain_der);
+          svid->set_x509_svid_key(it->second->key_pkcs8_der);
+          svid->set_bundle(snapshot.bundle_der);
+        }
+        if (out->svids().empty()) {
+          return grpc::Status(grpc::StatusCode::UNAVAILABLE,
+                              "X509-SVID not issued yet; retry shortly");
+        }
+        return grpc::Status::OK;
+      });
 }
 
 grpc::Status WorkloadService::FetchX509Bundles(grpc::ServerContext* context,
                                                const X509BundlesRequest*,
                                                grpc::ServerWriter<X509BundlesResponse>* writer) {
-  auto caller = identifier_.Identify(context);
-  if (!caller.ok()) return ToGrpcStatus(caller.status());
-  return StreamUpdates(context, writer,
-                       [&](const Snapshot& snapshot, X509BundlesResponse* out) -> grpc::Status {
-                         if (!snapshot.serving) return NotServing();
-                         if (Agent::Match(snapshot, caller->selectors).empty()) {
-                           return NoIdentity();
-                         }
-                         (*out->mutable_bundles())[TrustDomainId(snapshot)] = snapshot.bundle_der;
-                         return grpc::Status::OK;
-                       });
+  return StreamUpdates(
+      context, writer,
+      [](const Snapshot& snapshot, const Caller& caller, X509BundlesResponse* out) -> grpc::Status {
+        if (!snapshot.serving) return NotServing();
+        if (Agent::Match(snapshot, caller.selectors).empty()) {
+          return NoIdentity();
+        }
+        (*out->mutable_bundles())[TrustDomainId(snapshot)] = snapshot.bundle_der;
+        return grpc::Status::OK;
+      });
 }
 
 grpc::Status WorkloadService::FetchJWTBundles(grpc::ServerContext* context,
                                               const JWTBundlesRequest*,
                                               grpc::ServerWriter<JWTBundlesResponse>* writer) {
-  auto caller = identifier_.Identify(context);
-  if (!caller.ok()) return ToGrpcStatus(caller.status());
-  return StreamUpdates(context, writer,
-                       [&](const Snapshot& snapshot, JWTBundlesResponse* out) -> grpc::Status {
-                         if (!snapshot.serving) return NotServing();
-                         if (Agent::Match(snapshot, caller->selectors).empty()) {
-                           return NoIdentity();
-                         }
-                         (*out->mutable_bundles())[TrustDomainId(snapshot)] = snapshot.jwt_bundle;
-                         return grpc::Status::OK;
-                       });
+  return StreamUpdates(
+      context, writer,
+      [](const Snapshot& snapshot, const Caller& caller, JWTBundlesResponse* out) -> grpc::Status {
+        if (!snapshot.serving) return NotServing();
+        if (Agent::Match(snapshot, caller.selectors).empty()) {
+          return NoIdentity();
+        }
+        (*out->mutable_bundles())[TrustDomainId(snapshot)] = snapshot.jwt_bundle;
+        return grpc::Status::OK;
+      });
 }
 
 grpc::Status WorkloadService::FetchJWTSVID(grpc::ServerContext* context,

@@ -8,15 +8,17 @@
 #include "absl/status/statusor.h"
 #include "broker/agent/agent.h"
 #include "broker/agent/caller_identity.h"
+#include "broker/agent/stream_limiter.h"
 #include "spiffe/workload.grpc.pb.h"
 
 namespace mandate::agent {
 
 class WorkloadService final : public SpiffeWorkloadAPI::Service {
  public:
-  // `agent` and `identifier` must outlive the service.
-  WorkloadService(Agent& agent, const CallerIdentifier& identifier)
-      : agent_(agent), identifier_(identifier) {}
+  // `agent`, `identifier` and `streams` must outlive the service. Watch streams past the
+  // limits of `streams` are refused with RESOURCE_EXHAUSTED.
+  WorkloadService(Agent& agent, const CallerIdentifier& identifier, StreamLimiter& streams)
+      : agent_(agent), identifier_(identifier), streams_(streams) {}
   // Ends open streams promptly.
   void Shutdown() { shutting_down_ = true; }
 
@@ -32,14 +34,17 @@ class WorkloadService final : public SpiffeWorkloadAPI::Service {
                                ValidateJWTSVIDResponse* response) override;
 
  private:
-  // Runs `build` on every new snapshot and writes what it returns when it differs from the last
-  // message sent, until the client goes away. `build` returns an error to end the stream.
+  // Identifies the caller, takes a stream slot for it, and then, on every new snapshot,
+  // identifies the caller again and runs `build(snapshot, caller, message)`, writing what it
+  // returns when it differs from the last message sent, until the client goes away. `build` (or
+  // a failed identification) returns an error to end the stream.
   template <typename Message, typename Build>
   grpc::Status StreamUpdates(grpc::ServerContext* context, grpc::ServerWriter<Message>* writer,
                              Build build);
 
   Agent& agent_;
   const CallerIdentifier& identifier_;
+  StreamLimiter& streams_;
   std::atomic<bool> shutting_down_{false};
 };
 

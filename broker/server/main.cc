@@ -25,6 +25,7 @@
 #include "broker/common/grpcutil/uds_listener.h"
 #include "broker/common/log/log.h"
 #include "broker/common/store/sqlite_store.h"
+#include "broker/common/util/file_limit.h"
 #include "broker/common/util/runtime.h"
 #include "broker/common/util/status_macros.h"
 #include "broker/server/admin_service.h"
@@ -397,6 +398,8 @@ int Run(const BrokerFlags& flags) {
 
 int main(int argc, char** argv) {
   mandate::SetUpRuntime();
+  // Every agent connection and HTTP client costs a descriptor: use what the hard limit allows.
+  mandate::RaiseFileLimit();
   // Block termination signals in every thread; main() takes them with sigwait.
   sigset_t signals;
   sigemptyset(&signals);

@@ -51,6 +51,11 @@ class ScopedFd {
   ScopedFd(const ScopedFd&) = delete;
   ScopedFd& operator=(const ScopedFd&) = delete;
   int get() const { return fd_; }
+  int release() {
+    int fd = fd_;
+    fd_ = -1;
+    return fd;
+  }
 
  private:
   int fd_;
@@ -186,7 +191,9 @@ std::vector<Selector> SelectorsFor(const ProcessIdentity& identity,
 UnixAttestor::UnixAttestor(UnixAttestorOptions options, std::unique_ptr<UserDb> user_db)
     : options_(std::move(options)),
       user_db_(user_db != nullptr ? std::move(user_db) : std::make_unique<SystemUserDb>()),
-      hash_cache_(options_.hash_cache_capacity) {}
+      hash_cache_(options_.hash_cache_capacity),
+      hash_budget_(options_.hash_burst_bytes_per_uid, options_.hash_refill_bytes_per_second,
+                   options_.hash_budget_max_uids, options_.hash_budget_clock) {}
 
 std::string UnixAttestor::ProcPath(int pid, const char* entry) const {
   return absl::StrCat(options_.proc_root, "/", pid, "/", entry);
@@ -221,13 +228,25 @@ absl::Status UnixAttestor::VanishedOr(int pid, absl::Status status) const {
   return status;
 }
 
-absl::StatusOr<Attestation> UnixAttestor::AttestPinned(int pid) const {
+absl::StatusOr<ExecutableFile> UnixAttestor::ReadExecutable(int pid) const {
+  if (pid <= 0) {
+    return absl::InvalidArgumentError(absl::StrCat("invalid pid ", pid));
+  }
+  std::string link = ProcPath(pid, "exe");
+  struct stat st {};
+  if (stat(link.c_str(), &st) != 0) {
+    return ErrnoStatus(errno, absl::StrCat("cannot stat ", link));
+  }
+  return ExecutableFile{static_cast<uint64_t>(st.st_dev), static_cast<uint64_t>(st.st_ino)};
+}
+
+absl::StatusOr<Attestation> UnixAttestor::AttestPinned(int pid, const HashNeed& need) const {
   if (pid <= 0) {
     return absl::InvalidArgumentError(absl::StrCat("invalid pid ", pid));
   }
   Attestation attestation;
   attestation.identity.pid = pid;
-  if (absl::Status collected = Collect(attestation); !collected.ok()) {
+  if (absl::Status collected = Collect(attestation, need); !collected.ok()) {
     return VanishedOr(pid, collected);
   }
   return attestation;
@@ -253,7 +272,7 @@ absl::StatusOr<Attestation> UnixAttestor::AttestDetailed(int pid,
   Attestation attestation;
   attestation.identity.pid = pid;
   attestation.identity.start_time_ticks = *before;
-  absl::Status collected = Collect(attestation);
+  absl::Status collected = Collect(attestation, nullptr);
 
   // Re-check even when collection failed: if the pid changed hands, that is the real reason.
   absl::StatusOr<uint64_t> after = ReadStartTime(pid);
@@ -271,7 +290,7 @@ absl::StatusOr<Attestation> UnixAttestor::AttestDetailed(int pid,
   return attestation;
 }
 
-absl::Status UnixAttestor::Collect(Attestation& attestation) const {
+absl::Status UnixAttestor::Collect(Attestation& attestation, const HashNeed& need) const {
   ProcessIdentity& identity = attestation.identity;
   std::string status_path = ProcPath(identity.pid, "status");
   ASSIGN_OR_RETURN(std::string status_content, ReadBoundedFile(status_path, kMaxStatusBytes));
@@ -287,7 +306,8 @@ absl::Status UnixAttestor::Collect(Attestation& attestation) const {
   identity.group_name = user_db_->GroupName(identity.gid).value_or("");
 
   CollectSystemdUnits(attestation);
-  CollectExecutable(attestation);
+  ScopedFd exe(OpenExecutable(attestation));
+  if (exe.get() >= 0 && options_.hash_executables) HashExecutable(exe.get(), need, attestation);
   attestation.selectors = SelectorsFor(identity, &attestation.notes);
   return absl::OkStatus();
 }
@@ -310,23 +330,35 @@ void UnixAttestor::CollectSystemdUnits(Attestation& attestation) const {
   attestation.identity.systemd_user_unit = std::move(units->user_unit);
 }
 
-void UnixAttestor::CollectExecutable(Attestation& attestation) const {
+int UnixAttestor::OpenExecutable(Attestation& attestation) const {
   ProcessIdentity& identity = attestation.identity;
   std::vector<std::string>& notes = attestation.notes;
   std::string link = ProcPath(identity.pid, "exe");
 
   std::vector<char> target(kMaxExeLinkBytes);
   ssize_t length = readlink(link.c_str(), target.data(), target.size());
+  int readlink_errno = errno;
+  // Open through the exe link, not the path: it names the very inode the process runs even if
+  // the path has since been re-pointed, was deleted, or exists only in the caller's mount
+  // namespace.
+  ScopedFd fd(open(link.c_str(), O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK));
+  int open_errno = errno;
+  struct stat running {};
+  if (fd.get() >= 0 && fstat(fd.get(), &running) == 0) {
+    identity.exe_known = true;
+    identity.exe_device = static_cast<uint64_t>(running.st_dev);
+    identity.exe_inode = static_cast<uint64_t>(running.st_ino);
+  }
   if (length < 0) {
     // Kernel threads have no executable; other users' processes need ptrace access.
     notes.push_back(absl::StrCat("unix:path and unix:sha256 omitted: cannot read ", link, ": ",
-                                 std::strerror(errno)));
-    return;
+                                 std::strerror(readlink_errno)));
+    return -1;
   }
   if (static_cast<size_t>(length) >= target.size()) {
     notes.push_back(
         absl::StrCat("unix:path and unix:sha256 omitted: ", link, " target is too long"));
-    return;
+    return -1;
   }
   std::string exe_path(target.data(), static_cast<size_t>(length));
   if (absl::EndsWith(exe_path, kDeletedSuffix)) {
@@ -334,29 +366,39 @@ void UnixAttestor::CollectExecutable(Attestation& attestation) const {
     // it any more, and hashing whatever now sits at that path would describe another program.
     notes.push_back(absl::StrCat("unix:path and unix:sha256 omitted: executable \"",
                                  absl::CHexEscape(exe_path), "\" was deleted or replaced"));
-    return;
+    return -1;
   }
-  identity.exe_path = std::move(exe_path);
-  if (!options_.hash_executables) {
-    return;
+  if (!identity.exe_known) {
+    notes.push_back(absl::StrCat("unix:path and unix:sha256 omitted: cannot open ", link, ": ",
+                                 std::strerror(open_errno)));
+    return -1;
   }
-
-  // Open through the exe link, not the path: it names the very inode the process runs even if
-  // the path has since been re-pointed.
-  ScopedFd fd(open(link.c_str(), O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK));
-  if (fd.get() < 0) {
+  // The link reads as the path in the caller's mount namespace. Only when that path, looked up
+  // here, is the same file does it say anything an entry may rely on; a private bind mount (or
+  // an exec between the open and the readlink above) fails this test.
+  struct stat here {};
+  if (stat(exe_path.c_str(), &here) != 0 || here.st_dev != running.st_dev ||
+      here.st_ino != running.st_ino) {
     notes.push_back(
-        absl::StrCat("unix:sha256 omitted: cannot open ", link, ": ", std::strerror(errno)));
-    return;
+        absl::StrCat("unix:path omitted: \"", absl::CHexEscape(exe_path),
+                     "\" is not the running executable in the agent's mount namespace"));
+  } else {
+    identity.exe_path = std::move(exe_path);
   }
-  struct stat before {};
-  if (fstat(fd.get(), &before) != 0) {
-    notes.push_back(
-        absl::StrCat("unix:sha256 omitted: cannot stat ", link, ": ", std::strerror(errno)));
-    return;
-  }
-  if (!S_ISREG(before.st_mode)) {
+  if (!S_ISREG(running.st_mode)) {
     notes.push_back("unix:sha256 omitted: executable is not a regular file");
+    return -1;
+  }
+  return fd.release();
+}
+
+void UnixAttestor::HashExecutable(int fd, const HashNeed& need, Attestation& attestation) const {
+  ProcessIdentity& identity = attestation.identity;
+  std::vector<std::string>& notes = attestation.notes;
+  struct stat before {};
+  if (fstat(fd, &before) != 0) {
+    notes.push_back(
+        absl::StrCat("unix:sha256 omitted: cannot stat executable: ", std::strerror(errno)));
     return;
   }
   if (static_cast<uint64_t>(before.st_size) > options_.max_hash_bytes) {
@@ -369,14 +411,30 @@ void UnixAttestor::CollectExecutable(Attestation& attestation) const {
     identity.exe_sha256_hex = std::move(*cached);
     return;
   }
+  // A known digest costs nothing to state; a new one is computed only when it can matter.
+  if (need && !need(SelectorsFor(identity, nullptr))) {
+    // Nothing registered could match this caller whatever its digest: hashing would only be
+    // work an unregistered caller can make us do.
+    attestation.hash_not_needed = true;
+    notes.push_back("unix:sha256 not computed: no registration entry needs it");
+    return;
+  }
+  // Every miss costs a read of the whole file; a caller that keeps changing its executable
+  // (touch, rewrite) pays from its uid's budget.
+  if (!hash_budget_.TryConsume(identity.uid, static_cast<uint64_t>(before.st_size))) {
+    hashes_rate_limited_.fetch_add(1);
+    notes.push_back(absl::StrCat("unix:sha256 omitted: uid ", identity.uid,
+                                 " is over its executable hashing budget"));
+    return;
+  }
   hash_computations_.fetch_add(1);
-  absl::StatusOr<std::string> digest = Sha256OfFd(fd.get(), options_.max_hash_bytes);
+  absl::StatusOr<std::string> digest = Sha256OfFd(fd, options_.max_hash_bytes);
   if (!digest.ok()) {
     notes.push_back(absl::StrCat("unix:sha256 omitted: ", digest.status().message()));
     return;
   }
   struct stat after {};
-  if (fstat(fd.get(), &after) != 0 || !(FileVersion::FromStat(after) == version)) {
+  if (fstat(fd, &after) != 0 || !(FileVersion::FromStat(after) == version)) {
     // Written to while we read it: the digest may mix two versions.
     notes.push_back("unix:sha256 omitted: executable changed while it was being hashed");
     return;

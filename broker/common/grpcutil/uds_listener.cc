@@ -5,12 +5,14 @@
 #include <grpcpp/server_context.h>
 #include <grpcpp/server_posix.h>
 #include <poll.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/un.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 
@@ -43,6 +45,16 @@ int OpenPidfd(int conn_fd, pid_t pid, bool* from_socket) {
 
 }  // namespace
 
+ConnectionCaps CapsForFileLimit(uint64_t open_files_limit) {
+  constexpr uint64_t kMaxTotal = 4096;
+  constexpr uint64_t kMaxPerUid = 512;
+  uint64_t reserve = std::max<uint64_t>(64, open_files_limit / 8);
+  uint64_t total = open_files_limit > reserve ? (open_files_limit - reserve) / 2 : 1;
+  total = std::clamp<uint64_t>(total, 1, kMaxTotal);
+  uint64_t per_uid = std::clamp<uint64_t>(total / 4, 1, kMaxPerUid);
+  return {static_cast<size_t>(total), static_cast<size_t>(per_uid)};
+}
+
 bool PidfdAlive(int pidfd) {
   if (pidfd < 0) return false;
   // A pidfd becomes readable when its process exits.
@@ -55,6 +67,24 @@ absl::StatusOr<std::unique_ptr<UdsListener>> UdsListener::Start(grpc::Server* se
                                                                 const std::string& path,
                                                                 unsigned mode, AcceptFilter filter,
                                                                 StartTimeReader start_time_reader) {
+  Options options;
+  options.filter = std::move(filter);
+  options.start_time_reader = std::move(start_time_reader);
+  return Start(server, path, mode, std::move(options));
+}
+
+absl::StatusOr<std::unique_ptr<UdsListener>> UdsListener::Start(grpc::Server* server,
+                                                                const std::string& path,
+                                                                unsigned mode, Options options) {
+  if (options.max_connections == 0 || options.max_connections_per_uid == 0) {
+    rlimit limit{};
+    uint64_t soft = ::getrlimit(RLIMIT_NOFILE, &limit) == 0 && limit.rlim_cur != RLIM_INFINITY
+                        ? limit.rlim_cur
+                        : 1024;
+    ConnectionCaps caps = CapsForFileLimit(soft);
+    if (options.max_connections == 0) options.max_connections = caps.total;
+    if (options.max_connections_per_uid == 0) options.max_connections_per_uid = caps.per_uid;
+  }
   sockaddr_un addr{};
   if (path.empty() || path.size() >= sizeof(addr.sun_path)) {
     return absl::InvalidArgumentError(
@@ -87,19 +117,18 @@ absl::StatusOr<std::unique_ptr<UdsListener>> UdsListener::Start(grpc::Server* se
     ::unlink(path.c_str());
     return absl::InternalError(absl::StrCat("listen ", path, ": ", std::strerror(err)));
   }
-  std::unique_ptr<UdsListener> listener(
-      new UdsListener(server, path, fd, std::move(filter), std::move(start_time_reader)));
+  std::unique_ptr<UdsListener> listener(new UdsListener(server, path, fd, std::move(options)));
   listener->accept_thread_ = std::thread([l = listener.get()] { l->AcceptLoop(); });
   return listener;
 }
 
-UdsListener::UdsListener(grpc::Server* server, std::string path, int listen_fd, AcceptFilter filter,
-                         StartTimeReader start_time_reader)
+UdsListener::UdsListener(grpc::Server* server, std::string path, int listen_fd, Options options)
     : server_(server),
       path_(std::move(path)),
       listen_fd_(listen_fd),
-      filter_(std::move(filter)),
-      start_time_reader_(std::move(start_time_reader)) {}
+      options_(std::move(options)),
+      max_connections_(options_.max_connections),
+      max_connections_per_uid_(options_.max_connections_per_uid) {}
 
 UdsListener::~UdsListener() {
   Stop();
@@ -116,6 +145,26 @@ void UdsListener::Stop() {
   if (accept_thread_.joinable()) accept_thread_.join();
   ::close(listen_fd_);
   ::unlink(path_.c_str());
+}
+
+void UdsListener::ReadPeer(int conn, const ucred& cred, Connection& c) const {
+  c.creds.pid = cred.pid;
+  c.creds.uid = cred.uid;
+  c.creds.gid = cred.gid;
+  c.creds.pidfd = OpenPidfd(conn, cred.pid, &c.creds.pidfd_from_socket);
+  // The executable first, as close to connect() as we get: what the process runs now is what
+  // later calls are held to. It belongs to the process that connected only if that process is
+  // still alive once it has been read (its pidfd pins the pid: no reuse while it lives).
+  if (options_.executable_reader && c.creds.pidfd >= 0) {
+    auto exe = options_.executable_reader(cred.pid);
+    if (exe.ok() && PidfdAlive(c.creds.pidfd)) {
+      c.creds.exe_pinned = true;
+      c.creds.exe = *exe;
+    }
+  }
+  if (options_.start_time_reader) {
+    if (auto start = options_.start_time_reader(cred.pid); start.ok()) c.creds.start_time = *start;
+  }
 }
 
 void UdsListener::AcceptLoop() {
@@ -137,34 +186,35 @@ void UdsListener::AcceptLoop() {
       ::close(conn);
       continue;
     }
-    c.creds.pid = cred.pid;
-    c.creds.uid = cred.uid;
-    c.creds.gid = cred.gid;
-    c.creds.pidfd = OpenPidfd(conn, cred.pid, &c.creds.pidfd_from_socket);
     c.inode = st.st_ino;
-    if (start_time_reader_) {
-      if (auto start = start_time_reader_(cred.pid); start.ok()) c.creds.start_time = *start;
-    }
-    if (filter_ && !filter_(c.creds)) {
+    ReadPeer(conn, cred, c);
+    auto refuse = [&] {
       if (c.creds.pidfd >= 0) ::close(c.creds.pidfd);
       ::close(conn);
+    };
+    if (options_.filter && !options_.filter(c.creds)) {
+      refuse();
       continue;
     }
     {
       std::lock_guard<std::mutex> lock(mu_);
       auto it = connections_.find(conn);
-      if (it != connections_.end() && it->second.creds.pidfd >= 0) ::close(it->second.creds.pidfd);
-      connections_.erase(conn);
+      if (it != connections_.end()) {
+        if (it->second.creds.pidfd >= 0) ::close(it->second.creds.pidfd);
+        if (--per_uid_[it->second.creds.uid] == 0) per_uid_.erase(it->second.creds.uid);
+        connections_.erase(it);
+      }
       PruneClosedLocked();
-      size_t from_uid = 0;
-      for (const auto& [fd, other] : connections_) from_uid += other.creds.uid == cred.uid;
-      if (from_uid >= max_connections_per_uid_.load()) {
-        // One local user must not exhaust the daemon's descriptors for everyone else.
-        if (c.creds.pidfd >= 0) ::close(c.creds.pidfd);
-        ::close(conn);
+      auto from_uid = per_uid_.find(cred.uid);
+      // One local user must not exhaust the daemon's descriptors for everyone else, and all of
+      // them together must leave the daemon descriptors for its own work.
+      if (connections_.size() >= max_connections_ ||
+          (from_uid != per_uid_.end() && from_uid->second >= max_connections_per_uid_.load())) {
+        refuse();
         continue;
       }
       connections_[conn] = c;
+      ++per_uid_[cred.uid];
     }
     grpc::AddInsecureChannelFromFd(server_, conn);  // gRPC owns `conn` from here on.
   }
@@ -177,6 +227,7 @@ void UdsListener::PruneClosedLocked() {
     struct stat st {};
     if (::fstat(it->first, &st) != 0 || st.st_ino != it->second.inode) {
       if (it->second.creds.pidfd >= 0) ::close(it->second.creds.pidfd);
+      if (--per_uid_[it->second.creds.uid] == 0) per_uid_.erase(it->second.creds.uid);
       it = connections_.erase(it);
     } else {
       ++it;

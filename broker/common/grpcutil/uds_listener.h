@@ -10,6 +10,7 @@
 #ifndef MANDATE_BROKER_COMMON_GRPCUTIL_UDS_LISTENER_H_
 #define MANDATE_BROKER_COMMON_GRPCUTIL_UDS_LISTENER_H_
 
+#include <sys/socket.h>
 #include <sys/types.h>
 
 #include <atomic>
@@ -29,6 +30,13 @@ class ServerContext;
 
 namespace mandate::grpcutil {
 
+// A file by device and inode.
+struct FileId {
+  uint64_t device = 0;
+  uint64_t inode = 0;
+  friend bool operator==(const FileId&, const FileId&) = default;
+};
+
 // Credentials of the process at the other end of a connection, captured when it was accepted.
 struct PeerCredentials {
   pid_t pid = 0;
@@ -42,7 +50,24 @@ struct PeerCredentials {
   // The process start time read right after accept (0 when no reader was given or it failed),
   // so a later check can tell whether the pid still names the same process.
   uint64_t start_time = 0;
+  // The executable the process ran when it was accepted, read through the pidfd-pinned pid
+  // right after accept (exe_pinned false when no reader was given, the read failed, or the
+  // process was already gone). Lets a handler refuse a process that exec'd since it connected.
+  bool exe_pinned = false;
+  FileId exe;
 };
+
+// How many connections a listener holds at most, derived from the descriptor limit.
+struct ConnectionCaps {
+  size_t total = 0;
+  size_t per_uid = 0;
+};
+// Each connection holds two descriptors (socket, pidfd). Leaves max(64, limit/8) descriptors for
+// the process's own files, then allows (limit - reserve) / 2 connections, at most 4096 (which
+// also bounds gRPC's per-connection memory); one uid may hold a quarter of those, at most 512,
+// so one local user cannot take every slot. E.g. limit 1024: 448 total, 112 per uid; limit
+// 65536: 4096 total, 512 per uid.
+ConnectionCaps CapsForFileLimit(uint64_t open_files_limit);
 
 // Returns true when the process behind `pidfd` is still running (so its pid was not reused).
 bool PidfdAlive(int pidfd);
@@ -54,6 +79,18 @@ class UdsListener {
   using AcceptFilter = std::function<bool(const PeerCredentials&)>;
   // Reads a process's start time (e.g. field 22 of /proc/<pid>/stat).
   using StartTimeReader = std::function<absl::StatusOr<uint64_t>(pid_t)>;
+  // Reads which executable a process runs (e.g. stat of /proc/<pid>/exe).
+  using ExecutableReader = std::function<absl::StatusOr<FileId>(pid_t)>;
+
+  struct Options {
+    AcceptFilter filter;                 // may be empty
+    StartTimeReader start_time_reader;   // may be empty
+    ExecutableReader executable_reader;  // may be empty
+    // 0: derived from RLIMIT_NOFILE at Start (CapsForFileLimit). Connections past either cap
+    // are closed at accept.
+    size_t max_connections = 0;
+    size_t max_connections_per_uid = 0;
+  };
 
   // Creates the socket at `path` (a stale socket file is replaced; any other file is an error),
   // sets its mode, and starts accepting connections for `server`, which must have been built
@@ -62,6 +99,9 @@ class UdsListener {
   static absl::StatusOr<std::unique_ptr<UdsListener>> Start(
       grpc::Server* server, const std::string& path, unsigned mode, AcceptFilter filter,
       StartTimeReader start_time_reader = nullptr);
+  static absl::StatusOr<std::unique_ptr<UdsListener>> Start(grpc::Server* server,
+                                                            const std::string& path, unsigned mode,
+                                                            Options options);
   ~UdsListener();
   UdsListener(const UdsListener&) = delete;
   UdsListener& operator=(const UdsListener&) = delete;
@@ -72,6 +112,7 @@ class UdsListener {
 
   // Connections from one uid beyond this many open ones are closed at accept.
   void SetMaxConnectionsPerUidForTesting(size_t n) { max_connections_per_uid_ = n; }
+  ConnectionCaps caps() const { return {max_connections_, max_connections_per_uid_.load()}; }
 
   // Stops accepting and removes the socket file. Call before grpc::Server::Shutdown(). Idempotent.
   void Stop();
@@ -81,24 +122,24 @@ class UdsListener {
     PeerCredentials creds;
     ino_t inode = 0;
   };
-  UdsListener(grpc::Server* server, std::string path, int listen_fd, AcceptFilter filter,
-              StartTimeReader start_time_reader);
+  UdsListener(grpc::Server* server, std::string path, int listen_fd, Options options);
   void AcceptLoop();
+  // Fills what is known about the process behind a freshly accepted connection.
+  void ReadPeer(int conn, const ucred& cred, Connection& c) const;
   void PruneClosedLocked();  // REQUIRES(mu_)
-
-  static constexpr size_t kDefaultMaxConnectionsPerUid = 512;
-  std::atomic<size_t> max_connections_per_uid_{kDefaultMaxConnectionsPerUid};
 
   grpc::Server* const server_;
   const std::string path_;
   const int listen_fd_;
-  const AcceptFilter filter_;
-  const StartTimeReader start_time_reader_;
+  const Options options_;
+  const size_t max_connections_;
+  std::atomic<size_t> max_connections_per_uid_;
   std::atomic<bool> stopped_{false};
   std::thread accept_thread_;
   mutable std::mutex mu_;
   // fd number -> connection accepted on it; an entry is replaced when the fd number is reused.
   std::map<int, Connection> connections_;  // GUARDED_BY(mu_)
+  std::map<uid_t, size_t> per_uid_;        // GUARDED_BY(mu_): open connections by uid
 };
 
 }  // namespace mandate::grpcutil

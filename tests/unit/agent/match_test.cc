@@ -72,5 +72,32 @@ TEST(MatchTest, ScansWhenTheIndexDoesNotCoverTheEntries) {
               ::testing::ElementsAre("uid", "uid-again", "added-later"));
 }
 
+TEST(NeedsExeHashTest, OnlyWhenAnEntryWithADigestCouldMatchOnEverythingElse) {
+  Snapshot snapshot;
+  snapshot.entries = {
+      Entry("uid-only", {"unix:uid:1000"}),
+      Entry("bot-by-hash", {"unix:uid:1000", "unix:path:/usr/bin/bot", "unix:sha256:ab12"}),
+      Entry("hash-only", {"unix:sha256:cd34"}),
+  };
+  Snapshot indexed = snapshot;
+  Agent::IndexEntries(indexed);
+  auto needs = [&](std::vector<std::string> caller) {
+    spiffe::SelectorSet set(std::move(caller));
+    bool scanned = Agent::NeedsExeHash(snapshot, set);
+    EXPECT_EQ(Agent::NeedsExeHash(indexed, set), scanned);
+    return scanned;
+  };
+  // "hash-only" could match anyone: every caller needs its digest.
+  EXPECT_TRUE(needs({"unix:uid:2000"}));
+  indexed.entries.pop_back();
+  Agent::IndexEntries(indexed);
+  snapshot.entries.pop_back();
+  // Now only the bot's uid and path lead to an entry with a digest.
+  EXPECT_FALSE(needs({"unix:uid:2000", "unix:path:/usr/bin/bot"}));
+  EXPECT_FALSE(needs({"unix:uid:1000", "unix:path:/usr/bin/other"}));
+  EXPECT_TRUE(needs({"unix:uid:1000", "unix:path:/usr/bin/bot", "unix:gid:5"}));
+  EXPECT_FALSE(needs({}));
+}
+
 }  // namespace
 }  // namespace mandate::agent

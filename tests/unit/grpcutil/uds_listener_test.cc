@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 #include <poll.h>
 #include <stdlib.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -11,6 +12,8 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <atomic>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <thread>
@@ -27,6 +30,7 @@ class WhoAmI final : public adminpb::Admin::Service {
  public:
   const UdsListener* listener = nullptr;
   bool report_start_time = false;
+  bool report_exe = false;
   grpc::Status GetBundle(grpc::ServerContext* context, const adminpb::GetBundleRequest*,
                          adminpb::GetBundleResponse* response) override {
     auto peer = listener->PeerOf(*context);
@@ -36,6 +40,11 @@ class WhoAmI final : public adminpb::Admin::Service {
     response->set_trust_domain(std::to_string(peer->pid) + " " + std::to_string(peer->uid) + " " +
                                (PidfdAlive(peer->pidfd) ? "alive" : "gone"));
     if (report_start_time) response->set_jwks(std::to_string(peer->start_time));
+    if (report_exe) {
+      response->set_jwks(peer->exe_pinned ? "exe " + std::to_string(peer->exe.device) + ":" +
+                                                std::to_string(peer->exe.inode)
+                                          : "exe unknown");
+    }
     return grpc::Status::OK;
   }
 };
@@ -131,6 +140,147 @@ TEST_F(UdsListenerTest, ConnectionsBeyondThePerUidCapAreClosed) {
   ::close(b);
   adminpb::GetBundleResponse response;
   EXPECT_TRUE(WaitForOk([&] { return Call(&response).ok(); }));
+}
+
+TEST(ConnectionCapsTest, DerivedFromTheDescriptorLimitWithHeadroom) {
+  ConnectionCaps soft_default = CapsForFileLimit(1024);
+  EXPECT_EQ(soft_default.total, 448u);  // (1024 - 128) / 2
+  EXPECT_EQ(soft_default.per_uid, 112u);
+  ConnectionCaps large = CapsForFileLimit(65536);
+  EXPECT_EQ(large.total, 4096u);
+  EXPECT_EQ(large.per_uid, 512u);
+  // Two descriptors per connection plus the reserve always fit in the limit.
+  for (uint64_t limit : {16u, 64u, 100u, 128u, 1024u, 4096u, 20000u, 1u << 20}) {
+    ConnectionCaps caps = CapsForFileLimit(limit);
+    EXPECT_GE(caps.total, 1u);
+    EXPECT_GE(caps.per_uid, 1u);
+    EXPECT_LE(caps.per_uid, caps.total);
+    if (limit >= 128) EXPECT_LE(2 * caps.total + 64, limit) << limit;
+  }
+}
+
+// A raw connection to `path`; -1 when connect fails.
+int ConnectRaw(const std::string& path) {
+  int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  std::snprintf(addr.sun_path, sizeof(addr.sun_path), "%s", path.c_str());
+  if (::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
+    ::close(fd);
+    return -1;
+  }
+  return fd;
+}
+
+// True when the listener closed `fd` (reading it sees end of file) within 5 s.
+bool ClosedByPeer(int fd) {
+  pollfd p{fd, POLLIN, 0};
+  char byte;
+  return ::poll(&p, 1, 5000) == 1 && ::read(fd, &byte, 1) == 0;
+}
+
+TEST_F(UdsListenerTest, ConnectionsBeyondTheGlobalCapAreClosed) {
+  UdsListener::Options options;
+  options.max_connections = 3;
+  options.max_connections_per_uid = 100;
+  auto listener = UdsListener::Start(server_.get(), path_, 0600, options);
+  ASSERT_TRUE(listener.ok()) << listener.status();
+  listener_ = std::move(*listener);
+  service_.listener = listener_.get();
+  std::vector<int> held;
+  for (int i = 0; i < 3; ++i) held.push_back(ConnectRaw(path_));
+  int extra = ConnectRaw(path_);
+  ASSERT_GE(extra, 0);
+  EXPECT_TRUE(ClosedByPeer(extra));
+  ::close(extra);
+  for (int fd : held) ::close(fd);
+  adminpb::GetBundleResponse response;
+  EXPECT_TRUE(WaitForOk([&] { return Call(&response).ok(); }));
+}
+
+// One uid (65534, in a child) opens far more connections than the descriptor limit allows the
+// daemon; another uid (root, this process) must still be served. The caps come from the
+// process's RLIMIT_NOFILE at Start: with a fixed per-uid cap of 512 and no global cap the
+// child's connections used up the daemon's descriptors and root's connection was never
+// accepted.
+TEST_F(UdsListenerTest, OneUidCannotExhaustTheDescriptorsOfTheDaemon) {
+  if (::geteuid() != 0) {
+    if (const char* ci = std::getenv("CI"); ci != nullptr && std::string(ci) == "true") {
+      FAIL() << "this test needs root (to connect as uid 65534) and CI=true forbids skipping it";
+    }
+    GTEST_SKIP() << "connecting as another uid needs root";
+  }
+  rlimit saved{};
+  ASSERT_EQ(::getrlimit(RLIMIT_NOFILE, &saved), 0);
+  rlimit low = saved;
+  low.rlim_cur = 128;
+  ASSERT_EQ(::setrlimit(RLIMIT_NOFILE, &low), 0);
+  struct Restore {
+    rlimit limit;
+    ~Restore() { ::setrlimit(RLIMIT_NOFILE, &limit); }
+  } restore{saved};
+  ASSERT_EQ(::chmod(dir_.c_str(), 0711), 0);
+  auto listener = UdsListener::Start(server_.get(), path_, 0666, nullptr);
+  ASSERT_TRUE(listener.ok()) << listener.status();
+  listener_ = std::move(*listener);
+  service_.listener = listener_.get();
+  ConnectionCaps caps = listener_->caps();
+  EXPECT_EQ(caps.total, CapsForFileLimit(128).total);
+
+  int ready[2], done[2];
+  ASSERT_EQ(::pipe(ready), 0);
+  ASSERT_EQ(::pipe(done), 0);
+  constexpr int kFlood = 100;  // 200 descriptors in the daemon without the caps
+  pid_t child = ::fork();
+  if (child == 0) {
+    // Only async-signal-safe calls: the parent runs gRPC threads.
+    ::close(ready[0]);
+    ::close(done[1]);
+    if (::setresgid(65534, 65534, 65534) != 0 || ::setresuid(65534, 65534, 65534) != 0) {
+      ::_exit(2);
+    }
+    int opened = 0;
+    for (int i = 0; i < kFlood; ++i) opened += ConnectRaw(path_) >= 0;
+    char n = static_cast<char>(opened);
+    (void)!::write(ready[1], &n, 1);
+    char byte;
+    (void)!::read(done[0], &byte, 1);  // hold every connection until the parent is done
+    ::_exit(0);
+  }
+  ASSERT_GT(child, 0);
+  ::close(ready[1]);
+  ::close(done[0]);
+  char opened = 0;
+  ASSERT_EQ(::read(ready[0], &opened, 1), 1);
+  EXPECT_EQ(opened, kFlood);  // connect() succeeds; the listener closes what is over the cap
+  adminpb::GetBundleResponse response;
+  grpc::Status status = Call(&response);
+  EXPECT_TRUE(status.ok()) << status.error_message();
+  EXPECT_EQ(response.trust_domain(),
+            std::to_string(::getpid()) + " " + std::to_string(::geteuid()) + " alive");
+  ::close(done[1]);
+  ::close(ready[0]);
+  int wstatus = 0;
+  ::waitpid(child, &wstatus, 0);
+  EXPECT_TRUE(WIFEXITED(wstatus) && WEXITSTATUS(wstatus) == 0) << wstatus;
+}
+
+TEST_F(UdsListenerTest, ExecutableIsPinnedAtAcceptThroughTheReader) {
+  UdsListener::Options options;
+  std::atomic<pid_t> asked{0};
+  options.executable_reader = [&asked](pid_t pid) -> absl::StatusOr<FileId> {
+    asked = pid;
+    return FileId{7, 42};
+  };
+  auto listener = UdsListener::Start(server_.get(), path_, 0600, options);
+  ASSERT_TRUE(listener.ok()) << listener.status();
+  listener_ = std::move(*listener);
+  service_.listener = listener_.get();
+  service_.report_exe = true;
+  adminpb::GetBundleResponse response;
+  ASSERT_TRUE(Call(&response).ok());
+  EXPECT_EQ(asked.load(), ::getpid());
+  EXPECT_EQ(response.jwks(), "exe 7:42");
 }
 
 TEST_F(UdsListenerTest, SocketGetsTheRequestedMode) {

@@ -20,6 +20,7 @@
 #include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
 #include "attestors/workload/unix/exe_hash_cache.h"
+#include "attestors/workload/unix/hash_budget.h"
 #include "attestors/workload/unix/user_db.h"
 #include "broker/common/spiffe/selector.h"
 #include "gmock/gmock.h"
@@ -321,6 +322,111 @@ TEST_F(UnixAttestorTest, CacheIsBounded) {
   EXPECT_EQ(attestor.HashComputationsForTesting(), 3u);
   ASSERT_TRUE(attestor.Attest(100).ok());
   EXPECT_EQ(attestor.HashComputationsForTesting(), 4u);
+}
+
+TEST_F(UnixAttestorTest, CallerNoEntryNeedsIsNotHashed) {
+  fs::path exe = AddProcess(100, 5000);
+  UnixAttestor attestor(Options(), Names());
+  std::vector<std::string> asked_with;
+  absl::StatusOr<Attestation> result =
+      attestor.AttestPinned(100, [&](const std::vector<Selector>& without_hash) {
+        asked_with = Strings(without_hash);
+        return false;
+      });
+  ASSERT_TRUE(result.ok()) << result.status();
+  // The decision sees everything but the digest, so it can match entries on uid, path, ...
+  EXPECT_THAT(asked_with, Contains("unix:uid:1001"));
+  EXPECT_THAT(asked_with, Contains("unix:path:" + exe.string()));
+  for (const std::string& s : asked_with) EXPECT_THAT(s, Not(HasSubstr("unix:sha256:")));
+  for (const std::string& s : Strings(result->selectors)) {
+    EXPECT_THAT(s, Not(HasSubstr("unix:sha256:")));
+  }
+  EXPECT_TRUE(result->hash_not_needed);
+  EXPECT_EQ(attestor.HashComputationsForTesting(), 0u);
+  EXPECT_EQ(attestor.HashCacheSizeForTesting(), 0u);
+
+  // When an entry could use it, the same caller is hashed.
+  absl::StatusOr<Attestation> needed =
+      attestor.AttestPinned(100, [](const std::vector<Selector>&) { return true; });
+  ASSERT_TRUE(needed.ok()) << needed.status();
+  EXPECT_THAT(Strings(needed->selectors), Contains(absl::StrCat("unix:sha256:", kAbcSha256)));
+  EXPECT_FALSE(needed->hash_not_needed);
+  EXPECT_EQ(attestor.HashComputationsForTesting(), 1u);
+}
+
+TEST_F(UnixAttestorTest, RepeatedRewritesOfTheExecutableAreRateLimitedPerUid) {
+  fs::path exe = AddProcess(100, 5000, "agent", "abc");
+  // A second caller under another uid running its own executable.
+  AddProcess(200, 6000, "other", "xyz");
+  WriteFile(PidDir(200) / "status",
+            "Name:\tother\nUid:\t3000\t3000\t3000\t3000\nGid:\t3000\t3000\t3000\t3000\n"
+            "Groups:\t\n");
+  int64_t now_ms = 1000;
+  UnixAttestorOptions options = Options();
+  options.hash_burst_bytes_per_uid = 10;
+  options.hash_refill_bytes_per_second = 2;
+  options.hash_budget_clock = [&now_ms] { return now_ms; };
+  UnixAttestor attestor(options, Names());
+  auto sha256_of = [&](int pid) -> std::string {
+    absl::StatusOr<Attestation> result = attestor.AttestPinned(pid);
+    EXPECT_TRUE(result.ok()) << result.status();
+    if (!result.ok()) return "";
+    return result->identity.exe_sha256_hex;
+  };
+  // Each rewrite (a new size: a new version for the cache) costs its size from uid 1001's
+  // budget of 10 bytes: 3 + 4 fit, 5 more do not.
+  EXPECT_EQ(sha256_of(100), kAbcSha256);
+  WriteFile(exe, "abcd");
+  EXPECT_EQ(sha256_of(100), Sha256Hex("abcd"));
+  WriteFile(exe, "abcde");
+  EXPECT_EQ(sha256_of(100), "");
+  EXPECT_EQ(attestor.HashComputationsForTesting(), 2u);
+  EXPECT_EQ(attestor.HashesRateLimitedForTesting(), 1u);
+  absl::StatusOr<Attestation> limited = attestor.AttestPinned(100);
+  ASSERT_TRUE(limited.ok());
+  EXPECT_THAT(limited->notes, Contains(HasSubstr("hashing budget")));
+  // Another uid has its own budget.
+  EXPECT_EQ(sha256_of(200), Sha256Hex("xyz"));
+  // The budget refills with time (2 bytes/s: 5 bytes after 1.5 s more than the 3 left).
+  now_ms += 1500;
+  EXPECT_EQ(sha256_of(100), Sha256Hex("abcde"));
+  // A cache hit costs nothing.
+  EXPECT_EQ(sha256_of(100), Sha256Hex("abcde"));
+  EXPECT_EQ(attestor.HashComputationsForTesting(), 4u);
+}
+
+TEST_F(UnixAttestorTest, ExecutableIdentityNamesTheRunningFile) {
+  fs::path exe = AddProcess(100, 5000);
+  UnixAttestor attestor(Options(), Names());
+  struct stat st {};
+  ASSERT_EQ(stat(exe.c_str(), &st), 0);
+  absl::StatusOr<ExecutableFile> running = attestor.ReadExecutable(100);
+  ASSERT_TRUE(running.ok()) << running.status();
+  EXPECT_EQ(running->device, static_cast<uint64_t>(st.st_dev));
+  EXPECT_EQ(running->inode, static_cast<uint64_t>(st.st_ino));
+  absl::StatusOr<Attestation> result = attestor.AttestPinned(100);
+  ASSERT_TRUE(result.ok()) << result.status();
+  EXPECT_TRUE(result->identity.exe_known);
+  EXPECT_EQ(result->identity.exe_device, running->device);
+  EXPECT_EQ(result->identity.exe_inode, running->inode);
+  EXPECT_EQ(attestor.ReadExecutable(4321).status().code(), absl::StatusCode::kNotFound);
+}
+
+TEST(HashBudgetTest, RefillsOverTimeAndForgetsFullBucketsWhenFull) {
+  int64_t now_ms = 0;
+  HashBudget budget(100, 10, /*max_tracked_uids=*/2, [&now_ms] { return now_ms; });
+  EXPECT_FALSE(budget.TryConsume(1, 101));  // never more than the burst
+  EXPECT_TRUE(budget.TryConsume(1, 100));
+  EXPECT_FALSE(budget.TryConsume(1, 1));
+  now_ms += 1000;  // +10 bytes
+  EXPECT_TRUE(budget.TryConsume(1, 10));
+  EXPECT_FALSE(budget.TryConsume(1, 1));
+  EXPECT_TRUE(budget.TryConsume(2, 50));
+  // Two uids tracked, both below full: a third must wait rather than evict one of them.
+  EXPECT_FALSE(budget.TryConsume(3, 1));
+  now_ms += 10000;  // both full again: forgotten to make room
+  EXPECT_TRUE(budget.TryConsume(3, 1));
+  EXPECT_TRUE(budget.TryConsume(1, 100));
 }
 
 TEST_F(UnixAttestorTest, ReadStartTimeHandlesCommWithSpacesAndParens) {
