@@ -242,6 +242,17 @@ int Run(const BrokerFlags& flags) {
   http::HttpLimits http_limits;
   http_limits.max_connections = flags.http_max_connections;
   http_limits.max_connections_per_ip = flags.http_max_connections_per_ip;
+  // HTTP clients must not take the descriptors agents, the store and the audit log need: past
+  // half the open-file limit, the cap is lowered (the limit was raised to the hard one at start).
+  if (const uint64_t half = RaiseFileLimit() / 2;
+      static_cast<uint64_t>(http_limits.max_connections) > half) {
+    spdlog::warn(
+        "--http-max-connections {} lowered to {}: half the open-file limit (raise LimitNOFILE)",
+        http_limits.max_connections, half);
+    http_limits.max_connections = static_cast<int>(std::max<uint64_t>(half, 1));
+    http_limits.max_connections_per_ip =
+        std::min(http_limits.max_connections_per_ip, http_limits.max_connections);
+  }
   if (auto s = http.Bind(http_host, http_port, flags.http_tls_cert, flags.http_tls_key,
                          flags.http_threads, http_limits);
       !s.ok()) {

@@ -395,6 +395,7 @@ absl::StatusOr<BrokerProcess> IntegrationTest::StartBroker(BrokerOptions options
                                    "--trust-domain",     options.trust_domain, "--agent-listen",
                                    options.agent_listen, "--http-listen",      options.http_listen};
   argv.insert(argv.end(), options.extra_args.begin(), options.extra_args.end());
+  argv.insert(argv.begin(), options.command_prefix.begin(), options.command_prefix.end());
   std::string log_path = NextLogPath("broker");
   auto pid = SpawnDaemon(argv, {}, log_path);
   if (!pid.ok()) return pid.status();

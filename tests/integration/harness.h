@@ -114,6 +114,9 @@ struct BrokerOptions {
   std::string agent_listen = "127.0.0.1:0";
   std::string http_listen = "127.0.0.1:0";
   std::vector<std::string> extra_args;
+  // Run through this command first, which must exec the broker in the same process
+  // (an absolute path, e.g. {"/usr/bin/prlimit", "--nofile=128:128", "--"}).
+  std::vector<std::string> command_prefix;
 };
 
 struct AgentOptions {

@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <chrono>
+#include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <iostream>
@@ -308,6 +309,34 @@ TEST_F(HttpConnectionCapsTest, CapsRefuseAtAcceptAndRecover) {
   for (int fd : held) ::close(fd);
   EXPECT_TRUE(WaitUntil([&] { return Request(address, GetKeys(address)) == 200; }, 5s))
       << "a normal client was not served after the attackers left";
+}
+
+// A broker whose descriptor limit cannot hold --http-max-connections lowers the cap to half the
+// limit, so HTTP clients cannot take the descriptors agents and the store need.
+TEST_F(HttpConnectionCapsTest, CapLoweredToHalfTheDescriptorLimit) {
+  // The broker starts with 128 descriptors: it may use 64 of them for HTTP clients.
+  BrokerOptions options;
+  options.command_prefix = {"/usr/bin/prlimit", "--nofile=128:128", "--"};
+  options.extra_args = {"--http-max-connections-per-ip", "10"};
+  auto broker = StartBroker(options);
+  ASSERT_TRUE(broker.ok()) << broker.status();
+  const std::string& address = broker->http_address;
+  std::vector<int> held;
+  for (int i = 0; i < 64; ++i) {
+    int fd = Connect(address, absl::StrCat("127.0.0.", 2 + i / 10));
+    ASSERT_GE(fd, 0);
+    SendAll(fd, "GET /keys HTTP/1.1\r\n");
+    held.push_back(fd);
+  }
+  int over = Connect(address, "127.0.0.20");
+  ASSERT_GE(over, 0);
+  SendAll(over, "GET /keys HTTP/1.1\r\n");
+  EXPECT_TRUE(WaitUntil([&] { return PeerClosed(over); }, 1500ms))
+      << "65th connection served: the cap was not lowered to half the descriptor limit";
+  ::close(over);
+  for (int fd : held) EXPECT_FALSE(PeerClosed(fd));
+  for (int fd : held) ::close(fd);
+  EXPECT_TRUE(WaitUntil([&] { return Request(address, GetKeys(address)) == 200; }, 5s));
 }
 
 }  // namespace
