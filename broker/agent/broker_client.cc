@@ -236,11 +236,23 @@ absl::Status BrokerClient::EndTask(const nodepb::NodeEndTaskRequest& request,
 }
 
 absl::Status BrokerClient::FetchTaskToken(const nodepb::NodeFetchTaskTokenRequest& request,
-                                          workloadpb::FetchTaskTokenResponse* response) {
+                                          workloadpb::FetchTaskTokenResponse* response,
+                                          TaskTokenHints* hints) {
   auto stub = nodepb::NodeApi::NewStub(Channel());
   grpc::ClientContext context;
   SetDeadline(context);
-  return ToAbslStatus(stub->FetchTaskToken(&context, request, response));
+  grpc::Status status = stub->FetchTaskToken(&context, request, response);
+  if (hints != nullptr) {
+    const auto& trailers = context.GetServerTrailingMetadata();
+    auto read = [&trailers](const char* name) {
+      auto it = trailers.find(name);
+      return it == trailers.end() ? std::string()
+                                  : std::string(it->second.data(), it->second.size());
+    };
+    hints->dpop_nonce = read("dpop-nonce");
+    hints->retry_after = read("retry-after");
+  }
+  return ToAbslStatus(status);
 }
 
 absl::Status BrokerClient::RunSync(

@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <filesystem>
 #include <iostream>
 #include <nlohmann/json.hpp>
 
@@ -214,6 +215,11 @@ int Run(const BrokerFlags& flags) {
   auto audit = AuditLog::Open(**store, *audit_chain, clock);
   if (!audit.ok()) return Fail(audit.status());
 
+  // A data directory without a JWT key has never had a broker running on it, so no earlier
+  // instance can have accepted a DPoP proof that this one's empty replay cache would miss.
+  std::error_code exists_error;
+  const bool first_start =
+      !std::filesystem::exists(flags.data_dir + "/jwt.key", exists_error) && !exists_error;
   TrustAuthority::Options ta_options{.data_dir = flags.data_dir, .trust_domain = *td};
   auto authority = TrustAuthority::LoadOrCreate(ta_options, clock);
   if (!authority.ok()) return Fail(authority.status());
@@ -260,19 +266,21 @@ int Run(const BrokerFlags& flags) {
   TaskRegistry task_registry(**store, **audit, clock, task_limits);
   // One cache for every path that accepts token-request proofs, so a proof is used once.
   dpop::ReplayCache replay_cache;
-  const int64_t started_at = clock.NowSeconds();
-  NodeTaskSupport task_support{.registry = &task_registry,
-                               .replay_cache = &replay_cache,
-                               .issuer_url = issuer_url,
-                               .started_at = started_at,
-                               .proof_max_age_seconds = flags.dpop_proof_max_age,
-                               .proof_max_future_seconds = flags.dpop_proof_max_future};
+  // Proofs the previous instance may have accepted are refused (dpop::FirstAcceptableIat).
+  const int64_t started_at = first_start ? 0 : clock.NowSeconds();
   // Nonces rotate once per proof lifetime; the previous one stays valid, so a client's nonce
   // works for one to two proof lifetimes and every answer hands out the current one.
   std::unique_ptr<DpopNonceSource> dpop_nonces;
   if (flags.dpop_nonce) {
     dpop_nonces = std::make_unique<DpopNonceSource>(clock, flags.dpop_proof_max_age);
   }
+  NodeTaskSupport task_support{.registry = &task_registry,
+                               .replay_cache = &replay_cache,
+                               .issuer_url = issuer_url,
+                               .started_at = started_at,
+                               .proof_max_age_seconds = flags.dpop_proof_max_age,
+                               .proof_max_future_seconds = flags.dpop_proof_max_future,
+                               .nonces = dpop_nonces.get()};
   TokenEndpoint token_endpoint(**authority, **entries, task_registry, issuer, replay_cache, clock,
                                TokenEndpointOptions{
                                    .issuer_url = issuer_url,

@@ -272,5 +272,68 @@ TEST_F(TasksFixture, TokenEndpointWithDpopNonceHandsOutANonceAndAcceptsIt) {
   EXPECT_EQ(PayloadOf(third.body["access_token"])["cnf"]["jkt"], *(*client)->DpopKeyThumbprint());
 }
 
+// Issue 10 item 11: the node API's FetchTaskToken ignored --dpop-nonce, so a proof without the
+// nonce was refused at /token but accepted through the agent. Now both paths require it; the
+// agent passes the broker's nonce on and the SDK signs its retry with it.
+TEST_F(TasksFixture, WorkloadApiTaskTokensRequireTheNonceUnderDpopNonce) {
+  BrokerOptions options;
+  options.extra_args = {"--dpop-nonce"};
+  ASSERT_NO_FATAL_FAILURE(StartAll(options));
+  auto client = WorkloadClient::Connect("unix://" + agent_.socket);
+  ASSERT_TRUE(client.ok()) << client.status();
+  auto task = (*client)->DeclareTask("nonce task", {"tickets:read"}, {"aud-n"});
+  ASSERT_TRUE(task.ok()) << task.status();
+
+  auto stub = mandate::workload::v1::Tasks::NewStub(
+      grpc::CreateChannel("unix:" + agent_.socket, grpc::InsecureChannelCredentials()));
+  auto fetch = [&](const std::string& proof, std::string* nonce) {
+    mandate::workload::v1::FetchTaskTokenRequest request;
+    request.set_task_id(task->id);
+    request.set_audience("aud-n");
+    request.set_dpop_proof(proof);
+    grpc::ClientContext context;
+    context.AddMetadata("workload.spiffe.io", "true");
+    mandate::workload::v1::FetchTaskTokenResponse response;
+    grpc::Status status = stub->FetchTaskToken(&context, request, &response);
+    auto it = context.GetServerTrailingMetadata().find("dpop-nonce");
+    if (it != context.GetServerTrailingMetadata().end()) {
+      nonce->assign(it->second.data(), it->second.size());
+    }
+    return status;
+  };
+  // A proof without the nonce is refused, and the refusal carries the nonce.
+  std::string nonce;
+  grpc::Status refused = fetch(*(*client)->CreateProof("POST", task->token_endpoint), &nonce);
+  EXPECT_EQ(refused.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  EXPECT_THAT(refused.error_message(), HasSubstr("use_dpop_nonce"));
+  ASSERT_FALSE(nonce.empty());
+  // With a nonce of another server, too.
+  std::string ignored;
+  EXPECT_EQ(
+      fetch(*(*client)->CreateProof("POST", task->token_endpoint, "", "not-the-nonce"), &ignored)
+          .error_code(),
+      grpc::StatusCode::FAILED_PRECONDITION);
+  // With it, the token is issued.
+  std::string after;
+  grpc::Status accepted =
+      fetch(*(*client)->CreateProof("POST", task->token_endpoint, "", nonce), &after);
+  EXPECT_TRUE(accepted.ok()) << accepted.error_message();
+  EXPECT_EQ(after, nonce);
+  // The SDK does all that by itself: its first proof has no nonce, it retries with the one
+  // handed out, and later calls carry it from the start.
+  for (int i = 0; i < 2; ++i) {
+    auto token = (*client)->FetchTaskToken(*task, "aud-n");
+    ASSERT_TRUE(token.ok()) << token.status();
+    EXPECT_EQ(token->jkt, *(*client)->DpopKeyThumbprint());
+  }
+  // POST /token agrees: the same nonce is current there.
+  auto svid = (*client)->FetchJwtSvid({broker_.issuer_url});
+  ASSERT_TRUE(svid.ok()) << svid.status();
+  TokenHttpAnswer http =
+      PostToken(broker_.http_address, ExchangeParams(svid->token, task->id),
+                {*(*client)->CreateProof("POST", task->token_endpoint, "", nonce)});
+  EXPECT_EQ(http.status, 200) << http.body.dump();
+}
+
 }  // namespace
 }  // namespace mandate::integration
