@@ -7,6 +7,7 @@
 #include <openssl/crypto.h>
 
 #include "absl/strings/str_cat.h"
+#include "broker/common/grpcutil/keepalive.h"
 #include "broker/common/grpcutil/status.h"
 #include "broker/common/util/status_macros.h"
 #include "mandate/node/v1/node.grpc.pb.h"
@@ -82,8 +83,8 @@ std::shared_ptr<grpc::Channel> BrokerClient::MakeChannel(const std::string& key_
   // Host-name checks are replaced by the SPIFFE ID check above; the override keeps gRPC's
   // default SNI/host logic from failing on IP addresses or aliases.
   args.SetSslTargetNameOverride("localhost");
-  args.SetInt(GRPC_ARG_KEEPALIVE_TIME_MS, 30000);
-  args.SetInt(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
+  // Matched by the broker's AcceptAgentKeepalive, so the pings never earn a GOAWAY.
+  grpcutil::SetAgentKeepalive(args);
   args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 200);
   args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 5000);
   return grpc::CreateCustomChannel(address_, TlsCredentials(options), args);

@@ -23,6 +23,7 @@
 #include "broker/common/config/config_file.h"
 #include "broker/common/crypto/keys.h"
 #include "broker/common/dpop/dpop.h"
+#include "broker/common/grpcutil/keepalive.h"
 #include "broker/common/grpcutil/uds_listener.h"
 #include "broker/common/log/log.h"
 #include "broker/common/store/sqlite_store.h"
@@ -315,6 +316,8 @@ int Run(const BrokerFlags& flags) {
   node_quota.SetMaxThreads(flags.max_node_threads);
   node_builder.SetResourceQuota(node_quota);
   node_builder.AddChannelArgument(GRPC_ARG_MAX_CONCURRENT_STREAMS, 16);
+  // Agents ping every 30 s (SetAgentKeepalive); gRPC's default policy answers that with GOAWAY.
+  grpcutil::AcceptAgentKeepalive(node_builder);
   // Idle handler threads kept ready (gRPC's default of 2 creates a thread per concurrent call).
   node_builder.SetSyncServerOption(grpc::ServerBuilder::SyncServerOption::MIN_POLLERS, 2);
   node_builder.SetSyncServerOption(grpc::ServerBuilder::SyncServerOption::MAX_POLLERS, 16);
