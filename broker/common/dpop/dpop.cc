@@ -419,10 +419,13 @@ struct ReplayCache::Shard {
 
 namespace {
 
-size_t ShardCountFor(size_t max_entries) {
-  // Small caches stay in one shard so their limits are exact; large ones spread the lock.
+size_t ShardCountFor(size_t max_entries, size_t max_entries_per_owner) {
+  // Small caches stay in one shard so their limits are exact; large ones spread the lock. Never
+  // more shards than an owner's share, so each shard's part of it is at least one entry and the
+  // parts never add up to more than the share.
   constexpr size_t kMinEntriesPerShard = 4096;
-  return std::clamp<size_t>(max_entries / kMinEntriesPerShard, 1, ReplayCache::kMaxShards);
+  return std::clamp<size_t>(std::min(max_entries / kMinEntriesPerShard, max_entries_per_owner), 1,
+                            ReplayCache::kMaxShards);
 }
 
 size_t DividedAtLeastOne(size_t total, size_t parts) { return std::max<size_t>(1, total / parts); }
@@ -434,7 +437,7 @@ ReplayCache::ReplayCache(size_t max_entries, size_t max_entries_per_owner)
       max_entries_per_owner_(std::min(max_entries_, max_entries_per_owner == 0
                                                         ? DividedAtLeastOne(max_entries_, 8)
                                                         : max_entries_per_owner)),
-      shard_count_(ShardCountFor(max_entries_)),
+      shard_count_(ShardCountFor(max_entries_, max_entries_per_owner_)),
       shard_max_entries_(DividedAtLeastOne(max_entries_, shard_count_)),
       shard_max_entries_per_owner_(DividedAtLeastOne(max_entries_per_owner_, shard_count_)),
       shards_(new Shard[shard_count_]) {}

@@ -495,6 +495,14 @@ TEST(ReplayCacheTest, DefaultLimits) {
   EXPECT_EQ(cache.max_entries_per_owner(), size_t{1} << 18);
   EXPECT_EQ(ReplayCache(10, 100).max_entries_per_owner(), 10u);
   EXPECT_EQ(ReplayCache(0, 0).max_entries(), 1u);
+  // A share smaller than the shard count is still exact.
+  ReplayCache large(size_t{1} << 20, 4);
+  int accepted = 0;
+  for (int i = 0; i < 100; ++i) {
+    accepted +=
+        large.CheckAndRemember("owner", kTokenUrl, absl::StrCat("j", i), kNow + 60, kNow).ok();
+  }
+  EXPECT_EQ(accepted, 4);
 }
 
 // The red-team attack on one shared 100,000-entry set: one workload's legitimate rate (~2,300
