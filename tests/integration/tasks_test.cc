@@ -4,8 +4,10 @@
 #include <grpcpp/grpcpp.h>
 #include <gtest/gtest.h>
 #include <httplib.h>
+#include <signal.h>
 
 #include <nlohmann/json.hpp>
+#include <thread>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
@@ -333,6 +335,61 @@ TEST_F(TasksFixture, WorkloadApiTaskTokensRequireTheNonceUnderDpopNonce) {
       PostToken(broker_.http_address, ExchangeParams(svid->token, task->id),
                 {*(*client)->CreateProof("POST", task->token_endpoint, "", nonce)});
   EXPECT_EQ(http.status, 200) << http.body.dump();
+}
+
+// Issue 10 item 7 against real daemons: a proof dated into the future (within the 5 s skew)
+// that the broker accepted is replayed right after a restart, when the replay cache is empty.
+// The restarted broker refuses every proof with 503 temporarily_unavailable for 6 s, then that
+// one for good; the SDK waits the window out by itself.
+TEST_F(TasksFixture, ARestartedBrokerRefusesAProofItsPredecessorAccepted) {
+  ASSERT_NO_FATAL_FAILURE(StartAll());
+  auto client = WorkloadClient::Connect("unix://" + agent_.socket);
+  ASSERT_TRUE(client.ok()) << client.status();
+  auto task = (*client)->DeclareTask("restart task", {"tickets:read"}, {"aud-r"});
+  ASSERT_TRUE(task.ok()) << task.status();
+  auto svid = (*client)->FetchJwtSvid({broker_.issuer_url});
+  ASSERT_TRUE(svid.ok()) << svid.status();
+  const auto params = ExchangeParams(svid->token, task->id);
+  auto key = crypto::PrivateKey::GenerateP256();
+  ASSERT_TRUE(key.ok());
+  const std::string future_proof =
+      *dpop::CreateProof(*key, "POST", task->token_endpoint, ::time(nullptr) + 4);
+  ASSERT_EQ(PostToken(broker_.http_address, params, {future_proof}).status, 200);
+
+  ASSERT_EQ(StopProcess(broker_.pid, SIGTERM), 0);
+  BrokerOptions same_ports;
+  same_ports.agent_listen = broker_.agent_address;
+  same_ports.http_listen = broker_.http_address;
+  const auto restart_began = std::chrono::steady_clock::now();
+  auto restarted = StartBroker(same_ports);
+  ASSERT_TRUE(restarted.ok()) << restarted.status();
+  broker_ = *restarted;
+
+  TokenHttpAnswer during = PostToken(broker_.http_address, params, {future_proof});
+  if (std::chrono::steady_clock::now() - restart_began < 5s) {
+    EXPECT_EQ(during.status, 503) << during.body.dump();
+    EXPECT_EQ(during.body.value("error", ""), "temporarily_unavailable");
+  }
+  // Once the agent is connected to the new broker (a JWT-SVID for a new audience is minted
+  // there), the SDK's proof may still fall in the window: it waits as told and succeeds.
+  int audience = 0;
+  ASSERT_TRUE(WaitUntil(
+      [&] {
+        return Workload(agent_,
+                        {"fetch", "jwt", "--audience", absl::StrCat("after-restart-", ++audience)})
+                   .exit_code == 0;
+      },
+      15s, 100ms));
+  auto token = (*client)->FetchTaskToken(*task, "aud-r");
+  EXPECT_TRUE(token.ok()) << token.status();
+  std::this_thread::sleep_until(restart_began + 7s);
+  TokenHttpAnswer replay = PostToken(broker_.http_address, params, {future_proof});
+  EXPECT_EQ(replay.status, 400) << replay.body.dump();
+  EXPECT_EQ(replay.body.value("error", ""), "invalid_dpop_proof");
+  TokenHttpAnswer fresh =
+      PostToken(broker_.http_address, params,
+                {*dpop::CreateProof(*key, "POST", task->token_endpoint, ::time(nullptr))});
+  EXPECT_EQ(fresh.status, 200) << fresh.body.dump();
 }
 
 }  // namespace
