@@ -237,60 +237,68 @@ TEST_F(TasksFixture, TokenEndpointExchangesAJwtSvidForADpopBoundTaskToken) {
             "invalid_grant");
 }
 
-TEST_F(TasksFixture, TokenEndpointWithDpopNonceHandsOutANonceAndAcceptsIt) {
-  BrokerOptions options;
-  options.extra_args = {"--dpop-nonce"};
-  ASSERT_NO_FATAL_FAILURE(StartAll(options));
-  auto client = WorkloadClient::Connect("unix://" + agent_.socket);
-  ASSERT_TRUE(client.ok()) << client.status();
-  auto task = (*client)->DeclareTask("nonce task", {"tickets:read"}, {"aud-n"});
-  ASSERT_TRUE(task.ok()) << task.status();
-  auto svid = (*client)->FetchJwtSvid({broker_.issuer_url});
+// A broker with --dpop-nonce, and a task of this process declared through the SDK.
+class NonceTasksFixture : public TasksFixture {
+ protected:
+  void SetUp() override {
+    TasksFixture::SetUp();
+    BrokerOptions options;
+    options.extra_args = {"--dpop-nonce"};
+    ASSERT_NO_FATAL_FAILURE(StartAll(options));
+    auto client = WorkloadClient::Connect("unix://" + agent_.socket);
+    ASSERT_TRUE(client.ok()) << client.status();
+    client_ = *std::move(client);
+    auto task = client_->DeclareTask("nonce task", {"tickets:read"}, {"aud-n"});
+    ASSERT_TRUE(task.ok()) << task.status();
+    task_ = *task;
+  }
+  void TearDown() override {
+    client_.reset();  // before the agent stops, which would wait for the connection
+    TasksFixture::TearDown();
+  }
+  std::unique_ptr<WorkloadClient> client_;
+  TaskInfo task_;
+};
+
+TEST_F(NonceTasksFixture, TokenEndpointWithDpopNonceHandsOutANonceAndAcceptsIt) {
+  auto svid = client_->FetchJwtSvid({broker_.issuer_url});
   ASSERT_TRUE(svid.ok()) << svid.status();
-  auto params = ExchangeParams(svid->token, task->id);
+  auto params = ExchangeParams(svid->token, task_.id);
   // A client holding its own key, as any OAuth DPoP client would.
   auto key = crypto::PrivateKey::GenerateP256();
   ASSERT_TRUE(key.ok());
   auto now = [] { return static_cast<int64_t>(::time(nullptr)); };
   TokenHttpAnswer first =
       PostToken(broker_.http_address, params,
-                {*dpop::CreateProof(*key, "POST", task->token_endpoint, now())});
+                {*dpop::CreateProof(*key, "POST", task_.token_endpoint, now())});
   EXPECT_EQ(first.status, 400);
   EXPECT_EQ(first.body.value("error", ""), "use_dpop_nonce");
   ASSERT_FALSE(first.dpop_nonce.empty());
   TokenHttpAnswer second = PostToken(
       broker_.http_address, params,
-      {*dpop::CreateProof(*key, "POST", task->token_endpoint, now(), "", first.dpop_nonce)});
+      {*dpop::CreateProof(*key, "POST", task_.token_endpoint, now(), "", first.dpop_nonce)});
   ASSERT_EQ(second.status, 200) << second.body.dump();
   EXPECT_EQ(second.body["scope"], "tickets:read");
   EXPECT_EQ(PayloadOf(second.body["access_token"])["cnf"]["jkt"],
             *jose::JwkThumbprint(key->public_key()));
   EXPECT_EQ(second.dpop_nonce, first.dpop_nonce);
   // The SDK's own key and proof carry the nonce too.
-  auto sdk_proof = (*client)->CreateProof("POST", task->token_endpoint, "", second.dpop_nonce);
+  auto sdk_proof = client_->CreateProof("POST", task_.token_endpoint, "", second.dpop_nonce);
   ASSERT_TRUE(sdk_proof.ok()) << sdk_proof.status();
   TokenHttpAnswer third = PostToken(broker_.http_address, params, {*sdk_proof});
   ASSERT_EQ(third.status, 200) << third.body.dump();
-  EXPECT_EQ(PayloadOf(third.body["access_token"])["cnf"]["jkt"], *(*client)->DpopKeyThumbprint());
+  EXPECT_EQ(PayloadOf(third.body["access_token"])["cnf"]["jkt"], *client_->DpopKeyThumbprint());
 }
 
 // Issue 10 item 11: the node API's FetchTaskToken ignored --dpop-nonce, so a proof without the
 // nonce was refused at /token but accepted through the agent. Now both paths require it; the
 // agent passes the broker's nonce on and the SDK signs its retry with it.
-TEST_F(TasksFixture, WorkloadApiTaskTokensRequireTheNonceUnderDpopNonce) {
-  BrokerOptions options;
-  options.extra_args = {"--dpop-nonce"};
-  ASSERT_NO_FATAL_FAILURE(StartAll(options));
-  auto client = WorkloadClient::Connect("unix://" + agent_.socket);
-  ASSERT_TRUE(client.ok()) << client.status();
-  auto task = (*client)->DeclareTask("nonce task", {"tickets:read"}, {"aud-n"});
-  ASSERT_TRUE(task.ok()) << task.status();
-
+TEST_F(NonceTasksFixture, WorkloadApiTaskTokensRequireTheNonceUnderDpopNonce) {
   auto stub = mandate::workload::v1::Tasks::NewStub(
       grpc::CreateChannel("unix:" + agent_.socket, grpc::InsecureChannelCredentials()));
   auto fetch = [&](const std::string& proof, std::string* nonce) {
     mandate::workload::v1::FetchTaskTokenRequest request;
-    request.set_task_id(task->id);
+    request.set_task_id(task_.id);
     request.set_audience("aud-n");
     request.set_dpop_proof(proof);
     grpc::ClientContext context;
@@ -305,35 +313,35 @@ TEST_F(TasksFixture, WorkloadApiTaskTokensRequireTheNonceUnderDpopNonce) {
   };
   // A proof without the nonce is refused, and the refusal carries the nonce.
   std::string nonce;
-  grpc::Status refused = fetch(*(*client)->CreateProof("POST", task->token_endpoint), &nonce);
+  grpc::Status refused = fetch(*client_->CreateProof("POST", task_.token_endpoint), &nonce);
   EXPECT_EQ(refused.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
   EXPECT_THAT(refused.error_message(), HasSubstr("use_dpop_nonce"));
   ASSERT_FALSE(nonce.empty());
   // With a nonce of another server, too.
   std::string ignored;
   EXPECT_EQ(
-      fetch(*(*client)->CreateProof("POST", task->token_endpoint, "", "not-the-nonce"), &ignored)
+      fetch(*client_->CreateProof("POST", task_.token_endpoint, "", "not-the-nonce"), &ignored)
           .error_code(),
       grpc::StatusCode::FAILED_PRECONDITION);
   // With it, the token is issued.
   std::string after;
   grpc::Status accepted =
-      fetch(*(*client)->CreateProof("POST", task->token_endpoint, "", nonce), &after);
+      fetch(*client_->CreateProof("POST", task_.token_endpoint, "", nonce), &after);
   EXPECT_TRUE(accepted.ok()) << accepted.error_message();
   EXPECT_EQ(after, nonce);
   // The SDK does all that by itself: its first proof has no nonce, it retries with the one
   // handed out, and later calls carry it from the start.
   for (int i = 0; i < 2; ++i) {
-    auto token = (*client)->FetchTaskToken(*task, "aud-n");
+    auto token = client_->FetchTaskToken(task_, "aud-n");
     ASSERT_TRUE(token.ok()) << token.status();
-    EXPECT_EQ(token->jkt, *(*client)->DpopKeyThumbprint());
+    EXPECT_EQ(token->jkt, *client_->DpopKeyThumbprint());
   }
   // POST /token agrees: the same nonce is current there.
-  auto svid = (*client)->FetchJwtSvid({broker_.issuer_url});
+  auto svid = client_->FetchJwtSvid({broker_.issuer_url});
   ASSERT_TRUE(svid.ok()) << svid.status();
   TokenHttpAnswer http =
-      PostToken(broker_.http_address, ExchangeParams(svid->token, task->id),
-                {*(*client)->CreateProof("POST", task->token_endpoint, "", nonce)});
+      PostToken(broker_.http_address, ExchangeParams(svid->token, task_.id),
+                {*client_->CreateProof("POST", task_.token_endpoint, "", nonce)});
   EXPECT_EQ(http.status, 200) << http.body.dump();
 }
 
