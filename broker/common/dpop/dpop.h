@@ -14,9 +14,9 @@
 // - ResourceExhausted: the replay cache is full, or the proof's owner has used up its share of
 //   it; the proof is refused (fail closed) rather than accepted unremembered. Not the proof's
 //   fault: map to 503 `temporarily_unavailable`, never to `invalid_dpop_proof`.
-// - Unavailable: the verifier started less than not_before - now seconds ago and refuses every
-//   proof until then (see FirstAcceptableIat); not the proof's fault: map to 503
-//   `temporarily_unavailable`, the client retries with a new proof.
+// - Unavailable: now is still before not_before (the verifier has just started, see
+//   FirstAcceptableIat), so every proof is refused until then; not the proof's fault: map to 503
+//   `temporarily_unavailable`, the client retries with a new proof after not_before - now s.
 // - InvalidArgument: the caller's own VerifyOptions are unusable (e.g. an expected htu that is
 //   not an absolute http(s) URL).
 //
