@@ -7,6 +7,7 @@
 #include <openssl/crypto.h>
 
 #include "absl/strings/str_cat.h"
+#include "broker/common/grpcutil/keepalive.h"
 #include "broker/common/grpcutil/status.h"
 #include "broker/common/util/status_macros.h"
 #include "mandate/node/v1/node.grpc.pb.h"
@@ -82,8 +83,8 @@ std::shared_ptr<grpc::Channel> BrokerClient::MakeChannel(const std::string& key_
   // Host-name checks are replaced by the SPIFFE ID check above; the override keeps gRPC's
   // default SNI/host logic from failing on IP addresses or aliases.
   args.SetSslTargetNameOverride("localhost");
-  args.SetInt(GRPC_ARG_KEEPALIVE_TIME_MS, 30000);
-  args.SetInt(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
+  // Matched by the broker's AcceptAgentKeepalive, so the pings never earn a GOAWAY.
+  grpcutil::SetAgentKeepalive(args);
   args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 200);
   args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 5000);
   return grpc::CreateCustomChannel(address_, TlsCredentials(options), args);
@@ -236,11 +237,23 @@ absl::Status BrokerClient::EndTask(const nodepb::NodeEndTaskRequest& request,
 }
 
 absl::Status BrokerClient::FetchTaskToken(const nodepb::NodeFetchTaskTokenRequest& request,
-                                          workloadpb::FetchTaskTokenResponse* response) {
+                                          workloadpb::FetchTaskTokenResponse* response,
+                                          TaskTokenHints* hints) {
   auto stub = nodepb::NodeApi::NewStub(Channel());
   grpc::ClientContext context;
   SetDeadline(context);
-  return ToAbslStatus(stub->FetchTaskToken(&context, request, response));
+  grpc::Status status = stub->FetchTaskToken(&context, request, response);
+  if (hints != nullptr) {
+    const auto& trailers = context.GetServerTrailingMetadata();
+    auto read = [&trailers](const char* name) {
+      auto it = trailers.find(name);
+      return it == trailers.end() ? std::string()
+                                  : std::string(it->second.data(), it->second.size());
+    };
+    hints->dpop_nonce = read("dpop-nonce");
+    hints->retry_after = read("retry-after");
+  }
+  return ToAbslStatus(status);
 }
 
 absl::Status BrokerClient::RunSync(

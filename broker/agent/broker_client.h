@@ -58,6 +58,12 @@ struct MintedJwt {
   int64_t expires_at = 0;
 };
 
+// The broker's trailing metadata on FetchTaskToken (empty strings when absent).
+struct TaskTokenHints {
+  std::string dpop_nonce;   // "dpop-nonce": its current DPoP nonce (--dpop-nonce)
+  std::string retry_after;  // "retry-after": seconds until it accepts proofs after a restart
+};
+
 class BrokerClient {
  public:
   // `address` is host:port of the broker's agent listener; `trust_bundle_pem` the CA
@@ -89,8 +95,11 @@ class BrokerClient {
                        mandate::workload::v1::Task* task);
   absl::Status EndTask(const mandate::node::v1::NodeEndTaskRequest& request,
                        mandate::workload::v1::Task* task);
+  // `hints`, when non-null, receives what the broker said in trailing metadata, on refusals as
+  // on success, for the agent to pass on to the workload.
   absl::Status FetchTaskToken(const mandate::node::v1::NodeFetchTaskTokenRequest& request,
-                              mandate::workload::v1::FetchTaskTokenResponse* response);
+                              mandate::workload::v1::FetchTaskTokenResponse* response,
+                              TaskTokenHints* hints = nullptr);
 
   // Opens the sync stream and calls `on_snapshot` for every snapshot until the stream ends,
   // `stop` is set, or Cancel() is called. Returns the stream's final status.

@@ -110,7 +110,13 @@ grpc::Status TasksService::FetchTaskToken(grpc::ServerContext* context,
   forward.set_audience(request->audience());
   *forward.mutable_scopes() = request->scopes();
   forward.set_dpop_proof(request->dpop_proof());
-  return ToGrpcStatus(agent_.broker().FetchTaskToken(forward, response));
+  // The broker's nonce (--dpop-nonce, RFC 9449 §8 over gRPC) and retry delay go back to the
+  // workload: only the workload holds the proof key, so it signs any retry itself.
+  TaskTokenHints hints;
+  absl::Status status = agent_.broker().FetchTaskToken(forward, response, &hints);
+  if (!hints.dpop_nonce.empty()) context->AddTrailingMetadata("dpop-nonce", hints.dpop_nonce);
+  if (!hints.retry_after.empty()) context->AddTrailingMetadata("retry-after", hints.retry_after);
+  return ToGrpcStatus(status);
 }
 
 }  // namespace mandate::agent

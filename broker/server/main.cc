@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <filesystem>
 #include <iostream>
 #include <nlohmann/json.hpp>
 
@@ -22,6 +23,7 @@
 #include "broker/common/config/config_file.h"
 #include "broker/common/crypto/keys.h"
 #include "broker/common/dpop/dpop.h"
+#include "broker/common/grpcutil/keepalive.h"
 #include "broker/common/grpcutil/uds_listener.h"
 #include "broker/common/log/log.h"
 #include "broker/common/store/sqlite_store.h"
@@ -230,6 +232,11 @@ int Run(const BrokerFlags& flags) {
   auto audit = AuditLog::Open(**store, *audit_chain, clock);
   if (!audit.ok()) return Fail(audit.status());
 
+  // A data directory without a JWT key has never had a broker running on it, so no earlier
+  // instance can have accepted a DPoP proof that this one's empty replay cache would miss.
+  std::error_code exists_error;
+  const bool first_start =
+      !std::filesystem::exists(flags.data_dir + "/jwt.key", exists_error) && !exists_error;
   TrustAuthority::Options ta_options{.data_dir = flags.data_dir, .trust_domain = *td};
   auto authority = TrustAuthority::LoadOrCreate(ta_options, clock);
   if (!authority.ok()) return Fail(authority.status());
@@ -290,19 +297,21 @@ int Run(const BrokerFlags& flags) {
   TaskRegistry task_registry(**store, **audit, clock, task_limits);
   // One cache for every path that accepts token-request proofs, so a proof is used once.
   dpop::ReplayCache replay_cache;
-  const int64_t started_at = clock.NowSeconds();
-  NodeTaskSupport task_support{.registry = &task_registry,
-                               .replay_cache = &replay_cache,
-                               .issuer_url = issuer_url,
-                               .started_at = started_at,
-                               .proof_max_age_seconds = flags.dpop_proof_max_age,
-                               .proof_max_future_seconds = flags.dpop_proof_max_future};
+  // Proofs the previous instance may have accepted are refused (dpop::FirstAcceptableIat).
+  const int64_t started_at = first_start ? 0 : clock.NowSeconds();
   // Nonces rotate once per proof lifetime; the previous one stays valid, so a client's nonce
   // works for one to two proof lifetimes and every answer hands out the current one.
   std::unique_ptr<DpopNonceSource> dpop_nonces;
   if (flags.dpop_nonce) {
     dpop_nonces = std::make_unique<DpopNonceSource>(clock, flags.dpop_proof_max_age);
   }
+  NodeTaskSupport task_support{.registry = &task_registry,
+                               .replay_cache = &replay_cache,
+                               .issuer_url = issuer_url,
+                               .started_at = started_at,
+                               .proof_max_age_seconds = flags.dpop_proof_max_age,
+                               .proof_max_future_seconds = flags.dpop_proof_max_future,
+                               .nonces = dpop_nonces.get()};
   TokenEndpoint token_endpoint(**authority, **entries, task_registry, issuer, replay_cache, clock,
                                TokenEndpointOptions{
                                    .issuer_url = issuer_url,
@@ -337,6 +346,8 @@ int Run(const BrokerFlags& flags) {
   node_quota.SetMaxThreads(flags.max_node_threads);
   node_builder.SetResourceQuota(node_quota);
   node_builder.AddChannelArgument(GRPC_ARG_MAX_CONCURRENT_STREAMS, 16);
+  // Agents ping every 30 s (SetAgentKeepalive); gRPC's default policy answers that with GOAWAY.
+  grpcutil::AcceptAgentKeepalive(node_builder);
   // Idle handler threads kept ready (gRPC's default of 2 creates a thread per concurrent call).
   node_builder.SetSyncServerOption(grpc::ServerBuilder::SyncServerOption::MIN_POLLERS, 2);
   node_builder.SetSyncServerOption(grpc::ServerBuilder::SyncServerOption::MAX_POLLERS, 16);

@@ -411,24 +411,38 @@ grpc::Status NodeService::FetchTaskToken(grpc::ServerContext* context,
   if (tasks_.registry == nullptr || tasks_.replay_cache == nullptr) return TasksDisabled();
   auto entry = AuthorizeEntryCall(context, request->entry_id());
   if (!entry.ok()) return ToGrpcStatus(entry.status());
-  dpop::VerifyOptions options;
-  options.htm = "POST";
-  options.htu = TokenEndpointUrl(tasks_.issuer_url);
-  options.now = clock_.NowSeconds();
-  options.not_before = tasks_.started_at;
-  options.max_age_seconds = tasks_.proof_max_age_seconds;
-  options.max_future_seconds = tasks_.proof_max_future_seconds;
-  auto proof = dpop::VerifyProof(request->dpop_proof(), options, tasks_.replay_cache);
+  const TokenProofPolicy policy{.token_endpoint_url = TokenEndpointUrl(tasks_.issuer_url),
+                                .started_at = tasks_.started_at,
+                                .max_age_seconds = tasks_.proof_max_age_seconds,
+                                .max_future_seconds = tasks_.proof_max_future_seconds,
+                                .replay_cache = tasks_.replay_cache,
+                                .nonces = tasks_.nonces};
+  // RFC 9449 §8 over gRPC: the nonce travels in trailing metadata, on refusals and successes
+  // alike, so the workload's SDK can sign its next proof (or retry this one) with it.
+  if (tasks_.nonces != nullptr)
+    context->AddTrailingMetadata("dpop-nonce", tasks_.nonces->Current());
+  auto proof = VerifyTokenRequestProof(policy, clock_, request->dpop_proof(), entry->spiffe_id);
   if (!proof.ok()) {
-    // Internal mistakes (our own options unusable) keep their code; every verdict on the proof
-    // itself is the caller's fault.
-    absl::StatusCode code = proof.status().code() == absl::StatusCode::kResourceExhausted
-                                ? absl::StatusCode::kResourceExhausted
-                            : proof.status().code() == absl::StatusCode::kFailedPrecondition
-                                ? absl::StatusCode::kFailedPrecondition
-                                : absl::StatusCode::kInvalidArgument;
-    return ToGrpcStatus(
-        absl::Status(code, absl::StrCat("invalid DPoP proof: ", proof.status().message())));
+    switch (proof.status().code()) {
+      case absl::StatusCode::kFailedPrecondition:
+        return ToGrpcStatus(absl::FailedPreconditionError(
+            "use_dpop_nonce: the DPoP proof must carry the nonce sent in the dpop-nonce trailer"));
+      case absl::StatusCode::kUnavailable:
+        // Just restarted: say when proofs are accepted again so the SDK can retry then.
+        context->AddTrailingMetadata(
+            "retry-after",
+            std::to_string(std::max<int64_t>(1, SecondsUntilProofsAccepted(policy, clock_))));
+        [[fallthrough]];
+      case absl::StatusCode::kResourceExhausted:
+        // Nothing is wrong with the proof; the broker cannot accept it right now.
+        return ToGrpcStatus(absl::UnavailableError(
+            absl::StrCat("temporarily_unavailable: ", proof.status().message())));
+      case absl::StatusCode::kInvalidArgument:
+        return ToGrpcStatus(absl::InternalError("task token path misconfigured"));
+      default:
+        return ToGrpcStatus(absl::InvalidArgumentError(
+            absl::StrCat("invalid DPoP proof: ", proof.status().message())));
+    }
   }
   auto task = tasks_.registry->GetUsable(entry->spiffe_id, request->task_id());
   if (!task.ok()) return ToGrpcStatus(task.status());

@@ -17,6 +17,7 @@
 #include "broker/server/entry_registry.h"
 #include "broker/server/issuer.h"
 #include "broker/server/tasks/task_registry.h"
+#include "broker/server/token_endpoint.h"
 #include "broker/server/trust_authority.h"
 #include "mandate/node/v1/node.grpc.pb.h"
 
@@ -36,6 +37,8 @@ struct NodeTaskSupport {
   // Accepted proof iat window (--dpop-proof-max-age / --dpop-proof-max-future).
   int64_t proof_max_age_seconds = 60;
   int64_t proof_max_future_seconds = 5;
+  // Non-null (--dpop-nonce): proofs must carry one of its nonces, as at POST /token. Borrowed.
+  DpopNonceSource* nonces = nullptr;
 };
 
 class NodeService final : public mandate::node::v1::NodeApi::Service {
@@ -71,8 +74,11 @@ class NodeService final : public mandate::node::v1::NodeApi::Service {
   grpc::Status EndTask(grpc::ServerContext* context,
                        const mandate::node::v1::NodeEndTaskRequest* request,
                        mandate::workload::v1::Task* response) override;
-  // Verifies the workload's DPoP proof (htm POST, htu <issuer_url>/token, replay cache) before
-  // anything else about the task, so a refused call never mints.
+  // Verifies the workload's DPoP proof with the rules of POST /token (VerifyTokenRequestProof:
+  // htm POST, htu <issuer_url>/token, the shared replay cache charged to the entry's SPIFFE ID,
+  // the nonce under --dpop-nonce) before anything else about the task, so a refused call never
+  // mints. With --dpop-nonce every answer carries the current nonce in the `dpop-nonce` trailing
+  // metadata; a proof without it is refused FAILED_PRECONDITION "use_dpop_nonce: ...".
   grpc::Status FetchTaskToken(grpc::ServerContext* context,
                               const mandate::node::v1::NodeFetchTaskTokenRequest* request,
                               mandate::workload::v1::FetchTaskTokenResponse* response) override;

@@ -151,7 +151,35 @@ TokenEndpoint::TokenEndpoint(const TrustAuthority& authority, const EntryRegistr
       replay_cache_(replay_cache),
       clock_(clock),
       options_(std::move(options)),
-      url_(TokenEndpointUrl(options_.issuer_url)) {}
+      url_(TokenEndpointUrl(options_.issuer_url)),
+      proof_policy_{.token_endpoint_url = url_,
+                    .started_at = options_.started_at,
+                    .max_age_seconds = options_.proof_max_age_seconds,
+                    .max_future_seconds = options_.proof_max_future_seconds,
+                    .replay_cache = &replay_cache_,
+                    .nonces = options_.nonces} {}
+
+int64_t SecondsUntilProofsAccepted(const TokenProofPolicy& policy, const Clock& clock) {
+  return std::max<int64_t>(
+      0,
+      dpop::FirstAcceptableIat(policy.started_at, policy.max_future_seconds) - clock.NowSeconds());
+}
+
+absl::StatusOr<dpop::VerifiedProof> VerifyTokenRequestProof(const TokenProofPolicy& policy,
+                                                            const Clock& clock,
+                                                            std::string_view proof,
+                                                            std::string_view owner) {
+  dpop::VerifyOptions options;
+  options.htm = "POST";
+  options.htu = policy.token_endpoint_url;
+  options.now = clock.NowSeconds();
+  options.max_age_seconds = policy.max_age_seconds;
+  options.max_future_seconds = policy.max_future_seconds;
+  options.not_before = dpop::FirstAcceptableIat(policy.started_at, policy.max_future_seconds);
+  options.replay_owner = std::string(owner);
+  if (policy.nonces != nullptr) options.nonces = policy.nonces->Accepted();
+  return dpop::VerifyProof(proof, options, policy.replay_cache);
+}
 
 absl::StatusOr<TokenEndpoint::Subject> TokenEndpoint::AuthenticateSubject(
     std::string_view jwt_svid) const {
@@ -326,15 +354,7 @@ TokenResponse TokenEndpoint::Handle(const TokenRequest& request) const {
   auto scopes = TokenScopesForTask(*task, audience, requested_scopes);
   if (!scopes.ok()) return refuse({"invalid_scope", std::string(scopes.status().message())});
 
-  dpop::VerifyOptions proof_options;
-  proof_options.htm = "POST";
-  proof_options.htu = url_;
-  proof_options.now = clock_.NowSeconds();
-  proof_options.max_age_seconds = options_.proof_max_age_seconds;
-  proof_options.max_future_seconds = options_.proof_max_future_seconds;
-  proof_options.not_before = options_.started_at;
-  if (options_.nonces != nullptr) proof_options.nonces = options_.nonces->Accepted();
-  auto proof = dpop::VerifyProof(*proof_header, proof_options, &replay_cache_);
+  auto proof = VerifyTokenRequestProof(proof_policy_, clock_, *proof_header, subject->spiffe_id);
   if (!proof.ok()) {
     switch (proof.status().code()) {
       case absl::StatusCode::kFailedPrecondition: {
@@ -343,8 +363,11 @@ TokenResponse TokenEndpoint::Handle(const TokenRequest& request) const {
         response.dpop_nonce = options_.nonces != nullptr ? options_.nonces->Current() : "";
         return response;
       }
-      case absl::StatusCode::kResourceExhausted:
-        return refuse({"temporarily_unavailable", "DPoP replay cache is full", 503});
+      case absl::StatusCode::kResourceExhausted:  // cache full, or this identity's share used up
+      case absl::StatusCode::kUnavailable:        // just restarted (FirstAcceptableIat)
+        // Nothing is wrong with the proof; the broker cannot accept it right now, and a retry
+        // with a new proof (once older proofs expire, or the restart window has passed) can.
+        return refuse({"temporarily_unavailable", std::string(proof.status().message()), 503});
       case absl::StatusCode::kInvalidArgument:
         return refuse({"server_error", "token endpoint misconfigured", 500});
       default:

@@ -15,8 +15,9 @@
 // subject_token that is not an acceptable JWT-SVID, as RFC 8693 §2.2.2 prescribes),
 // unsupported_grant_type, invalid_grant (unknown, ended or expired task, or another identity's),
 // invalid_target (audience outside the task), invalid_scope (scope outside the task),
-// invalid_dpop_proof and use_dpop_nonce (RFC 9449 §5, §8). A full replay cache answers 503
-// temporarily_unavailable and a store failure 500 server_error. Nothing is minted on any refusal.
+// invalid_dpop_proof and use_dpop_nonce (RFC 9449 §5, §8). A full replay cache, or one whose
+// share for the requesting SPIFFE ID is used up, answers 503 temporarily_unavailable (the proof
+// is fine; retry later) and a store failure 500 server_error. Nothing is minted on any refusal.
 //
 // This class is transport-independent (HttpEndpoints adapts cpp-httplib to it) so every rule is
 // unit-tested without sockets.
@@ -83,9 +84,39 @@ class DpopNonceSource {
   int64_t rotated_at_ ABSL_GUARDED_BY(mu_) = 0;
 };
 
+// The DPoP rules for a token-request proof (htm POST, htu the token endpoint), shared by
+// POST /token and the node API's FetchTaskToken so that both paths enforce the same ones with
+// one replay cache and one nonce source (a proof is accepted once, whichever path carries it).
+struct TokenProofPolicy {
+  std::string token_endpoint_url;  // the htu; TokenEndpointUrl(issuer_url)
+  // When this broker started: proofs its previous instance may have accepted are refused
+  // (dpop::FirstAcceptableIat).
+  int64_t started_at = 0;
+  int64_t max_age_seconds = 60;
+  int64_t max_future_seconds = 5;
+  dpop::ReplayCache* replay_cache = nullptr;  // required; borrowed
+  DpopNonceSource* nonces = nullptr;          // set: a current nonce is required (--dpop-nonce)
+};
+
+// Verifies a token-request proof made on behalf of `owner`, the authenticated SPIFFE ID asking
+// for the token (charged in the replay cache, so one identity cannot use up the others' share).
+// Error codes as dpop::VerifyProof: Unauthenticated / AlreadyExists (invalid_dpop_proof),
+// FailedPrecondition (use_dpop_nonce: hand out policy.nonces->Current()), ResourceExhausted and
+// Unavailable (temporarily_unavailable; for Unavailable, SecondsUntilProofsAccepted says when to
+// retry), InvalidArgument (our own URL is unusable).
+absl::StatusOr<dpop::VerifiedProof> VerifyTokenRequestProof(const TokenProofPolicy& policy,
+                                                            const Clock& clock,
+                                                            std::string_view proof,
+                                                            std::string_view owner);
+
+// Seconds until proofs are accepted after a restart (0 when they already are).
+int64_t SecondsUntilProofsAccepted(const TokenProofPolicy& policy, const Clock& clock);
+
 struct TokenEndpointOptions {
   std::string issuer_url;
-  // Proofs with iat before this are refused (the replay cache starts empty at each start).
+  // When the broker started: the replay cache starts empty, so proofs dated up to
+  // started_at + proof_max_future_seconds are refused (dpop::FirstAcceptableIat). 0 when the
+  // broker knows it has no previous instance (a new data directory).
   int64_t started_at = 0;
   int64_t proof_max_age_seconds = 60;
   int64_t proof_max_future_seconds = 5;
@@ -141,6 +172,7 @@ class TokenEndpoint {
   const Clock& clock_;
   const TokenEndpointOptions options_;
   const std::string url_;
+  const TokenProofPolicy proof_policy_;
 };
 
 }  // namespace mandate::broker

@@ -58,6 +58,11 @@ absl::Status InvalidProof(absl::string_view message) {
 absl::Status InvalidRequest(absl::string_view message) {
   return Classified(absl::InvalidArgumentError(message), "invalid_request");
 }
+// The request may be fine but cannot be judged now (the replay cache is full or the client's
+// share of it used up): 503, and the client may retry.
+absl::Status TemporarilyUnavailable(absl::string_view message) {
+  return Classified(absl::UnavailableError(message), "temporarily_unavailable");
+}
 // No usable credentials at all: RFC 6750 §3.1 asks for a challenge without an error code.
 absl::Status NoCredentials(absl::string_view message) {
   return absl::UnauthenticatedError(message);
@@ -306,7 +311,7 @@ class TokenVerifier::Impl {
         algorithms_(std::move(algorithms)),
         discovery_(std::move(discovery)),
         static_keys_(std::move(static_keys)),
-        replay_cache_(options_.replay_cache_entries),
+        replay_cache_(options_.replay_cache_entries, options_.replay_cache_entries_per_client),
         created_at_(Now()) {}
 
   int64_t Now() const { return options_.clock ? options_.clock() : Clock::Real().NowSeconds(); }
@@ -322,8 +327,9 @@ class TokenVerifier::Impl {
   const std::optional<HttpUrl> discovery_;                 // unset for CreateWithJwks
   const std::shared_ptr<const jose::JwkSet> static_keys_;  // set for CreateWithJwks
   mutable dpop::ReplayCache replay_cache_;
-  // Proofs made before this verifier existed are refused: its replay cache cannot know them, so
-  // a restart would otherwise reopen the replay window (DESIGN.md §10, as in the broker).
+  // Proofs the previous instance of this service may have accepted (iat up to created_at_ +
+  // proof_max_future_seconds) are refused: this replay cache cannot know them, so a restart
+  // would otherwise reopen the replay window (DESIGN.md §10, as in the broker).
   const int64_t created_at_;
 
   mutable absl::Mutex mu_;
@@ -338,10 +344,11 @@ class TokenVerifier::Impl {
 
 absl::StatusOr<jose::JwkSet> TokenVerifier::Impl::FetchKeys() const {
   ASSIGN_OR_RETURN(std::string discovery_body, HttpGet(*discovery_, options_));
-  json doc = json::parse(discovery_body, nullptr, /*allow_exceptions=*/false);
-  if (!doc.is_object()) {
+  absl::StatusOr<json> parsed = jose::ParseStrictJson(discovery_body);
+  if (!parsed.ok() || !parsed->is_object()) {
     return absl::UnavailableError("issuer discovery document is not a JSON object");
   }
+  const json& doc = *parsed;
   auto issuer = doc.find("issuer");
   // RFC 8414 §3.3: a document naming another issuer must not be used, or one issuer could
   // publish keys for another.
@@ -589,15 +596,26 @@ absl::StatusOr<VerifiedTaskToken> TokenVerifier::Verify(const HttpRequestView& r
   proof_options.max_future_seconds = options.proof_max_future_seconds;
   proof_options.access_token = std::string(token);
   proof_options.expected_jkt = claims.jkt;
-  proof_options.not_before = impl_->created_at_;
+  proof_options.not_before =
+      dpop::FirstAcceptableIat(impl_->created_at_, options.proof_max_future_seconds);
+  // Each client (the token's client_id, an identity the issuer signed) is charged its own share
+  // of the replay cache, so one client's flood of fresh proofs cannot crowd out the others.
+  proof_options.replay_owner = claims.client_id;
   absl::StatusOr<dpop::VerifiedProof> verified =
       dpop::VerifyProof(*proof, proof_options, &impl_->replay_cache_);
   if (!verified.ok()) {
-    // InvalidArgument means the request URL itself is unusable, which is not the proof's fault.
-    if (verified.status().code() == absl::StatusCode::kInvalidArgument) {
-      return InvalidRequest(absl::StrCat("request URL: ", verified.status().message()));
+    switch (verified.status().code()) {
+      case absl::StatusCode::kInvalidArgument:
+        // The request URL itself is unusable, which is not the proof's fault.
+        return InvalidRequest(absl::StrCat("request URL: ", verified.status().message()));
+      case absl::StatusCode::kResourceExhausted:  // replay cache full or client's share used up
+      case absl::StatusCode::kUnavailable:        // just created (FirstAcceptableIat)
+        // Nothing is wrong with the proof; it cannot be accepted right now: a 503 the client may
+        // retry with a new proof, not a 401.
+        return TemporarilyUnavailable(verified.status().message());
+      default:
+        return InvalidProof(verified.status().message());
     }
-    return InvalidProof(verified.status().message());
   }
 
   VerifiedTaskToken out;
@@ -641,6 +659,7 @@ int HttpStatusForError(const absl::Status& status) {
   const std::string code = OAuthErrorCode(status);
   if (code == "invalid_request") return 400;
   if (code == "insufficient_scope") return 403;
+  if (code == "temporarily_unavailable") return 503;
   if (status.code() == absl::StatusCode::kUnauthenticated) return 401;
   if (status.code() == absl::StatusCode::kUnavailable) return 503;
   return 500;

@@ -3,6 +3,7 @@
 #include <grpcpp/grpcpp.h>
 
 #include <algorithm>
+#include <chrono>
 #include <condition_variable>
 #include <cstdlib>
 #include <mutex>
@@ -11,6 +12,7 @@
 #include <utility>
 
 #include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "broker/common/crypto/keys.h"
 #include "broker/common/crypto/x509.h"
@@ -366,11 +368,26 @@ absl::StatusOr<std::string> ResolveWorkloadEndpoint(std::string_view endpoint) {
                                                  " (e.g. unix:///run/mandate/agent.sock)"));
 }
 
+// Longest a FetchTaskToken waits for a restarted broker to accept proofs again (its window is
+// --dpop-proof-max-future + 1 s, 6 s by default).
+constexpr int kMaxRestartWaitSeconds = 10;
+
 struct WorkloadClient::Impl {
   Connection conn;
   std::shared_ptr<mandate::workload::v1::Tasks::Stub> tasks;
   std::mutex dpop_mu;
   std::optional<crypto::PrivateKey> dpop_key;  // GUARDED_BY(dpop_mu); generated on first use
+  // The broker's last DPoP nonce (its dpop-nonce trailer under --dpop-nonce); GUARDED_BY(dpop_mu).
+  std::string broker_nonce;
+
+  std::string BrokerNonce() {
+    std::lock_guard<std::mutex> lock(dpop_mu);
+    return broker_nonce;
+  }
+  void SetBrokerNonce(std::string nonce) {
+    std::lock_guard<std::mutex> lock(dpop_mu);
+    broker_nonce = std::move(nonce);
+  }
 
   absl::StatusOr<const crypto::PrivateKey*> DpopKey() {
     std::lock_guard<std::mutex> lock(dpop_mu);
@@ -477,18 +494,51 @@ absl::StatusOr<TaskToken> WorkloadClient::FetchTaskToken(const TaskInfo& task, s
     return absl::InvalidArgumentError(
         "the task has no token endpoint; use a TaskInfo from DeclareTask or GetTask");
   }
-  ASSIGN_OR_RETURN(std::string proof, CreateProof("POST", task.token_endpoint));
   mandate::workload::v1::FetchTaskTokenRequest req;
   req.set_task_id(task.id);
   req.set_audience(std::move(audience));
   for (std::string& s : scopes) req.add_scopes(std::move(s));
-  req.set_dpop_proof(std::move(proof));
   req.set_spiffe_id(task.spiffe_id);
-  grpc::ClientContext ctx;
-  PrepareContext(ctx, impl_->conn, /*with_deadline=*/true);
   mandate::workload::v1::FetchTaskTokenResponse resp;
-  grpc::Status status = impl_->tasks->FetchTaskToken(&ctx, req, &resp);
-  if (!status.ok()) return FromGrpc(status, "fetching a task token", impl_->conn.target);
+  std::string nonce = impl_->BrokerNonce();
+  bool retried_for_nonce = false;
+  bool retried_after_restart = false;
+  while (true) {
+    ASSIGN_OR_RETURN(std::string proof, CreateProof("POST", task.token_endpoint, "", nonce));
+    req.set_dpop_proof(std::move(proof));
+    grpc::ClientContext ctx;
+    PrepareContext(ctx, impl_->conn, /*with_deadline=*/true);
+    grpc::Status status = impl_->tasks->FetchTaskToken(&ctx, req, &resp);
+    const auto& trailers = ctx.GetServerTrailingMetadata();
+    auto trailer = [&trailers](const char* name) {
+      auto it = trailers.find(name);
+      return it == trailers.end() ? std::string()
+                                  : std::string(it->second.data(), it->second.size());
+    };
+    std::string fresh_nonce = trailer("dpop-nonce");
+    if (!fresh_nonce.empty()) impl_->SetBrokerNonce(fresh_nonce);
+    if (status.ok()) break;
+    // RFC 9449 §8: a broker requiring nonces refuses a proof without its current one and hands
+    // that one out; sign once more with it.
+    if (!retried_for_nonce && status.error_code() == grpc::StatusCode::FAILED_PRECONDITION &&
+        absl::StartsWith(status.error_message(), "use_dpop_nonce") && !fresh_nonce.empty() &&
+        fresh_nonce != nonce) {
+      retried_for_nonce = true;
+      nonce = std::move(fresh_nonce);
+      continue;
+    }
+    // A broker that has just restarted refuses every proof for a few seconds (it cannot tell
+    // them from ones accepted before): wait as long as it says, once, and sign a new one.
+    int retry_after = 0;
+    if (!retried_after_restart && status.error_code() == grpc::StatusCode::UNAVAILABLE &&
+        absl::SimpleAtoi(trailer("retry-after"), &retry_after) && retry_after > 0 &&
+        retry_after <= kMaxRestartWaitSeconds) {
+      retried_after_restart = true;
+      std::this_thread::sleep_for(std::chrono::seconds(retry_after));
+      continue;
+    }
+    return FromGrpc(status, "fetching a task token", impl_->conn.target);
+  }
   TaskToken out;
   out.access_token = resp.access_token();
   out.token_type = resp.token_type();

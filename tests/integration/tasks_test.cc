@@ -4,8 +4,10 @@
 #include <grpcpp/grpcpp.h>
 #include <gtest/gtest.h>
 #include <httplib.h>
+#include <signal.h>
 
 #include <nlohmann/json.hpp>
+#include <thread>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
@@ -235,41 +237,167 @@ TEST_F(TasksFixture, TokenEndpointExchangesAJwtSvidForADpopBoundTaskToken) {
             "invalid_grant");
 }
 
-TEST_F(TasksFixture, TokenEndpointWithDpopNonceHandsOutANonceAndAcceptsIt) {
-  BrokerOptions options;
-  options.extra_args = {"--dpop-nonce"};
-  ASSERT_NO_FATAL_FAILURE(StartAll(options));
-  auto client = WorkloadClient::Connect("unix://" + agent_.socket);
-  ASSERT_TRUE(client.ok()) << client.status();
-  auto task = (*client)->DeclareTask("nonce task", {"tickets:read"}, {"aud-n"});
-  ASSERT_TRUE(task.ok()) << task.status();
-  auto svid = (*client)->FetchJwtSvid({broker_.issuer_url});
+// A broker with --dpop-nonce, and a task of this process declared through the SDK.
+class NonceTasksFixture : public TasksFixture {
+ protected:
+  void SetUp() override {
+    TasksFixture::SetUp();
+    BrokerOptions options;
+    options.extra_args = {"--dpop-nonce"};
+    ASSERT_NO_FATAL_FAILURE(StartAll(options));
+    auto client = WorkloadClient::Connect("unix://" + agent_.socket);
+    ASSERT_TRUE(client.ok()) << client.status();
+    client_ = *std::move(client);
+    auto task = client_->DeclareTask("nonce task", {"tickets:read"}, {"aud-n"});
+    ASSERT_TRUE(task.ok()) << task.status();
+    task_ = *task;
+  }
+  void TearDown() override {
+    client_.reset();  // before the agent stops, which would wait for the connection
+    TasksFixture::TearDown();
+  }
+  std::unique_ptr<WorkloadClient> client_;
+  TaskInfo task_;
+};
+
+TEST_F(NonceTasksFixture, TokenEndpointWithDpopNonceHandsOutANonceAndAcceptsIt) {
+  auto svid = client_->FetchJwtSvid({broker_.issuer_url});
   ASSERT_TRUE(svid.ok()) << svid.status();
-  auto params = ExchangeParams(svid->token, task->id);
+  auto params = ExchangeParams(svid->token, task_.id);
   // A client holding its own key, as any OAuth DPoP client would.
   auto key = crypto::PrivateKey::GenerateP256();
   ASSERT_TRUE(key.ok());
   auto now = [] { return static_cast<int64_t>(::time(nullptr)); };
   TokenHttpAnswer first =
       PostToken(broker_.http_address, params,
-                {*dpop::CreateProof(*key, "POST", task->token_endpoint, now())});
+                {*dpop::CreateProof(*key, "POST", task_.token_endpoint, now())});
   EXPECT_EQ(first.status, 400);
   EXPECT_EQ(first.body.value("error", ""), "use_dpop_nonce");
   ASSERT_FALSE(first.dpop_nonce.empty());
   TokenHttpAnswer second = PostToken(
       broker_.http_address, params,
-      {*dpop::CreateProof(*key, "POST", task->token_endpoint, now(), "", first.dpop_nonce)});
+      {*dpop::CreateProof(*key, "POST", task_.token_endpoint, now(), "", first.dpop_nonce)});
   ASSERT_EQ(second.status, 200) << second.body.dump();
   EXPECT_EQ(second.body["scope"], "tickets:read");
   EXPECT_EQ(PayloadOf(second.body["access_token"])["cnf"]["jkt"],
             *jose::JwkThumbprint(key->public_key()));
   EXPECT_EQ(second.dpop_nonce, first.dpop_nonce);
   // The SDK's own key and proof carry the nonce too.
-  auto sdk_proof = (*client)->CreateProof("POST", task->token_endpoint, "", second.dpop_nonce);
+  auto sdk_proof = client_->CreateProof("POST", task_.token_endpoint, "", second.dpop_nonce);
   ASSERT_TRUE(sdk_proof.ok()) << sdk_proof.status();
   TokenHttpAnswer third = PostToken(broker_.http_address, params, {*sdk_proof});
   ASSERT_EQ(third.status, 200) << third.body.dump();
-  EXPECT_EQ(PayloadOf(third.body["access_token"])["cnf"]["jkt"], *(*client)->DpopKeyThumbprint());
+  EXPECT_EQ(PayloadOf(third.body["access_token"])["cnf"]["jkt"], *client_->DpopKeyThumbprint());
+}
+
+// Issue 10 item 11: the node API's FetchTaskToken ignored --dpop-nonce, so a proof without the
+// nonce was refused at /token but accepted through the agent. Now both paths require it; the
+// agent passes the broker's nonce on and the SDK signs its retry with it.
+TEST_F(NonceTasksFixture, WorkloadApiTaskTokensRequireTheNonceUnderDpopNonce) {
+  auto stub = mandate::workload::v1::Tasks::NewStub(
+      grpc::CreateChannel("unix:" + agent_.socket, grpc::InsecureChannelCredentials()));
+  auto fetch = [&](const std::string& proof, std::string* nonce) {
+    mandate::workload::v1::FetchTaskTokenRequest request;
+    request.set_task_id(task_.id);
+    request.set_audience("aud-n");
+    request.set_dpop_proof(proof);
+    grpc::ClientContext context;
+    context.AddMetadata("workload.spiffe.io", "true");
+    mandate::workload::v1::FetchTaskTokenResponse response;
+    grpc::Status status = stub->FetchTaskToken(&context, request, &response);
+    auto it = context.GetServerTrailingMetadata().find("dpop-nonce");
+    if (it != context.GetServerTrailingMetadata().end()) {
+      nonce->assign(it->second.data(), it->second.size());
+    }
+    return status;
+  };
+  // A proof without the nonce is refused, and the refusal carries the nonce.
+  std::string nonce;
+  grpc::Status refused = fetch(*client_->CreateProof("POST", task_.token_endpoint), &nonce);
+  EXPECT_EQ(refused.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  EXPECT_THAT(refused.error_message(), HasSubstr("use_dpop_nonce"));
+  ASSERT_FALSE(nonce.empty());
+  // With a nonce of another server, too.
+  std::string ignored;
+  EXPECT_EQ(
+      fetch(*client_->CreateProof("POST", task_.token_endpoint, "", "not-the-nonce"), &ignored)
+          .error_code(),
+      grpc::StatusCode::FAILED_PRECONDITION);
+  // With it, the token is issued.
+  std::string after;
+  grpc::Status accepted =
+      fetch(*client_->CreateProof("POST", task_.token_endpoint, "", nonce), &after);
+  EXPECT_TRUE(accepted.ok()) << accepted.error_message();
+  EXPECT_EQ(after, nonce);
+  // The SDK does all that by itself: its first proof has no nonce, it retries with the one
+  // handed out, and later calls carry it from the start.
+  for (int i = 0; i < 2; ++i) {
+    auto token = client_->FetchTaskToken(task_, "aud-n");
+    ASSERT_TRUE(token.ok()) << token.status();
+    EXPECT_EQ(token->jkt, *client_->DpopKeyThumbprint());
+  }
+  // POST /token agrees: the same nonce is current there.
+  auto svid = client_->FetchJwtSvid({broker_.issuer_url});
+  ASSERT_TRUE(svid.ok()) << svid.status();
+  TokenHttpAnswer http =
+      PostToken(broker_.http_address, ExchangeParams(svid->token, task_.id),
+                {*client_->CreateProof("POST", task_.token_endpoint, "", nonce)});
+  EXPECT_EQ(http.status, 200) << http.body.dump();
+}
+
+// Issue 10 item 7 against real daemons: a proof dated into the future (within the 5 s skew)
+// that the broker accepted is replayed right after a restart, when the replay cache is empty.
+// The restarted broker refuses every proof with 503 temporarily_unavailable for 6 s, then that
+// one for good; the SDK waits the window out by itself.
+TEST_F(TasksFixture, ARestartedBrokerRefusesAProofItsPredecessorAccepted) {
+  ASSERT_NO_FATAL_FAILURE(StartAll());
+  auto client = WorkloadClient::Connect("unix://" + agent_.socket);
+  ASSERT_TRUE(client.ok()) << client.status();
+  auto task = (*client)->DeclareTask("restart task", {"tickets:read"}, {"aud-r"});
+  ASSERT_TRUE(task.ok()) << task.status();
+  auto svid = (*client)->FetchJwtSvid({broker_.issuer_url});
+  ASSERT_TRUE(svid.ok()) << svid.status();
+  const auto params = ExchangeParams(svid->token, task->id);
+  auto key = crypto::PrivateKey::GenerateP256();
+  ASSERT_TRUE(key.ok());
+  const std::string future_proof =
+      *dpop::CreateProof(*key, "POST", task->token_endpoint, ::time(nullptr) + 4);
+  ASSERT_EQ(PostToken(broker_.http_address, params, {future_proof}).status, 200);
+
+  ASSERT_EQ(StopProcess(broker_.pid, SIGTERM), 0);
+  BrokerOptions same_ports;
+  same_ports.agent_listen = broker_.agent_address;
+  same_ports.http_listen = broker_.http_address;
+  const auto restart_began = std::chrono::steady_clock::now();
+  auto restarted = StartBroker(same_ports);
+  ASSERT_TRUE(restarted.ok()) << restarted.status();
+  broker_ = *restarted;
+
+  TokenHttpAnswer during = PostToken(broker_.http_address, params, {future_proof});
+  if (std::chrono::steady_clock::now() - restart_began < 5s) {
+    EXPECT_EQ(during.status, 503) << during.body.dump();
+    EXPECT_EQ(during.body.value("error", ""), "temporarily_unavailable");
+  }
+  // Once the agent is connected to the new broker (a JWT-SVID for a new audience is minted
+  // there), the SDK's proof may still fall in the window: it waits as told and succeeds.
+  int audience = 0;
+  ASSERT_TRUE(WaitUntil(
+      [&] {
+        return Workload(agent_,
+                        {"fetch", "jwt", "--audience", absl::StrCat("after-restart-", ++audience)})
+                   .exit_code == 0;
+      },
+      15s, 100ms));
+  auto token = (*client)->FetchTaskToken(*task, "aud-r");
+  EXPECT_TRUE(token.ok()) << token.status();
+  std::this_thread::sleep_until(restart_began + 7s);
+  TokenHttpAnswer replay = PostToken(broker_.http_address, params, {future_proof});
+  EXPECT_EQ(replay.status, 400) << replay.body.dump();
+  EXPECT_EQ(replay.body.value("error", ""), "invalid_dpop_proof");
+  TokenHttpAnswer fresh =
+      PostToken(broker_.http_address, params,
+                {*dpop::CreateProof(*key, "POST", task->token_endpoint, ::time(nullptr))});
+  EXPECT_EQ(fresh.status, 200) << fresh.body.dump();
 }
 
 }  // namespace

@@ -5,6 +5,12 @@
 #include <gtest/gtest.h>
 #include <signal.h>
 
+#include <atomic>
+#include <chrono>
+#include <memory>
+#include <thread>
+
+#include "broker/common/util/clock.h"
 #include "mandate/token_verifier.h"
 #include "mandate/workload_client.h"
 #include "tests/integration/tasks_fixture.h"
@@ -33,7 +39,15 @@ class VerifierFixture : public TasksFixture {
     TokenVerifierOptions options;
     options.issuer = broker_.issuer_url;
     options.audience = kAudience;
+    // The verifier plays a service that has been up for a while: its clock reads an hour back
+    // while it is created, so the restart window (every proof refused until creation +
+    // proof_max_future_seconds + 1 s; unit-tested in token_verifier_test) is behind it.
+    auto created = std::make_shared<std::atomic<bool>>(false);
+    options.clock = [created] {
+      return mandate::Clock::Real().NowSeconds() - (created->load() ? 0 : 3600);
+    };
     auto verifier = TokenVerifier::Create(options);
+    *created = true;
     ASSERT_TRUE(verifier.ok()) << verifier.status();
     verifier_ = std::move(*verifier);
   }
@@ -192,7 +206,16 @@ TEST_F(VerifierFixture, ExampleUpstreamServiceAcceptsAndRefuses) {
     if (!proof.empty()) headers.emplace("DPoP", proof);
     return http.Get("/whoami", headers);
   };
+  // For its first proof_max_future_seconds + 1 s the service refuses every proof with a 503
+  // temporarily_unavailable (its replay cache cannot know proofs a previous instance accepted);
+  // a client retries with a new proof.
   auto ok = get("DPoP " + token->access_token, Proof(token->access_token, "GET", url));
+  for (auto until = std::chrono::steady_clock::now() + 10s;
+       ok && ok->status == 503 && std::chrono::steady_clock::now() < until;) {
+    EXPECT_THAT(ok->body, HasSubstr("temporarily_unavailable"));
+    std::this_thread::sleep_for(250ms);
+    ok = get("DPoP " + token->access_token, Proof(token->access_token, "GET", url));
+  }
   ASSERT_TRUE(ok);
   EXPECT_EQ(ok->status, 200) << ok->body;
   json body = json::parse(ok->body, nullptr, false);

@@ -4,12 +4,15 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <map>
 #include <optional>
 #include <string>
 #include <string_view>
 #include <unordered_map>
 #include <utility>
 
+#include "absl/container/flat_hash_map.h"
+#include "absl/container/flat_hash_set.h"
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
@@ -343,36 +346,162 @@ absl::StatusOr<std::string> ExtractSingleDpopHeader(const std::vector<std::strin
 
 // ---------------------------------------------------------------------------- ReplayCache
 
-ReplayCache::ReplayCache(size_t max_entries) : max_entries_(max_entries) {}
+namespace {
+
+// 128 bits of SHA-256: random to anyone who does not know the input, so neither collisions nor
+// a crafted hash-table layout can be forced.
+struct EntryKey {
+  uint64_t high = 0;
+  uint64_t low = 0;
+  bool operator==(const EntryKey& other) const { return high == other.high && low == other.low; }
+};
+
+// The key is already uniformly distributed: use its bits as they are.
+struct EntryKeyHash {
+  size_t operator()(const EntryKey& key) const { return static_cast<size_t>(key.low); }
+};
+
+uint64_t ReadUint64(const std::string& bytes, size_t offset) {
+  uint64_t value = 0;
+  for (size_t i = 0; i < 8; ++i) {
+    value = (value << 8) | static_cast<unsigned char>(bytes[offset + i]);
+  }
+  return value;
+}
+
+EntryKey MakeEntryKey(std::string_view htu, std::string_view jti) {
+  // Length-prefixing htu makes the hashed encoding unambiguous: ("a", "bc") != ("ab", "c").
+  std::string digest = crypto::Sha256(absl::StrCat(htu.size(), ":", S(htu), S(jti)));
+  return EntryKey{ReadUint64(digest, 0), ReadUint64(digest, 8)};
+}
+
+uint64_t MakeOwnerId(std::string_view owner) {
+  return ReadUint64(crypto::Sha256(absl::StrCat("owner:", S(owner))), 0);
+}
+
+// Bytes an absl flat table of `capacity` slots of `slot_bytes` holds: the slots plus one
+// control byte each (the group padding is ignored).
+size_t FlatTableBytes(size_t capacity, size_t slot_bytes) {
+  return capacity == 0 ? 0 : capacity * (slot_bytes + 1);
+}
+
+}  // namespace
+
+// The entries whose hash selects this shard. Buckets are keyed by expiry second and popped from
+// the front once expired, so eviction touches expired entries only.
+struct ReplayCache::Shard {
+  struct Bucket {
+    absl::flat_hash_set<EntryKey, EntryKeyHash> keys;
+    // Entries of this bucket per owner, subtracted from owner_live when the bucket expires.
+    absl::flat_hash_map<uint64_t, uint32_t> per_owner;
+  };
+
+  void EvictExpiredLocked(int64_t now) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
+    while (!buckets.empty() && buckets.begin()->first < now) {
+      Bucket& bucket = buckets.begin()->second;
+      for (const auto& [owner, count] : bucket.per_owner) {
+        auto it = owner_live.find(owner);
+        if (it == owner_live.end()) continue;  // cannot happen: counted on insert
+        it->second -= std::min<size_t>(it->second, count);
+        if (it->second == 0) owner_live.erase(it);
+      }
+      live -= std::min(live, bucket.keys.size());
+      buckets.erase(buckets.begin());
+    }
+  }
+
+  mutable absl::Mutex mu;
+  std::map<int64_t, Bucket> buckets ABSL_GUARDED_BY(mu);
+  // Live entries per owner, across this shard's buckets.
+  absl::flat_hash_map<uint64_t, size_t> owner_live ABSL_GUARDED_BY(mu);
+  size_t live ABSL_GUARDED_BY(mu) = 0;
+};
+
+namespace {
+
+size_t ShardCountFor(size_t max_entries, size_t max_entries_per_owner) {
+  // Small caches stay in one shard so their limits are exact; large ones spread the lock. Never
+  // more shards than an owner's share, so each shard's part of it is at least one entry and the
+  // parts never add up to more than the share.
+  constexpr size_t kMinEntriesPerShard = 4096;
+  return std::clamp<size_t>(std::min(max_entries / kMinEntriesPerShard, max_entries_per_owner), 1,
+                            ReplayCache::kMaxShards);
+}
+
+size_t DividedAtLeastOne(size_t total, size_t parts) { return std::max<size_t>(1, total / parts); }
+
+}  // namespace
+
+ReplayCache::ReplayCache(size_t max_entries, size_t max_entries_per_owner)
+    : max_entries_(std::max<size_t>(1, max_entries)),
+      max_entries_per_owner_(std::min(max_entries_, max_entries_per_owner == 0
+                                                        ? DividedAtLeastOne(max_entries_, 8)
+                                                        : max_entries_per_owner)),
+      shard_count_(ShardCountFor(max_entries_, max_entries_per_owner_)),
+      shard_max_entries_(DividedAtLeastOne(max_entries_, shard_count_)),
+      shard_max_entries_per_owner_(DividedAtLeastOne(max_entries_per_owner_, shard_count_)),
+      shards_(new Shard[shard_count_]) {}
+
+ReplayCache::~ReplayCache() = default;
 
 size_t ReplayCache::size() const {
-  absl::MutexLock lock(&mu_);
-  return entries_.size();
-}
-
-void ReplayCache::EvictExpiredLocked(int64_t now) {
-  while (!by_expiry_.empty() && by_expiry_.begin()->first < now) {
-    entries_.erase(by_expiry_.begin()->second);
-    by_expiry_.erase(by_expiry_.begin());
+  size_t total = 0;
+  for (size_t i = 0; i < shard_count_; ++i) {
+    absl::MutexLock lock(&shards_[i].mu);
+    total += shards_[i].live;
   }
+  return total;
 }
 
-absl::Status ReplayCache::CheckAndRemember(std::string_view htu, std::string_view jti,
-                                           int64_t expires_at, int64_t now) {
-  // Length-prefixing htu makes the hashed encoding unambiguous: ("a", "bc") != ("ab", "c").
-  std::string key = crypto::Sha256(absl::StrCat(htu.size(), ":", S(htu), S(jti)));
-  absl::MutexLock lock(&mu_);
-  EvictExpiredLocked(now);
-  if (entries_.contains(key)) return absl::AlreadyExistsError("DPoP proof replayed");
+size_t ReplayCache::ApproximateMemoryBytes() const {
+  size_t bytes = sizeof(Shard) * shard_count_;
+  for (size_t i = 0; i < shard_count_; ++i) {
+    const Shard& shard = shards_[i];
+    absl::MutexLock lock(&shard.mu);
+    bytes += FlatTableBytes(shard.owner_live.capacity(), sizeof(std::pair<uint64_t, size_t>));
+    for (const auto& [expiry, bucket] : shard.buckets) {
+      // A std::map node: the value plus three pointers and a colour.
+      bytes += sizeof(std::pair<const int64_t, Shard::Bucket>) + 4 * sizeof(void*);
+      bytes += FlatTableBytes(bucket.keys.capacity(), sizeof(EntryKey));
+      bytes += FlatTableBytes(bucket.per_owner.capacity(), sizeof(std::pair<uint64_t, uint32_t>));
+    }
+  }
+  return bytes;
+}
+
+absl::Status ReplayCache::CheckAndRemember(std::string_view owner, std::string_view htu,
+                                           std::string_view jti, int64_t expires_at, int64_t now) {
+  const EntryKey key = MakeEntryKey(htu, jti);
+  const uint64_t owner_id = MakeOwnerId(owner);
+  Shard& shard = shards_[key.high % shard_count_];
+  absl::MutexLock lock(&shard.mu);
+  shard.EvictExpiredLocked(now);
+  auto bucket = shard.buckets.find(expires_at);
+  if (bucket != shard.buckets.end() && bucket->second.keys.contains(key)) {
+    return absl::AlreadyExistsError("DPoP proof replayed");
+  }
   // Already past its lifetime: nothing to remember (the caller's iat window refuses replays).
   if (expires_at < now) return absl::OkStatus();
-  if (entries_.size() >= max_entries_) {
+  if (shard.live >= shard_max_entries_) {
     return absl::ResourceExhaustedError(
         "DPoP replay cache is full; refusing the proof rather than accepting it unremembered");
   }
-  entries_.emplace(key, expires_at);
-  by_expiry_.emplace(expires_at, std::move(key));
+  auto owned = shard.owner_live.find(owner_id);
+  if (owned != shard.owner_live.end() && owned->second >= shard_max_entries_per_owner_) {
+    return absl::ResourceExhaustedError(
+        "this client's share of the DPoP replay cache is used up; retry when older proofs "
+        "expire");
+  }
+  if (bucket == shard.buckets.end()) bucket = shard.buckets.try_emplace(expires_at).first;
+  bucket->second.keys.insert(key);
+  ++bucket->second.per_owner[owner_id];
+  ++shard.owner_live[owner_id];
+  ++shard.live;
   return absl::OkStatus();
+}
+
+int64_t FirstAcceptableIat(int64_t started_at, int64_t max_future_seconds) {
+  return started_at + std::max<int64_t>(0, max_future_seconds) + 1;
 }
 
 // ---------------------------------------------------------------------------- VerifyProof
@@ -464,8 +593,17 @@ absl::StatusOr<VerifiedProof> VerifyProof(std::string_view proof, const VerifyOp
                                " s in the future"));
   }
   if (iat < options.not_before) {
+    if (options.now < options.not_before) {
+      // Every proof is refused until then: the verifier cannot tell a fresh one from one its
+      // previous instance accepted. Nothing is wrong with the proof, so the caller answers 503.
+      return absl::UnavailableError(absl::StrCat(
+          "the verifier started less than ", options.max_future_seconds + 1,
+          " s ago and cannot tell this proof from one accepted before it restarted; retry with a "
+          "new proof in ",
+          options.not_before - options.now, " s"));
+    }
     return Refuse(absl::StrCat("iat ", iat, " is before ", options.not_before,
-                               " (proofs from before the verifier started are refused)"));
+                               ": it may have been accepted before the verifier restarted"));
   }
 
   auto ath = payload.find("ath");
@@ -501,8 +639,9 @@ absl::StatusOr<VerifiedProof> VerifyProof(std::string_view proof, const VerifyOp
 
   // Last, so only fully valid proofs take a cache slot.
   if (cache != nullptr) {
-    RETURN_IF_ERROR(
-        cache->CheckAndRemember(*expected_htu, jti, iat + options.max_age_seconds, options.now));
+    RETURN_IF_ERROR(cache->CheckAndRemember(
+        options.replay_owner.empty() ? std::string_view(jkt) : options.replay_owner, *expected_htu,
+        jti, iat + options.max_age_seconds, options.now));
   }
   return VerifiedProof{std::move(jti), std::move(jkt), std::move(key), iat};
 }

@@ -11,8 +11,12 @@
 //   The message starts with "use_dpop_nonce" (map to `use_dpop_nonce` plus a fresh DPoP-Nonce).
 // - AlreadyExists: the proof was already used ("DPoP proof replayed"; map to
 //   `invalid_dpop_proof`).
-// - ResourceExhausted: the replay cache is full of unexpired entries; the proof is refused
-//   (fail closed) rather than accepted unremembered (map to `invalid_dpop_proof` or 503).
+// - ResourceExhausted: the replay cache is full, or the proof's owner has used up its share of
+//   it; the proof is refused (fail closed) rather than accepted unremembered. Not the proof's
+//   fault: map to 503 `temporarily_unavailable`, never to `invalid_dpop_proof`.
+// - Unavailable: now is still before not_before (the verifier has just started, see
+//   FirstAcceptableIat), so every proof is refused until then; not the proof's fault: map to 503
+//   `temporarily_unavailable`, the client retries with a new proof after not_before - now s.
 // - InvalidArgument: the caller's own VerifyOptions are unusable (e.g. an expected htu that is
 //   not an absolute http(s) URL).
 //
@@ -24,9 +28,8 @@
 #include <array>
 #include <cstddef>
 #include <cstdint>
-#include <map>
+#include <memory>
 #include <optional>
-#include <set>
 #include <string>
 #include <string_view>
 #include <utility>
@@ -76,48 +79,86 @@ absl::StatusOr<std::string> CreateProof(const crypto::PrivateKey& key, std::stri
                                         std::string_view access_token = "",
                                         std::string_view nonce = "");
 
-// Remembers (htu, jti) pairs of accepted proofs until they expire, so a proof is accepted once.
-// Only SHA-256 hashes of the pairs are stored, never the raw values, so memory per entry is
-// fixed and attacker-chosen strings are not retained.
+// Remembers accepted proofs until they expire, so a proof is accepted once.
 //
-// Bounded: holds at most `max_entries`. Expired entries are evicted on every call; when the
-// cache is still full of unexpired entries it refuses new proofs with ResourceExhausted (fail
-// closed: accepting a proof we cannot remember would allow a replay). Since VerifyProof only
-// consults the cache after every other check passed, filling it requires many valid proofs
-// signed within the iat window, i.e. a legitimate-looking flood; size it for the peak rate
-// times the window.
+// Entries: a 128-bit hash (truncated SHA-256) of the length-prefixed (htu, jti) pair, filed in a
+// time bucket per expiry second. Nothing attacker-chosen is retained, an entry costs at most
+// kMaxBytesPerEntry bytes, and expired entries go a whole bucket at a time, so cleanup costs
+// O(expired entries) and the hot path never scans the cache. A pair is a replay when it was
+// recorded with the same expires_at: VerifyProof derives expires_at from the proof's own iat,
+// so a replayed proof always lands in the bucket that holds its first use.
 //
-// In-memory only: after a restart the cache is empty, which is why the broker refuses proofs
-// whose iat is before its start (VerifyOptions::not_before, DESIGN.md §10).
+// Bounded twice, so that no client can lock the others out (issue: one workload's legitimate
+// rate filled a shared 100,000-entry set and every other workload was refused):
+// - at most `max_entries` live entries in all, i.e. about max_entries * kMaxBytesPerEntry bytes
+//   (plus one small counter per owner with live entries);
+// - at most `max_entries_per_owner` live entries per owner, the identity the caller charges a
+//   proof to (the broker: the SPIFFE ID asking for a token; a resource server: the token's
+//   client). An owner over its share is refused while every other owner keeps its own.
+// Filling the whole cache therefore takes max_entries / max_entries_per_owner owners at full
+// share. The cache is split into up to kMaxShards independently locked shards by entry hash;
+// each shard enforces its proportional part of both limits, so the totals are never exceeded
+// and an owner near its share is refused for the proofs that land in its fuller shards first.
+// When a limit is reached, CheckAndRemember refuses with ResourceExhausted (fail closed:
+// accepting a proof we cannot remember would allow a replay); callers answer 503
+// temporarily_unavailable, never a proof error, since the proof itself is fine.
+//
+// In-memory only: after a restart the cache is empty, which is why callers refuse proofs whose
+// iat could have been accepted before the start (FirstAcceptableIat, DESIGN.md §10).
 //
 // Thread-safe.
 class ReplayCache {
  public:
-  explicit ReplayCache(size_t max_entries = 100000);
+  // 2^21 entries: about 80 MiB at most; at a 65 s proof lifetime it takes over 32,000 accepted
+  // proofs per second to fill, far above what one broker serves.
+  static constexpr size_t kDefaultMaxEntries = size_t{1} << 21;
+  // Memory per live entry, worst case: a 16-byte key and a control byte in an open-addressing
+  // table that is at least 7/16 full (absl::flat_hash_set grows at 7/8 by doubling).
+  static constexpr size_t kMaxBytesPerEntry = 40;
+  static constexpr size_t kMaxShards = 16;
+
+  // `max_entries_per_owner` 0 means max_entries / 8 (at least 1): eight owners at full share are
+  // needed to fill the cache. Both are clamped to at least 1.
+  explicit ReplayCache(size_t max_entries = kDefaultMaxEntries, size_t max_entries_per_owner = 0);
+  ~ReplayCache();
 
   ReplayCache(const ReplayCache&) = delete;
   ReplayCache& operator=(const ReplayCache&) = delete;
 
-  // Records (htu, jti), to be remembered while now <= expires_at.
-  // AlreadyExists "DPoP proof replayed" when the pair is present and unexpired (the stored
-  // entry is left unchanged); ResourceExhausted when full of unexpired entries.
-  absl::Status CheckAndRemember(std::string_view htu, std::string_view jti, int64_t expires_at,
-                                int64_t now);
+  // Records (htu, jti), charged to `owner`, to be remembered while now <= expires_at.
+  // AlreadyExists "DPoP proof replayed" when the pair was recorded with this expires_at and has
+  // not expired (the stored entry is left unchanged). ResourceExhausted when the cache is full
+  // or `owner` has used up its share (the message says which); nothing is recorded then.
+  absl::Status CheckAndRemember(std::string_view owner, std::string_view htu, std::string_view jti,
+                                int64_t expires_at, int64_t now);
 
-  // Number of entries currently held (expired ones included until the next eviction).
+  // Number of entries currently held (expired ones included until their shard's next call).
   size_t size() const;
   size_t max_entries() const { return max_entries_; }
+  size_t max_entries_per_owner() const { return max_entries_per_owner_; }
+  // Bytes held by the tables (entry sets, per-owner counters, bucket index), estimated from
+  // their capacities.
+  size_t ApproximateMemoryBytes() const;
 
  private:
-  void EvictExpiredLocked(int64_t now) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  struct Shard;
 
   const size_t max_entries_;
-  mutable absl::Mutex mu_;
-  // SHA-256(htu, jti) -> expires_at.
-  std::map<std::string, int64_t> entries_ ABSL_GUARDED_BY(mu_);
-  // (expires_at, hash), ordered so eviction pops the oldest first.
-  std::set<std::pair<int64_t, std::string>> by_expiry_ ABSL_GUARDED_BY(mu_);
+  const size_t max_entries_per_owner_;
+  const size_t shard_count_;
+  const size_t shard_max_entries_;
+  const size_t shard_max_entries_per_owner_;
+  // Each shard has its own mutex and state (see Shard in dpop.cc).
+  std::unique_ptr<Shard[]> shards_;
 };
+
+// The smallest iat a verifier that started at `started_at` may accept. Proofs the previous
+// instance accepted (up to its last second, which may be started_at) have iat up to
+// started_at + max_future_seconds; this instance's empty replay cache cannot know them, so they
+// are all refused. The cost: for max_future_seconds + 1 after a start, fresh proofs are refused
+// too (VerifyProof: Unavailable) and clients retry with a new one. A verifier that knows it has
+// no previous instance (e.g. a broker whose data directory is new) passes started_at 0.
+int64_t FirstAcceptableIat(int64_t started_at, int64_t max_future_seconds);
 
 struct VerifyOptions {
   // The request's method, compared case-sensitively (RFC 9110 methods are case-sensitive).
@@ -137,9 +178,12 @@ struct VerifyOptions {
   // Non-empty: the proof's nonce must equal one of these (a server rotating its nonce accepts the
   // current and the previous one), else FailedPrecondition "use_dpop_nonce".
   std::vector<std::string> nonces;
-  // Proofs with iat before this are refused: the broker's replay cache does not know proofs
-  // accepted before it started (DESIGN.md §10).
+  // Proofs with iat before this are refused: the verifier's replay cache does not know proofs
+  // accepted before it started. Set it to FirstAcceptableIat(start, max_future_seconds).
   int64_t not_before = 0;
+  // The owner the proof is charged to in the replay cache (its share, see ReplayCache): the
+  // authenticated identity making the request. Empty: the proof key's thumbprint.
+  std::string replay_owner;
 };
 
 struct VerifiedProof {
@@ -155,7 +199,8 @@ struct VerifiedProof {
 // htu, iat window and not_before, the ath rule, expected_jkt, the nonce and finally the replay
 // cache. `cache` may be null (no replay protection; only for callers that remember jti
 // elsewhere). The cache is consulted last, so proofs failing any other check are never
-// remembered. The (normalised htu, jti) pair is remembered until iat + max_age_seconds.
+// remembered. The (normalised htu, jti) pair is remembered until iat + max_age_seconds, charged
+// to options.replay_owner (or the proof key's thumbprint).
 // Error codes: see the top of this file.
 absl::StatusOr<VerifiedProof> VerifyProof(std::string_view proof, const VerifyOptions& options,
                                           ReplayCache* cache);

@@ -39,6 +39,16 @@
 
 namespace mandate::jose {
 
+// ---------------------------------------------------------------------------- JSON
+
+// Parses untrusted JSON text (RFC 8259) strictly: one value and nothing after it, no comments,
+// valid UTF-8, and no object (at any depth) with two members of the same name. RFC 7515 §4 and
+// RFC 7519 §4 let a parser either refuse duplicate names or keep the last one; keeping the last
+// one lets two parsers of the same token disagree about its claims, so every JOSE header,
+// payload and JWK set in Mandate is parsed here and duplicates are refused. InvalidArgument "not
+// valid JSON" or "a JSON object has a duplicate member name".
+absl::StatusOr<nlohmann::json> ParseStrictJson(std::string_view text);
+
 // ---------------------------------------------------------------------------- base64url
 
 // RFC 4648 §5 base64url without padding (RFC 7515 §2).

@@ -29,9 +29,11 @@ absl::Status OptionalString(const json& entry, const char* name, size_t index, s
 }  // namespace
 
 absl::StatusOr<JwkSet> JwkSet::Parse(std::string_view text) {
-  json doc = json::parse(text, nullptr, /*allow_exceptions=*/false, /*ignore_comments=*/false);
-  if (doc.is_discarded()) return absl::InvalidArgumentError("JWKS document is not valid JSON");
-  return FromJson(doc);
+  absl::StatusOr<json> doc = ParseStrictJson(text);
+  if (!doc.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("JWKS document: ", doc.status().message()));
+  }
+  return FromJson(*doc);
 }
 
 absl::StatusOr<JwkSet> JwkSet::FromJson(const json& doc) {

@@ -281,11 +281,12 @@ absl::StatusOr<ParsedJws> ParseCompact(std::string_view token, size_t max_len) {
   if (signature->empty()) return absl::InvalidArgumentError("JWS signature is empty");
 
   ParsedJws out;
-  out.header = json::parse(*header_bytes, nullptr, /*allow_exceptions=*/false,
-                           /*ignore_comments=*/false);
-  if (out.header.is_discarded() || !out.header.is_object()) {
-    return absl::InvalidArgumentError("JWS header is not a JSON object");
+  absl::StatusOr<json> header = ParseStrictJson(*header_bytes);
+  if (!header.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("JWS header: ", header.status().message()));
   }
+  out.header = *std::move(header);
+  if (!out.header.is_object()) return absl::InvalidArgumentError("JWS header is not a JSON object");
   auto alg_it = out.header.find("alg");
   if (alg_it == out.header.end() || !alg_it->is_string()) {
     return absl::InvalidArgumentError("JWS header 'alg' is missing or not a string");
@@ -300,9 +301,12 @@ absl::StatusOr<ParsedJws> ParseCompact(std::string_view token, size_t max_len) {
   if (out.header.contains("b64")) {
     return absl::InvalidArgumentError("JWS header 'b64' (unencoded payload) is not supported");
   }
-  out.payload = json::parse(*payload_bytes, nullptr, /*allow_exceptions=*/false,
-                            /*ignore_comments=*/false);
-  if (out.payload.is_discarded() || !out.payload.is_object()) {
+  absl::StatusOr<json> payload = ParseStrictJson(*payload_bytes);
+  if (!payload.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("JWS payload: ", payload.status().message()));
+  }
+  out.payload = *std::move(payload);
+  if (!out.payload.is_object()) {
     return absl::InvalidArgumentError("JWS payload is not a JSON object");
   }
   out.signing_input = std::string(token.substr(0, dot2));

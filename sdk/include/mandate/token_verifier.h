@@ -14,8 +14,10 @@
 //      string, and `act` (RFC 8693 delegation) a well-formed chain of at most 16 actors;
 //   3. the proof: exactly one DPoP header, a valid RFC 9449 proof signed by the key whose
 //      thumbprint is the token's `cnf.jkt`, `htm` and `htu` matching the request, `iat` within
-//      [now - proof_max_age_seconds, now + proof_max_future_seconds] and not before the verifier
-//      was created, `ath` the hash of this token, and `jti` never seen before (replay cache).
+//      [now - proof_max_age_seconds, now + proof_max_future_seconds] and later than
+//      creation + proof_max_future_seconds (a proof the previous instance may have accepted is
+//      refused, so for that long after creation every proof is), `ath` the hash of this token,
+//      and `jti` never seen before (replay cache; each client_id has its own share of it).
 //
 // Errors carry their OAuth classification (see OAuthErrorCode) so a service answers with the
 // right HTTP status and WWW-Authenticate challenge without parsing messages:
@@ -29,6 +31,9 @@
 //     scheme such as Basic); RFC 6750 §3.1 says to answer with a bare challenge then;
 //   - Unavailable, no code: the issuer's keys could not be fetched and the token's key is not
 //     known, so the token is refused (fail closed); answer 503.
+//   - Unavailable, "temporarily_unavailable": the proof could not be remembered for replay
+//     detection (the replay cache is full, or this client's share of it is used up), so it is
+//     refused (fail closed) although nothing is wrong with it; answer 503, the client may retry.
 // Messages never contain the token or the proof.
 //
 // Keys: Create fetches `<issuer>/.well-known/openid-configuration` (RFC 8414 / OIDC discovery),
@@ -75,10 +80,15 @@ struct TokenVerifierOptions {
   int64_t proof_max_future_seconds = 5;
   // Seconds since the Unix epoch. Empty: the system clock. Tests inject a fixed or fake time.
   std::function<int64_t()> clock;
-  // Most proofs remembered for replay detection. A proof is remembered for
-  // proof_max_age_seconds; when the cache is full of live entries new proofs are refused (fail
-  // closed), so size it for the peak request rate times that window.
-  size_t replay_cache_entries = 100000;
+  // Most proofs remembered for replay detection, each for proof_max_age_seconds, at most
+  // 40 bytes each (plus a small counter per client): the default takes at most about 40 MiB.
+  // Each client (the token's client_id) may hold replay_cache_entries_per_client of them; a
+  // client over its share, or any client while the cache is full, is refused with a
+  // "temporarily_unavailable" 503 (fail closed). Size it for the peak request rate times the
+  // proof lifetime.
+  size_t replay_cache_entries = size_t{1} << 20;
+  // 0: replay_cache_entries / 8, so eight clients at full share are needed to fill the cache.
+  size_t replay_cache_entries_per_client = 0;
   // An unknown `kid` triggers a JWKS fetch at most this often, so a flood of forged tokens
   // cannot make the service hammer the broker.
   int64_t jwks_refresh_min_interval_seconds = 30;
@@ -187,8 +197,8 @@ class TokenVerifier {
 };
 
 // The OAuth error code a Verify (or RequireScope) error carries: "invalid_token",
-// "invalid_dpop_proof", "invalid_request" or "insufficient_scope". Empty for OK, for the
-// no-credentials case and for errors that are not the client's fault (e.g. Unavailable).
+// "invalid_dpop_proof", "invalid_request", "insufficient_scope" or "temporarily_unavailable".
+// Empty for OK, for the no-credentials case and when the issuer's keys are unavailable.
 std::string OAuthErrorCode(const absl::Status& status);
 
 // OK when `token` carries `scope`; otherwise PermissionDenied classified "insufficient_scope"
@@ -196,8 +206,8 @@ std::string OAuthErrorCode(const absl::Status& status);
 absl::Status RequireScope(const VerifiedTaskToken& token, std::string_view scope);
 
 // The HTTP status to answer a Verify or RequireScope error with: 400 invalid_request, 401 for
-// invalid_token, invalid_dpop_proof and missing credentials, 403 insufficient_scope, 503 when
-// keys are unavailable, 500 otherwise.
+// invalid_token, invalid_dpop_proof and missing credentials, 403 insufficient_scope, 503 for
+// temporarily_unavailable and when keys are unavailable, 500 otherwise.
 int HttpStatusForError(const absl::Status& status);
 
 // The WWW-Authenticate header value for a Verify or RequireScope error (RFC 9449 §7.1, RFC 6750

@@ -6,6 +6,7 @@
 #include <map>
 #include <nlohmann/json.hpp>
 
+#include "absl/strings/str_cat.h"
 #include "broker/common/crypto/keys.h"
 #include "broker/common/dpop/dpop.h"
 #include "broker/common/jose/jose.h"
@@ -386,6 +387,108 @@ TEST_F(TokenEndpointTest, NonceModeAsksForTheNonceThenAcceptsItAndRotates) {
   ExpectError(stale, "use_dpop_nonce");
   EXPECT_NE(stale.dpop_nonce, first.dpop_nonce);
   EXPECT_EQ(Post(Params(), {Proof("POST", kTokenUrl, kNow + 122, stale.dpop_nonce)}).status, 200);
+}
+
+// ---------------------------------------------------------------------------- replay cache
+
+// Replays the red-team lock-out through /token: one identity's stream of legitimate requests
+// used to fill the one shared replay cache until every other identity got "replay cache is
+// full". Now that identity is charged to its own share (whatever keys it uses) and answered 503
+// temporarily_unavailable, never a proof error, and the others keep working.
+TEST_F(TokenEndpointTest, OneIdentityUsingUpItsReplayShareCannotLockAnotherOut) {
+  dpop::ReplayCache small(64, 4);
+  TokenEndpoint endpoint(*authority_, *registry_, *tasks_, *issuer_, small, clock_,
+                         TokenEndpointOptions{.issuer_url = kIssuer, .started_at = kNow - 10});
+  auto post = [&](const std::vector<std::pair<std::string, std::string>>& params,
+                  const std::string& proof) {
+    return endpoint.Handle(
+        TokenRequest{.content_type = kForm, .body = FormEncode(params), .dpop_headers = {proof}});
+  };
+  for (int i = 0; i < 4; ++i) ASSERT_EQ(post(Params(), Proof()).status, 200) << i;
+  TokenResponse over = post(Params(), Proof());
+  ExpectError(over, "temporarily_unavailable", "share", 503);
+  // A new key does not buy the same identity a new share.
+  auto other_key = *crypto::PrivateKey::GenerateP256();
+  ExpectError(post(Params(), *dpop::CreateProof(other_key, "POST", kTokenUrl, kNow)),
+              "temporarily_unavailable", "share", 503);
+  // Another identity is served.
+  std::string others_task = Declare(kOther, {"read"}, {"https://api.example.org"});
+  auto others = With(With(Params(), "subject_token", JwtSvid("e2")), "task_id", others_task);
+  TokenResponse served = post(others, *dpop::CreateProof(other_key, "POST", kTokenUrl, kNow));
+  EXPECT_EQ(served.status, 200) << served.body;
+  // Once the flood's proofs expire, the first identity is served again.
+  clock_.Advance(61);
+  auto later = With(Params(), "subject_token", JwtSvid());
+  EXPECT_EQ(post(later, Proof("POST", kTokenUrl, kNow + 61)).status, 200);
+}
+
+TEST_F(TokenEndpointTest, AFullReplayCacheAnswers503TemporarilyUnavailable) {
+  dpop::ReplayCache tiny(1, 1);
+  TokenEndpoint endpoint(*authority_, *registry_, *tasks_, *issuer_, tiny, clock_,
+                         TokenEndpointOptions{.issuer_url = kIssuer, .started_at = kNow - 10});
+  auto post = [&](const std::vector<std::pair<std::string, std::string>>& params) {
+    return endpoint.Handle(
+        TokenRequest{.content_type = kForm, .body = FormEncode(params), .dpop_headers = {Proof()}});
+  };
+  ASSERT_EQ(post(Params()).status, 200);
+  std::string others_task = Declare(kOther, {"read"}, {"https://api.example.org"});
+  ExpectError(post(With(With(Params(), "subject_token", JwtSvid("e2")), "task_id", others_task)),
+              "temporarily_unavailable", "full", 503);
+}
+
+// Issue item 7: a proof dated into the future (within the allowed skew) that the previous
+// instance accepted is refused by a broker started right after, whose replay cache is empty.
+TEST_F(TokenEndpointTest, ARestartedBrokerRefusesAFutureDatedProofTheLastOneAccepted) {
+  std::string proof = Proof("POST", kTokenUrl, kNow + 4);  // future skew 5 s, minus one
+  ASSERT_EQ(Post(Params(), {proof}).status, 200);
+  // The restart: same data, a new process with an empty cache, started now.
+  dpop::ReplayCache empty;
+  TokenEndpoint restarted(*authority_, *registry_, *tasks_, *issuer_, empty, clock_,
+                          TokenEndpointOptions{.issuer_url = kIssuer, .started_at = kNow});
+  auto post = [&](int64_t now, const std::string& dpop) {
+    clock_.Set(now);
+    return restarted.Handle(
+        TokenRequest{.content_type = kForm, .body = FormEncode(Params()), .dpop_headers = {dpop}});
+  };
+  // While the window is open every proof is refused, retryably.
+  ExpectError(post(kNow, proof), "temporarily_unavailable", "restarted", 503);
+  ExpectError(post(kNow + 2, Proof("POST", kTokenUrl, kNow + 2)), "temporarily_unavailable",
+              "retry with a new proof in 4 s", 503);
+  // After it, the replay is refused for good and fresh proofs are served.
+  ExpectError(post(kNow + 6, proof), "invalid_dpop_proof", "before the verifier restarted");
+  EXPECT_EQ(post(kNow + 6, Proof("POST", kTokenUrl, kNow + 6)).status, 200);
+  // A broker with a new data directory has no previous instance: started_at 0, no window.
+  dpop::ReplayCache fresh_cache;
+  TokenEndpoint fresh(*authority_, *registry_, *tasks_, *issuer_, fresh_cache, clock_,
+                      TokenEndpointOptions{.issuer_url = kIssuer, .started_at = 0});
+  clock_.Set(kNow + 6);
+  EXPECT_EQ(fresh
+                .Handle(TokenRequest{.content_type = kForm,
+                                     .body = FormEncode(Params()),
+                                     .dpop_headers = {Proof("POST", kTokenUrl, kNow + 6)}})
+                .status,
+            200);
+}
+
+// Issue item 11: a proof or subject token repeating a member name is refused, whichever value
+// would have been read.
+TEST_F(TokenEndpointTest, RefusesProofsWithDuplicateMemberNames) {
+  json jwk = *jose::PublicKeyToJwk(dpop_key_.public_key());
+  const std::string header = R"({"typ":"dpop+jwt","alg":"ES256","jwk":)" + jwk.dump() + "}";
+  const std::string claims =
+      absl::StrCat(R"({"jti":"0123456789abcdefghij","htm":"GET",)", R"("htm":"POST","htu":")",
+                   kTokenUrl, R"(","iat":)", kNow, "}");
+  auto signed_proof = jose::SignCompact(dpop_key_, jose::Algorithm::kES256, header, claims);
+  ASSERT_TRUE(signed_proof.ok());
+  ExpectError(Post(Params(), {*signed_proof}), "invalid_dpop_proof", "duplicate member name");
+  std::string doubled_typ = header;
+  doubled_typ.insert(1, R"("typ":"JWT",)");
+  auto typ_proof =
+      jose::SignCompact(dpop_key_, jose::Algorithm::kES256, doubled_typ,
+                        absl::StrCat(R"({"jti":"0123456789abcdefghij","htm":"POST","htu":")",
+                                     kTokenUrl, R"(","iat":)", kNow, "}"));
+  ExpectError(Post(Params(), {*typ_proof}), "invalid_dpop_proof", "duplicate member name");
+  EXPECT_EQ(cache_.size(), 0u);
 }
 
 TEST(ParseFormUrlEncodedTest, DecodesAndKeepsOrderAndRepetitions) {

@@ -1,11 +1,15 @@
 #include "broker/common/dpop/dpop.h"
 
+#include <malloc.h>
+
 #include <atomic>
 #include <cstdint>
+#include <iostream>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "broker/common/crypto/keys.h"
 #include "broker/common/jose/jose.h"
 #include "gmock/gmock.h"
@@ -433,13 +437,14 @@ TEST(VerifyProofTest, FailedProofsDoNotFillTheCache) {
 }
 
 TEST(ReplayCacheTest, FailsClosedWhenFullOfUnexpiredEntries) {
-  ReplayCache cache(2);
-  EXPECT_TRUE(cache.CheckAndRemember(kTokenUrl, "jti-1", kNow + 60, kNow).ok());
-  EXPECT_TRUE(cache.CheckAndRemember(kTokenUrl, "jti-2", kNow + 60, kNow).ok());
-  EXPECT_EQ(cache.CheckAndRemember(kTokenUrl, "jti-3", kNow + 60, kNow).code(),
-            absl::StatusCode::kResourceExhausted);
+  ReplayCache cache(2, 2);
+  EXPECT_TRUE(cache.CheckAndRemember("owner", kTokenUrl, "jti-1", kNow + 60, kNow).ok());
+  EXPECT_TRUE(cache.CheckAndRemember("other", kTokenUrl, "jti-2", kNow + 60, kNow).ok());
+  absl::Status full = cache.CheckAndRemember("third", kTokenUrl, "jti-3", kNow + 60, kNow);
+  EXPECT_EQ(full.code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_THAT(std::string(full.message()), HasSubstr("replay cache is full"));
   // Once the entries expire they are evicted and new proofs fit again.
-  EXPECT_TRUE(cache.CheckAndRemember(kTokenUrl, "jti-3", kNow + 200, kNow + 61).ok());
+  EXPECT_TRUE(cache.CheckAndRemember("third", kTokenUrl, "jti-3", kNow + 200, kNow + 61).ok());
   EXPECT_EQ(cache.size(), 1u);
 }
 
@@ -453,16 +458,19 @@ TEST(ReplayCacheTest, VerifyProofFailsClosedWhenCacheIsFull) {
 
 TEST(ReplayCacheTest, RemembersUntilExpiryInclusiveThenForgets) {
   ReplayCache cache;
-  ASSERT_TRUE(cache.CheckAndRemember(kTokenUrl, "jti", kNow + 60, kNow).ok());
-  EXPECT_EQ(cache.CheckAndRemember(kTokenUrl, "jti", kNow + 60, kNow + 60).code(),
+  ASSERT_TRUE(cache.CheckAndRemember("owner", kTokenUrl, "jti", kNow + 60, kNow).ok());
+  EXPECT_EQ(cache.CheckAndRemember("owner", kTokenUrl, "jti", kNow + 60, kNow + 60).code(),
             absl::StatusCode::kAlreadyExists);
-  EXPECT_TRUE(cache.CheckAndRemember(kTokenUrl, "jti", kNow + 121, kNow + 61).ok());
+  // Charged to someone else, the same pair is still a replay.
+  EXPECT_EQ(cache.CheckAndRemember("thief", kTokenUrl, "jti", kNow + 60, kNow + 30).code(),
+            absl::StatusCode::kAlreadyExists);
+  EXPECT_TRUE(cache.CheckAndRemember("owner", kTokenUrl, "jti", kNow + 121, kNow + 61).ok());
 }
 
 TEST(ReplayCacheTest, PairEncodingIsUnambiguous) {
   ReplayCache cache;
-  ASSERT_TRUE(cache.CheckAndRemember("a", "bc", kNow + 60, kNow).ok());
-  EXPECT_TRUE(cache.CheckAndRemember("ab", "c", kNow + 60, kNow).ok());
+  ASSERT_TRUE(cache.CheckAndRemember("owner", "a", "bc", kNow + 60, kNow).ok());
+  EXPECT_TRUE(cache.CheckAndRemember("owner", "ab", "c", kNow + 60, kNow).ok());
 }
 
 TEST(ReplayCacheTest, ConcurrentUsesOfOneJtiAcceptExactlyOne) {
@@ -470,12 +478,177 @@ TEST(ReplayCacheTest, ConcurrentUsesOfOneJtiAcceptExactlyOne) {
   std::atomic<int> accepted{0};
   std::vector<std::thread> threads;
   for (int i = 0; i < 8; ++i) {
-    threads.emplace_back([&] {
-      if (cache.CheckAndRemember(kTokenUrl, "same-jti", kNow + 60, kNow).ok()) ++accepted;
+    threads.emplace_back([&, i] {
+      if (cache.CheckAndRemember(absl::StrCat("owner-", i), kTokenUrl, "same-jti", kNow + 60, kNow)
+              .ok()) {
+        ++accepted;
+      }
     });
   }
   for (auto& thread : threads) thread.join();
   EXPECT_EQ(accepted.load(), 1);
+}
+
+TEST(ReplayCacheTest, DefaultLimits) {
+  ReplayCache cache;
+  EXPECT_EQ(cache.max_entries(), size_t{1} << 21);
+  EXPECT_EQ(cache.max_entries_per_owner(), size_t{1} << 18);
+  EXPECT_EQ(ReplayCache(10, 100).max_entries_per_owner(), 10u);
+  EXPECT_EQ(ReplayCache(0, 0).max_entries(), 1u);
+  // A share smaller than the shard count is still exact.
+  ReplayCache large(size_t{1} << 20, 4);
+  int accepted = 0;
+  for (int i = 0; i < 100; ++i) {
+    accepted +=
+        large.CheckAndRemember("owner", kTokenUrl, absl::StrCat("j", i), kNow + 60, kNow).ok();
+  }
+  EXPECT_EQ(accepted, 4);
+}
+
+// The red-team attack on one shared 100,000-entry set: one workload's legitimate rate (~2,300
+// proofs/s for the 65 s a proof lives, ~150,000 entries) filled it and every other workload was
+// refused. Now that workload is charged to its own share; others keep theirs.
+TEST(ReplayCacheTest, OneOwnerFloodingCannotLockAnotherOut) {
+  ReplayCache cache;
+  size_t accepted = 0;
+  absl::Status refused;
+  // Flood for longer than it takes to use up the share, with expiries spread as live proofs'.
+  for (size_t i = 0; i < cache.max_entries_per_owner() + 10000; ++i) {
+    absl::Status status =
+        cache.CheckAndRemember("spiffe://example.org/flooder", kTokenUrl, absl::StrCat("flood-", i),
+                               kNow + 1 + i % 65, kNow);
+    if (status.ok()) {
+      ++accepted;
+    } else {
+      refused = status;
+    }
+    if (i == 150000) {
+      // What filled the old cache: here it is well within the flooder's share.
+      ASSERT_EQ(accepted, i + 1);
+      ASSERT_TRUE(cache
+                      .CheckAndRemember("spiffe://example.org/victim", kTokenUrl, "victim-early",
+                                        kNow + 60, kNow)
+                      .ok());
+    }
+  }
+  // The flooder got at most its share (slightly less: each shard caps its part) ...
+  EXPECT_LE(accepted, cache.max_entries_per_owner());
+  EXPECT_GE(accepted, cache.max_entries_per_owner() * 9 / 10);
+  EXPECT_EQ(refused.code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_THAT(std::string(refused.message()), HasSubstr("share"));
+  // ... and every fresh proof of another owner is still accepted.
+  for (int i = 0; i < 1000; ++i) {
+    ASSERT_TRUE(cache
+                    .CheckAndRemember("spiffe://example.org/victim", kTokenUrl,
+                                      absl::StrCat("victim-", i), kNow + 60, kNow)
+                    .ok())
+        << i;
+  }
+  // Once the flood's proofs expire, the flooder's share is given back (each shard drops its
+  // expired buckets on its next call).
+  for (int i = 0; i < 5000; ++i) {
+    ASSERT_TRUE(cache
+                    .CheckAndRemember("spiffe://example.org/flooder", kTokenUrl,
+                                      absl::StrCat("later-", i), kNow + 200, kNow + 66)
+                    .ok())
+        << i;
+  }
+  EXPECT_EQ(cache.size(), 5000u);
+}
+
+// The same attack through VerifyProof with real proofs: a key (the default owner) over its
+// share is refused with ResourceExhausted, never a proof error, and another key is unaffected.
+TEST(ReplayCacheTest, VerifyProofChargesEachKeyItsOwnShare) {
+  crypto::PrivateKey flooder = NewKey();
+  crypto::PrivateKey victim = NewKey();
+  ReplayCache cache(64, 8);
+  int accepted = 0;
+  absl::Status refused;
+  for (int i = 0; i < 20; ++i) {
+    auto result = VerifyProof(*CreateProof(flooder, "POST", kTokenUrl, kNow), Options(), &cache);
+    if (result.ok()) {
+      ++accepted;
+    } else {
+      refused = result.status();
+    }
+  }
+  EXPECT_EQ(accepted, 8);
+  EXPECT_EQ(refused.code(), absl::StatusCode::kResourceExhausted);
+  for (int i = 0; i < 8; ++i) {
+    auto result = VerifyProof(*CreateProof(victim, "POST", kTokenUrl, kNow), Options(), &cache);
+    EXPECT_TRUE(result.ok()) << result.status();
+  }
+  // With an explicit owner, two keys of one identity share one share.
+  VerifyOptions as_identity = Options();
+  as_identity.replay_owner = "spiffe://example.org/one-identity";
+  ReplayCache shared(64, 2);
+  EXPECT_TRUE(
+      VerifyProof(*CreateProof(flooder, "POST", kTokenUrl, kNow), as_identity, &shared).ok());
+  EXPECT_TRUE(
+      VerifyProof(*CreateProof(victim, "POST", kTokenUrl, kNow), as_identity, &shared).ok());
+  EXPECT_EQ(VerifyProof(*CreateProof(NewKey(), "POST", kTokenUrl, kNow), as_identity, &shared)
+                .status()
+                .code(),
+            absl::StatusCode::kResourceExhausted);
+  EXPECT_TRUE(
+      VerifyProof(*CreateProof(NewKey(), "POST", kTokenUrl, kNow), Options(), &shared).ok());
+}
+
+// The stated memory bound, checked against the allocator rather than the cache's own
+// accounting: live entries cost at most kMaxBytesPerEntry each (plus small fixed tables).
+TEST(ReplayCacheTest, MemoryPerEntryIsBounded) {
+  constexpr size_t kEntries = size_t{1} << 19;
+  const size_t before = mallinfo2().uordblks;
+  {
+    ReplayCache cache(size_t{1} << 20, size_t{1} << 20);
+    for (size_t i = 0; i < kEntries; ++i) {
+      ASSERT_TRUE(cache
+                      .CheckAndRemember(absl::StrCat("owner-", i % 4), kTokenUrl,
+                                        absl::StrCat("jti-", i), kNow + 1 + i % 65, kNow)
+                      .ok());
+    }
+    const size_t used = mallinfo2().uordblks - before;
+    const double per_entry = static_cast<double>(used) / kEntries;
+    std::cout << "replay cache: " << per_entry << " bytes per entry (allocator), "
+              << static_cast<double>(cache.ApproximateMemoryBytes()) / kEntries << " (estimate)\n";
+    EXPECT_LE(per_entry, static_cast<double>(ReplayCache::kMaxBytesPerEntry));
+    EXPECT_LE(cache.ApproximateMemoryBytes(), kEntries * ReplayCache::kMaxBytesPerEntry);
+    // The estimate is within a third of what the allocator says.
+    EXPECT_GE(cache.ApproximateMemoryBytes() * 3, used * 2);
+  }
+}
+
+// The restart rule (issue item 7): a proof dated into the future by up to the allowed skew was
+// acceptable to the previous instance, so a fresh instance refuses it.
+TEST(VerifyProofTest, FreshVerifierRefusesFutureDatedProofsTheLastOneMayHaveAccepted) {
+  crypto::PrivateKey key = NewKey();
+  const int64_t kFuture = 5;
+  // Instance 1 started long ago and accepts a proof dated kFuture - 1 s ahead.
+  VerifyOptions first = Options();
+  first.max_future_seconds = kFuture;
+  first.not_before = FirstAcceptableIat(kNow - 3600, kFuture);
+  ReplayCache first_cache;
+  std::string proof = *CreateProof(key, "POST", kTokenUrl, kNow + kFuture - 1);
+  ASSERT_TRUE(VerifyProof(proof, first, &first_cache).ok());
+  // Instance 2 starts right after (same second, empty cache): while its window is open every
+  // proof is refused as "not now" (Unavailable, a 503), ...
+  VerifyOptions second = first;
+  second.not_before = FirstAcceptableIat(kNow, kFuture);
+  ReplayCache second_cache;
+  auto during = VerifyProof(proof, second, &second_cache);
+  EXPECT_EQ(during.status().code(), absl::StatusCode::kUnavailable) << during.status();
+  EXPECT_THAT(std::string(during.status().message()), HasSubstr("retry with a new proof in 6 s"));
+  // ... and after it the replay is refused for good, even dated the full skew ahead
+  // (acceptable to instance 1 in its last second), while fresh proofs are accepted.
+  second.now = kNow + kFuture + 1;
+  ExpectRefused(VerifyProof(proof, second, &second_cache), "before the verifier restarted");
+  ExpectRefused(VerifyProof(*CreateProof(key, "POST", kTokenUrl, kNow + kFuture), second, nullptr),
+                "before the verifier restarted");
+  EXPECT_TRUE(
+      VerifyProof(*CreateProof(key, "POST", kTokenUrl, kNow + kFuture + 1), second, &second_cache)
+          .ok());
+  EXPECT_EQ(FirstAcceptableIat(100, 5), 106);
+  EXPECT_EQ(FirstAcceptableIat(100, -1), 101);
 }
 
 // ---------------------------------------------------------------------------- helpers

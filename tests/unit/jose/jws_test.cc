@@ -3,6 +3,7 @@
 #include <thread>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "broker/common/jose/jose.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -449,6 +450,87 @@ TEST(ParseCompactTest, KeepsSigningInputExactlyAsReceived) {
   ASSERT_TRUE(parsed.ok());
   EXPECT_EQ(parsed->signing_input, token.substr(0, token.rfind('.')));
   EXPECT_EQ(parsed->signature.size(), 64u);
+}
+
+// ---------------------------------------------------------------------------- duplicate names
+
+TEST(ParseStrictJsonTest, RefusesDuplicateMemberNamesAtAnyDepth) {
+  for (const char* text : {
+           R"({"alg":"ES256","alg":"none"})",
+           R"({"a":1,"b":2,"a":1})",
+           R"({"cnf":{"jkt":"one","jkt":"two"}})",
+           R"({"keys":[{"kid":"k"},{"kty":"EC","kty":"RSA"}]})",
+           R"({"aud":"x","nested":{"aud":"y"},"aud":"z"})",
+           // The same name spelt with an escape is the same name once decoded.
+           R"({"sub":"a","\u0073ub":"b"})",
+       }) {
+    auto parsed = ParseStrictJson(text);
+    ASSERT_FALSE(parsed.ok()) << text;
+    EXPECT_EQ(parsed.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_THAT(parsed.status().message(), HasSubstr("duplicate member name")) << text;
+  }
+}
+
+TEST(ParseStrictJsonTest, AcceptsDistinctNamesAndRefusesInvalidJson) {
+  // The same name in sibling or nested objects is not a duplicate.
+  auto parsed = ParseStrictJson(R"({"a":{"a":1},"b":[{"a":2},{"a":3}],"c":"a"})");
+  ASSERT_TRUE(parsed.ok()) << parsed.status();
+  EXPECT_EQ((*parsed)["b"][1]["a"], 3);
+  EXPECT_TRUE(ParseStrictJson("[1,2]").ok());
+  EXPECT_TRUE(ParseStrictJson("\"text\"").ok());
+  for (const char* text :
+       {"", "{", R"({"a":1} {"a":2})", R"({"a":1 /* c */})", "{\"a\":\"\xff\"}", R"({"a":1,})"}) {
+    auto refused = ParseStrictJson(text);
+    ASSERT_FALSE(refused.ok()) << text;
+    EXPECT_EQ(refused.status().message(), "not valid JSON") << text;
+  }
+}
+
+TEST(ParseStrictJsonTest, DeepNestingIsParsedWithoutRecursion) {
+  std::string deep = std::string(100000, '[') + std::string(100000, ']');
+  EXPECT_TRUE(ParseStrictJson(deep).ok());
+  std::string objects;
+  for (int i = 0; i < 20000; ++i) objects += R"({"a":)";
+  objects += "1" + std::string(20000, '}');
+  EXPECT_TRUE(ParseStrictJson(objects).ok());
+}
+
+// A validly signed token whose header or claims repeat a name is refused before anyone reads
+// either value (RFC 7515 §4: refuse, rather than keep the last one).
+TEST(ParseCompactTest, RefusesSignedTokensWithDuplicateHeaderOrClaimNames) {
+  struct Case {
+    const char* header;
+    const char* payload;
+    const char* part;
+  };
+  for (const Case& c : {
+           Case{R"({"alg":"ES256","alg":"ES256"})", R"({"sub":"a"})", "JWS header"},
+           Case{R"({"alg":"ES256","typ":"JWT","typ":"at+jwt"})", R"({"sub":"a"})", "JWS header"},
+           Case{R"({"alg":"ES256","kid":"a","kid":"b"})", R"({"sub":"a"})", "JWS header"},
+           Case{R"({"alg":"ES256"})", R"({"aud":"a","aud":"b"})", "JWS payload"},
+           Case{R"({"alg":"ES256"})", R"({"sub":"a","jti":"1","jti":"2"})", "JWS payload"},
+           Case{R"({"alg":"ES256"})", R"({"cnf":{"jkt":"a","jkt":"b"}})", "JWS payload"},
+           Case{R"({"alg":"ES256"})", R"({"cnf":{"jkt":"a"},"cnf":{"jkt":"b"}})", "JWS payload"},
+       }) {
+    auto token = SignCompact(K().p256, Algorithm::kES256, c.header, c.payload);
+    ASSERT_TRUE(token.ok());
+    auto parsed = ParseCompact(*token);
+    ASSERT_FALSE(parsed.ok()) << c.header << " " << c.payload;
+    EXPECT_THAT(parsed.status().message(), HasSubstr(c.part));
+    EXPECT_THAT(parsed.status().message(), HasSubstr("duplicate member name"));
+  }
+}
+
+TEST(JwkSetTest, RefusesDuplicateMemberNames) {
+  auto jwk = PublicKeyToJwk(K().p256.public_key());
+  ASSERT_TRUE(jwk.ok());
+  std::string key = jwk->dump();
+  key.insert(1, R"("kid":"a","kid":"b",)");
+  auto set = JwkSet::Parse(absl::StrCat(R"({"keys":[)", key, "]}"));
+  ASSERT_FALSE(set.ok());
+  EXPECT_THAT(set.status().message(), HasSubstr("duplicate member name"));
+  auto doubled = JwkSet::Parse(R"({"keys":[],"keys":[]})");
+  EXPECT_FALSE(doubled.ok());
 }
 
 }  // namespace

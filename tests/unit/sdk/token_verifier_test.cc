@@ -103,9 +103,24 @@ TokenVerifierOptions Options(int64_t now = kNow) {
   return options;
 }
 
+// Options whose clock reads an hour earlier until `created` is set: a verifier created with
+// them has been running for an hour when the test starts using it, so the restart rule (no
+// proofs until creation + proof_max_future_seconds + 1) is long behind it, as for a service
+// that has been up for a while.
+TokenVerifierOptions StartedAnHourAgo(TokenVerifierOptions options,
+                                      std::shared_ptr<std::atomic<bool>> created) {
+  options.clock = [clock = options.clock, created] {
+    return created->load() ? clock() : clock() - 3600;
+  };
+  return options;
+}
+
 std::unique_ptr<TokenVerifier> StaticVerifier(const std::string& jwks,
                                               TokenVerifierOptions options = Options()) {
-  auto verifier = TokenVerifier::CreateWithJwks(std::move(options), jwks);
+  auto created = std::make_shared<std::atomic<bool>>(false);
+  auto verifier =
+      TokenVerifier::CreateWithJwks(StartedAnHourAgo(std::move(options), created), jwks);
+  *created = true;
   EXPECT_TRUE(verifier.ok()) << verifier.status();
   return *std::move(verifier);
 }
@@ -514,17 +529,123 @@ TEST_F(TokenVerifierTest, RefusesProofByKeyOtherThanCnfJkt) {
   ExpectRefused(verifier_->Verify(request), "invalid_dpop_proof", "cnf.jkt", request);
 }
 
-TEST_F(TokenVerifierTest, RefusesProofsFromBeforeTheVerifierStarted) {
+// Issue item 7: a proof dated into the future (within proof_max_future_seconds) that the
+// previous instance of the service accepted is refused by a verifier created right after.
+TEST_F(TokenVerifierTest, ARestartedVerifierRefusesAFutureDatedProofTheLastOneAccepted) {
+  HttpRequestView request = ValidRequest();
+  request.dpop = {Proof(dpop_key_, token_, kNow + 4)};  // the allowed 5 s ahead, minus one
+  ASSERT_TRUE(verifier_->Verify(request).ok());
+  // The restart: a new verifier (empty replay cache), created now.
   std::atomic<int64_t> now{kNow};
   TokenVerifierOptions options = Options();
   options.clock = [&now] { return now.load(); };
+  auto restarted = TokenVerifier::CreateWithJwks(options, Jwks({PublishedJwk(signer_)}));
+  ASSERT_TRUE(restarted.ok()) << restarted.status();
+  // While the window is open every proof is refused with a 503 the client may retry.
+  auto during = (*restarted)->Verify(request);
+  ExpectRefused(during, "temporarily_unavailable", "restarted", request,
+                absl::StatusCode::kUnavailable);
+  EXPECT_EQ(HttpStatusForError(during.status()), 503);
+  // After it, the replayed proof is refused for good; a fresh one is accepted.
+  now = kNow + 6;
+  ExpectRefused((*restarted)->Verify(request), "invalid_dpop_proof",
+                "before the verifier restarted", request);
+  request.dpop = {Proof(dpop_key_, token_, kNow + 6)};
+  EXPECT_TRUE((*restarted)->Verify(request).ok());
+}
+
+// Issue item 5 at the verifier: fresh proofs for one token used to fill the shared cache in
+// ~17 s, after which every client got 401 invalid_dpop_proof. Now each client (client_id) has
+// its own share; a client over it gets 503 temporarily_unavailable and the others keep working.
+TEST_F(TokenVerifierTest, OneClientFloodingFreshProofsCannotLockAnotherOut) {
+  TokenVerifierOptions options = Options();
+  options.replay_cache_entries = 64;
+  options.replay_cache_entries_per_client = 8;
   auto verifier = StaticVerifier(Jwks({PublishedJwk(signer_)}), options);
-  now = kNow + 20;
-  HttpRequestView request = ValidRequest();
-  request.dpop = {Proof(dpop_key_, token_, kNow - 1)};
-  ExpectRefused(verifier->Verify(request), "invalid_dpop_proof", "before", request);
-  request.dpop = {Proof(dpop_key_, token_, kNow + 1)};
-  EXPECT_TRUE(verifier->Verify(request).ok());
+  HttpRequestView flood = ValidRequest();
+  int accepted = 0;
+  absl::Status refused;
+  for (int i = 0; i < 20; ++i) {
+    flood.dpop = {Proof(dpop_key_, token_)};
+    auto result = verifier->Verify(flood);
+    if (result.ok()) {
+      ++accepted;
+    } else {
+      refused = result.status();
+    }
+  }
+  EXPECT_EQ(accepted, 8);
+  EXPECT_EQ(refused.code(), absl::StatusCode::kUnavailable) << refused;
+  EXPECT_EQ(OAuthErrorCode(refused), "temporarily_unavailable");
+  EXPECT_EQ(HttpStatusForError(refused), 503);
+  EXPECT_THAT(std::string(refused.message()), HasSubstr("share"));
+  // Another client, with its own key and token, is served.
+  crypto::PrivateKey other_key = NewP256();
+  json other = TaskClaims(other_key);
+  other["client_id"] = "spiffe://example.org/agent/other";
+  other["sub"] = "spiffe://example.org/agent/other";
+  std::string other_token = Sign(signer_, other);
+  for (int i = 0; i < 8; ++i) {
+    auto result = verifier->Verify(Request(other_token, Proof(other_key, other_token)));
+    EXPECT_TRUE(result.ok()) << result.status();
+  }
+  // A full cache answers the same way, never with a proof error.
+  TokenVerifierOptions tiny = Options();
+  tiny.replay_cache_entries = 1;
+  auto full = StaticVerifier(Jwks({PublishedJwk(signer_)}), tiny);
+  ASSERT_TRUE(full->Verify(Request(other_token, Proof(other_key, other_token))).ok());
+  auto refused_full = full->Verify(ValidRequest());
+  EXPECT_EQ(OAuthErrorCode(refused_full.status()), "temporarily_unavailable");
+  EXPECT_EQ(HttpStatusForError(refused_full.status()), 503);
+}
+
+// Issue item 11: a token or proof repeating a member name is refused, whichever value a
+// last-wins parser would have kept.
+TEST_F(TokenVerifierTest, RefusesTokensAndProofsWithDuplicateMemberNames) {
+  const std::string claims = TaskClaims(dpop_key_).dump();
+  const std::string header = R"({"typ":"at+jwt","alg":"ES256","kid":"k1"})";
+  auto signed_with = [&](const std::string& h, const std::string& c) {
+    auto token = jose::SignCompact(signer_.private_key(), jose::Algorithm::kES256, h, c);
+    EXPECT_TRUE(token.ok());
+    return token.value_or("");
+  };
+  auto with_member = [](std::string object, const std::string& member) {
+    object.insert(1, member + ",");
+    return object;
+  };
+  for (const std::string& token : {
+           signed_with(with_member(header, R"("alg":"none")"), claims),
+           signed_with(with_member(header, R"("typ":"JWT")"), claims),
+           signed_with(header, with_member(claims, R"("aud":"https://evil.example")")),
+           signed_with(header, with_member(claims, R"("cnf":{"jkt":"someone-else"})")),
+           signed_with(header, with_member(claims, R"("jti":"another")")),
+       }) {
+    HttpRequestView request = Request(token, Proof(dpop_key_, token));
+    ExpectRefused(verifier_->Verify(request), "invalid_token", "duplicate member name", request);
+  }
+  // The proof: a second htm, and a second x inside its jwk.
+  std::string token = Sign(signer_, TaskClaims(dpop_key_));
+  json jwk = *jose::PublicKeyToJwk(dpop_key_.public_key());
+  std::string proof_claims = json{
+      {"jti", "0123456789abcdefghij"},
+      {"htm", "GET"},
+      {"htu", kUrl},
+      {"iat", kNow},
+      {"ath", dpop::AccessTokenHash(
+                  token)}}.dump();
+  std::string proof_header = json{{"typ", "dpop+jwt"}, {"alg", "ES256"}, {"jwk", jwk}}.dump();
+  std::string doubled_jwk = proof_header;
+  doubled_jwk.insert(doubled_jwk.find(R"("crv")"), R"("x":"AAAA",)");
+  for (const auto& [h, c] : std::vector<std::pair<std::string, std::string>>{
+           {proof_header, with_member(proof_claims, R"("htm":"POST")")},
+           {doubled_jwk, proof_claims},
+       }) {
+    auto proof = jose::SignCompact(dpop_key_, jose::Algorithm::kES256, h, c);
+    ASSERT_TRUE(proof.ok());
+    HttpRequestView request = Request(token, *proof);
+    ExpectRefused(verifier_->Verify(request), "invalid_dpop_proof", "duplicate member name",
+                  request);
+  }
 }
 
 TEST_F(TokenVerifierTest, RefusesRelativeRequestUrlAsBadRequest) {
@@ -637,6 +758,10 @@ TEST_F(TokenVerifierTest, RequireScopeAnswersInsufficientScope) {
 
 TEST(ChallengeTest, HttpStatusForEachClass) {
   EXPECT_EQ(HttpStatusForError(absl::UnavailableError("keys")), 503);
+  // A replay cache that cannot take the proof is a 503 even if classified like a 401 would be.
+  absl::Status unavailable = absl::ResourceExhaustedError("full");
+  unavailable.SetPayload("type.mandate.dev/oauth-error", absl::Cord("temporarily_unavailable"));
+  EXPECT_EQ(HttpStatusForError(unavailable), 503);
   EXPECT_EQ(HttpStatusForError(absl::UnauthenticatedError("no credentials")), 401);
   EXPECT_EQ(HttpStatusForError(absl::InternalError("bug")), 500);
   EXPECT_EQ(OAuthErrorCode(absl::OkStatus()), "");
@@ -724,7 +849,9 @@ class TokenVerifierHttpTest : public ::testing::Test {
     options.jwks_refresh_min_interval_seconds = 30;
     options.jwks_max_age_seconds = 300;
     options.jwks_max_stale_seconds = 3600;
-    auto verifier = TokenVerifier::Create(options);
+    auto created = std::make_shared<std::atomic<bool>>(false);
+    auto verifier = TokenVerifier::Create(StartedAnHourAgo(options, created));
+    *created = true;
     EXPECT_TRUE(verifier.ok()) << verifier.status();
     return *std::move(verifier);
   }
