@@ -358,12 +358,18 @@ TEST_F(AuditVerifyStoreTest, RecordsAppendedBehindTheBrokersBackFail) {
 
 TEST_F(AuditVerifyStoreTest, HeadChecksInterleaveWithConcurrentRecordsWithoutFalseAlarms) {
   std::atomic<bool> stop{false};
+  std::atomic<int> written{0};
   std::vector<std::thread> writers;
   for (int t = 0; t < 4; ++t) {
     writers.emplace_back([&] {
-      while (!stop) ASSERT_TRUE(log_->Record({.event = "jwt_svid", .outcome = "issued"}).ok());
+      while (!stop) {
+        ASSERT_TRUE(log_->Record({.event = "jwt_svid", .outcome = "issued"}).ok());
+        ++written;
+      }
     });
   }
+  // The checks must overlap the writes: start them once every writer is under way.
+  while (written < 8) std::this_thread::yield();
   for (int i = 0; i < 50; ++i) {
     absl::Status status = log_->CheckStoredHead();
     EXPECT_TRUE(status.ok()) << status;
