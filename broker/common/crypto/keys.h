@@ -97,6 +97,8 @@ class PrivateKey {
 
 // SHA-256 of `data`, 32 raw bytes.
 std::string Sha256(std::string_view data);
+// HMAC-SHA256 of `data` under `key` (32 bytes).
+std::string HmacSha256(std::string_view key, std::string_view data);
 // Standard base64 with padding (RFC 4648 §4), e.g. for JWK x5c members.
 std::string Base64Encode(std::string_view bytes);
 // Lowercase hex.

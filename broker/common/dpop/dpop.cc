@@ -348,8 +348,9 @@ absl::StatusOr<std::string> ExtractSingleDpopHeader(const std::vector<std::strin
 
 namespace {
 
-// 128 bits of SHA-256: random to anyone who does not know the input, so neither collisions nor
-// a crafted hash-table layout can be forced.
+// 128 bits of HMAC-SHA256 under the cache's random key: unpredictable to clients (who choose jti
+// and know htu), so neither collisions, a crafted hash-table layout nor a chosen shard can be
+// forced.
 struct EntryKey {
   uint64_t high = 0;
   uint64_t low = 0;
@@ -369,9 +370,10 @@ uint64_t ReadUint64(const std::string& bytes, size_t offset) {
   return value;
 }
 
-EntryKey MakeEntryKey(std::string_view htu, std::string_view jti) {
+EntryKey MakeEntryKey(std::string_view hash_key, std::string_view htu, std::string_view jti) {
   // Length-prefixing htu makes the hashed encoding unambiguous: ("a", "bc") != ("ab", "c").
-  std::string digest = crypto::Sha256(absl::StrCat(htu.size(), ":", S(htu), S(jti)));
+  std::string digest = crypto::HmacSha256(hash_key, absl::StrCat(htu.size(), ":", S(htu), S(jti)));
+  if (digest.size() < 16) return EntryKey{};
   return EntryKey{ReadUint64(digest, 0), ReadUint64(digest, 8)};
 }
 
@@ -440,6 +442,7 @@ ReplayCache::ReplayCache(size_t max_entries, size_t max_entries_per_owner)
       shard_count_(ShardCountFor(max_entries_, max_entries_per_owner_)),
       shard_max_entries_(DividedAtLeastOne(max_entries_, shard_count_)),
       shard_max_entries_per_owner_(DividedAtLeastOne(max_entries_per_owner_, shard_count_)),
+      hash_key_(crypto::RandomBytes(32).value_or("")),
       shards_(new Shard[shard_count_]) {}
 
 ReplayCache::~ReplayCache() = default;
@@ -469,9 +472,16 @@ size_t ReplayCache::ApproximateMemoryBytes() const {
   return bytes;
 }
 
+size_t ReplayCache::ShardOfForTesting(std::string_view htu, std::string_view jti) const {
+  return MakeEntryKey(hash_key_, htu, jti).high % shard_count_;
+}
+
 absl::Status ReplayCache::CheckAndRemember(std::string_view owner, std::string_view htu,
                                            std::string_view jti, int64_t expires_at, int64_t now) {
-  const EntryKey key = MakeEntryKey(htu, jti);
+  if (hash_key_.empty()) {
+    return absl::UnavailableError("DPoP replay cache has no key (CSPRNG failed)");
+  }
+  const EntryKey key = MakeEntryKey(hash_key_, htu, jti);
   const uint64_t owner_id = MakeOwnerId(owner);
   Shard& shard = shards_[key.high % shard_count_];
   absl::MutexLock lock(&shard.mu);

@@ -139,6 +139,8 @@ class ReplayCache {
   // Bytes held by the tables (entry sets, per-owner counters, bucket index), estimated from
   // their capacities.
   size_t ApproximateMemoryBytes() const;
+  // The shard (htu, jti) lands in: differs between instances (the entry hash is keyed).
+  size_t ShardOfForTesting(std::string_view htu, std::string_view jti) const;
 
  private:
   struct Shard;
@@ -148,6 +150,10 @@ class ReplayCache {
   const size_t shard_count_;
   const size_t shard_max_entries_;
   const size_t shard_max_entries_per_owner_;
+  // Random per instance: entries are placed by HMAC-SHA256 under it, so a client, who chooses
+  // jti and knows htu, cannot aim its proofs at one shard or at colliding table slots. Empty
+  // when the CSPRNG failed; every proof is then refused (Unavailable).
+  const std::string hash_key_;
   // Each shard has its own mutex and state (see Shard in dpop.cc).
   std::unique_ptr<Shard[]> shards_;
 };

@@ -467,6 +467,22 @@ TEST(ReplayCacheTest, RemembersUntilExpiryInclusiveThenForgets) {
   EXPECT_TRUE(cache.CheckAndRemember("owner", kTokenUrl, "jti", kNow + 121, kNow + 61).ok());
 }
 
+// Entries are placed by a hash keyed per instance: a client choosing jti values cannot predict
+// (and so cannot aim at) the shard or table slot of its proofs. With an unkeyed hash two caches
+// place every pair alike.
+TEST(ReplayCacheTest, EntryPlacementIsKeyedPerInstance) {
+  ReplayCache a, b;
+  int differing = 0;
+  for (int i = 0; i < 64; ++i) {
+    const std::string jti = absl::StrCat("jti-", i);
+    const size_t shard = a.ShardOfForTesting("https://broker/token", jti);
+    EXPECT_EQ(shard, a.ShardOfForTesting("https://broker/token", jti));  // stable per instance
+    if (shard != b.ShardOfForTesting("https://broker/token", jti)) ++differing;
+  }
+  // 16 shards: alike by chance for all 64 with probability 16^-64.
+  EXPECT_GT(differing, 0);
+}
+
 TEST(ReplayCacheTest, PairEncodingIsUnambiguous) {
   ReplayCache cache;
   ASSERT_TRUE(cache.CheckAndRemember("owner", "a", "bc", kNow + 60, kNow).ok());
