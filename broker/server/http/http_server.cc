@@ -274,29 +274,48 @@ IpKey KeyOf(const asio::ip::address& address) {
 
 // What a connection is doing, for choosing which one to close at the global cap: its phase and
 // when that phase began, packed in one word so that a reader on another thread sees a matching
-// pair. Written on the connection's strand, read by the accept path.
+// pair. Written on the connection's strand (and, once, by the pool thread that starts writing an
+// answer: Advance), read by the accept path and by the eviction on the strand.
 class ConnectionActivity {
  public:
   enum class Phase : uint64_t {
     kIdle = 0,       // waiting for the first byte of a request (new or kept-alive connection)
     kReading = 1,    // a request (or the TLS handshake) begun but not read whole, or the
                      // discarding of what a refused client still sends
-    kAnswering = 2,  // a request being handled or its answer written: never evicted
+    kAnswering = 2,  // a request being handled (maybe on a pool thread): never evicted
+    kWriting = 3,    // its answer being written (a client not reading it holds it up to the
+                     // write deadline): evictable
+  };
+  struct Snapshot {
+    Phase phase;
+    uint64_t since;  // when the phase began (steady clock, nanoseconds)
   };
 
   ConnectionActivity() { Set(Phase::kIdle); }
 
-  void Set(Phase phase) {
+  // Returns the word stored, for Advance.
+  uint64_t Set(Phase phase) {
+    const uint64_t word = Word(phase);
+    state_.store(word, std::memory_order_release);
+    return word;
+  }
+  // Moves to `phase` only if nothing was Set since `from` (the value a Set returned).
+  void Advance(uint64_t from, Phase phase) {
+    state_.compare_exchange_strong(from, Word(phase), std::memory_order_acq_rel);
+  }
+  Snapshot Load() const {
+    const uint64_t word = state_.load(std::memory_order_acquire);
+    return {static_cast<Phase>(word & 3), word >> 2};
+  }
+
+ private:
+  static uint64_t Word(Phase phase) {
     const auto now = std::chrono::steady_clock::now().time_since_epoch();
     const auto nanos =
         static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(now).count());
-    state_.store((nanos << 2) | static_cast<uint64_t>(phase), std::memory_order_relaxed);
+    return (nanos << 2) | static_cast<uint64_t>(phase);
   }
-  Phase phase() const { return static_cast<Phase>(state_.load(std::memory_order_relaxed) & 3); }
-  // When the phase began (steady clock, nanoseconds).
-  uint64_t since() const { return state_.load(std::memory_order_relaxed) >> 2; }
 
- private:
   std::atomic<uint64_t> state_{0};
 };
 
@@ -325,9 +344,9 @@ class ConnectionTable {
   ConnectionTable(int max_total, int max_per_ip) : max_total_(max_total), max_per_ip_(max_per_ip) {}
 
   // Counts a new connection from `ip` whose phases `activity` tracks. Past the per-address cap it
-  // is refused. At the global cap it replaces the connection that is not answering a request
-  // from the address holding the most connections, the longest in its phase among those (a slow
-  // or idle one), or is refused when every connection is answering a request.
+  // is refused. At the global cap it replaces the connection whose handler is not running from
+  // the address holding the most connections, the longest in its phase among those (an idle or
+  // slow one, or one writing an answer), or is refused when every connection's handler is running.
   Admission Admit(const IpKey& ip, std::shared_ptr<const ConnectionActivity> activity) {
     absl::MutexLock lock(&mu_);
     if (auto from_ip = per_ip_.find(ip); from_ip != per_ip_.end() && from_ip->second >= max_per_ip_)
@@ -372,11 +391,10 @@ class ConnectionTable {
     uint64_t best_since = 0;
     for (auto it = entries_.begin(); it != entries_.end(); ++it) {
       const Entry& e = it->second;
-      if (e.session.expired() || e.activity->phase() == ConnectionActivity::Phase::kAnswering) {
-        continue;
-      }
+      const ConnectionActivity::Snapshot activity = e.activity->Load();
+      if (e.session.expired() || activity.phase == ConnectionActivity::Phase::kAnswering) continue;
       const int count = per_ip_[e.ip];
-      const uint64_t since = e.activity->since();
+      const uint64_t since = activity.since;
       if (best == entries_.end() || count > best_count ||
           (count == best_count && since < best_since)) {
         best = it;
@@ -449,7 +467,7 @@ struct ServerCore {
 // the pool thread itself starts the write of its answer.
 //
 // The session tells its ConnectionActivity what it is doing, on its strand; Evict posts the close
-// to the strand, and a session answering a request is closed only once the answer is written.
+// to the strand, and a session whose handler is running is closed only once its answer is written.
 template <class Stream>
 class Session final : public Evictable, public std::enable_shared_from_this<Session<Stream>> {
   static constexpr bool kTls = !std::is_same_v<Stream, beast::tcp_stream>;
@@ -556,7 +574,7 @@ class Session final : public Evictable, public std::enable_shared_from_this<Sess
   }
 
   void OnRead(error_code ec) {
-    activity_->Set(Phase::kAnswering);
+    answering_since_ = activity_->Set(Phase::kAnswering);
     response_ = HttpResponse{};
     if (ec) {
       CountDeadline(ec);
@@ -614,6 +632,8 @@ class Session final : public Evictable, public std::enable_shared_from_this<Sess
     const size_t length = response_.body.size();
     if (!head_) response_message_.body() = std::move(response_.body);
     response_message_.content_length(length);
+    // Read before the write starts: after that, the strand may already be on the next request.
+    const uint64_t answering_since = answering_since_;
     tcp().expires_after(limits_.write_deadline);
     bhttp::async_write(stream_, response_message_,
                        [self = this->shared_from_this()](error_code ec, size_t) {
@@ -627,6 +647,10 @@ class Session final : public Evictable, public std::enable_shared_from_this<Sess
                            self->Close();
                          }
                        });
+    // Only now evictable: an eviction (on the strand) that sees kWriting closes the socket, which
+    // must not happen while this thread is still starting the write. Advance leaves a phase the
+    // strand has set since (the write may have completed already) alone.
+    activity_->Advance(answering_since, Phase::kWriting);
   }
 
   // Ends the connection after its last answer; after a refusal, first discards what the client
@@ -650,11 +674,11 @@ class Session final : public Evictable, public std::enable_shared_from_this<Sess
                             });
   }
 
-  // On the strand. A connection answering a request is closed once the answer is written; any
+  // On the strand. A connection whose handler is running is closed once the answer is written; any
   // other closes now (its pending read completes with operation_aborted, which ends it).
   void OnEvicted() {
     evicted_ = true;
-    if (activity_->phase() == Phase::kAnswering) return;
+    if (activity_->Load().phase == Phase::kAnswering) return;
     error_code ignored;
     tcp().socket().close(ignored);
   }
@@ -675,7 +699,8 @@ class Session final : public Evictable, public std::enable_shared_from_this<Sess
   bool head_ = false;
   bool closing_ = false;
   bool refused_ = false;
-  bool evicted_ = false;  // on the strand
+  bool evicted_ = false;          // on the strand
+  uint64_t answering_since_ = 0;  // set on the strand before the handler runs, for Advance
   size_t drained_ = 0;
 };
 
@@ -706,16 +731,16 @@ void ServerCore::Accept() {
         // Answers are written as header + body: without TCP_NODELAY, Nagle plus the client's
         // delayed ACK would stall keep-alive requests by ~40 ms.
         socket.set_option(tcp::no_delay(true), ignored);
+        auto start = [&](auto session) {
+          connections->Attach(admission.id, session);
+          session->Start();
+        };
         if (tls) {
-          auto session = std::make_shared<Session<beast::ssl_stream<beast::tcp_stream>>>(
-              *this, admission.id, std::move(activity), std::move(socket), *tls);
-          connections->Attach(admission.id, session);
-          session->Start();
+          start(std::make_shared<Session<beast::ssl_stream<beast::tcp_stream>>>(
+              *this, admission.id, std::move(activity), std::move(socket), *tls));
         } else {
-          auto session = std::make_shared<Session<beast::tcp_stream>>(
-              *this, admission.id, std::move(activity), std::move(socket));
-          connections->Attach(admission.id, session);
-          session->Start();
+          start(std::make_shared<Session<beast::tcp_stream>>(
+              *this, admission.id, std::move(activity), std::move(socket)));
         }
       }
     }

@@ -11,14 +11,14 @@
 // `request_deadline` of its first byte, an idle keep-alive connection is closed after
 // `idle_timeout`, a response must be written within `write_deadline`. A connection past
 // `max_connections_per_ip` from one address (IPv4: the address, IPv6: its /64) is closed at accept
-// without reading from it. At `max_connections` a new connection replaces one that is not answering
-// a request (idle, or with a request not yet read whole): the one longest in that state at the
-// address holding the most connections, closed on its strand; only when every connection is
-// answering a request is the new one closed at accept. So a flood of slow or idle connections
-// cannot lock newcomers out, and the memory the server holds for clients is bounded by connections
-// x (read buffer + header copy + body + answer): about 100 KiB each with the defaults (~50 KiB more
-// for OpenSSL with HTTPS), ~100 MiB for the default 1024 connections (docs/operator-guide.md, "HTTP
-// listener limits").
+// without reading from it. At `max_connections` a new connection replaces one whose handler is not
+// running (idle, with a request not yet read whole, or writing an answer): the one longest in that
+// state at the address holding the most connections, closed on its strand; only when every
+// connection's handler is running is the new one closed at accept. So a flood of slow or idle
+// connections cannot lock newcomers out, and the memory the server holds for clients is bounded by
+// connections x (read buffer + header copy + body + answer): about 100 KiB each with the defaults
+// (~50 KiB more for OpenSSL with HTTPS), ~100 MiB for the default 1024 connections
+// (docs/operator-guide.md, "HTTP listener limits").
 //
 // Refusals are answered with a JSON body {"error":"..."} and `Connection: close`:
 //   400 bad_request (malformed request; Transfer-Encoding with Content-Length),
@@ -120,7 +120,7 @@ struct HttpServerOptions {
 struct HttpServerStats {
   int64_t connections_open = 0;
   int64_t connections_refused = 0;  // closed at accept: the per-address cap, or the global cap
-                                    // with every connection answering a request
+                                    // with every connection's handler running
   int64_t connections_evicted = 0;  // closed at the global cap to make room for a new one
   int64_t requests_refused = 0;     // answered 400/411/413/415/431 by the limits
   int64_t deadlines_missed = 0;     // closed: a request not read, or an answer not written, in time

@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 #include <httplib.h>
 #include <stdlib.h>
+#include <sys/ioctl.h>
 
 #include <atomic>
 #include <chrono>
@@ -250,6 +251,42 @@ TEST(HttpServerCapTest, RefusesWhenEveryConnectionIsAnswering) {
   EXPECT_EQ(StatusOf(ReadResponse(a)), 200);
   EXPECT_EQ(StatusOf(ReadResponse(b)), 200);
   for (int fd : {a, b, c}) ::close(fd);
+  (*server)->Stop();
+}
+
+// A client that does not read its answer holds the connection only until a newcomer needs the
+// slot: a connection writing an answer is replaced like an idle or slow one.
+TEST(HttpServerCapTest, ReplacesAConnectionWhoseClientDoesNotRead) {
+  HttpServerOptions options;
+  options.io_threads = 1;
+  options.limits.max_connections = 1;
+  auto server = HttpServer::Create(options);
+  ASSERT_TRUE(server.ok());
+  const std::string big(32 << 20, 'x');  // more than the socket buffers hold
+  (*server)->Route("GET", "/big", Execution::kIoThread,
+                   [&](const HttpRequest&, HttpResponse& r) { r.body = big; });
+  (*server)->Route("GET", "/hello", Execution::kIoThread,
+                   [](const HttpRequest&, HttpResponse& r) { r.body = "hi"; });
+  (*server)->Start();
+  const std::string address = absl::StrCat("127.0.0.1:", (*server)->port());
+  int stuck = Connect(address, "127.0.0.2");
+  ASSERT_GE(stuck, 0);
+  ASSERT_TRUE(SendAll(stuck, "GET /big HTTP/1.1\r\nHost: x\r\n\r\n"));  // and never read
+  // Once the answer starts arriving its write is under way (and, with one I/O thread, the
+  // newcomer's accept runs after the handler that started it).
+  int queued = 0;
+  for (int i = 0; i < 500 && queued == 0; ++i) {
+    std::this_thread::sleep_for(2ms);
+    ASSERT_EQ(::ioctl(stuck, FIONREAD, &queued), 0);
+  }
+  ASSERT_GT(queued, 0);
+  int newcomer = Connect(address, "127.0.0.3");
+  ASSERT_GE(newcomer, 0);
+  ASSERT_TRUE(SendAll(newcomer, "GET /hello HTTP/1.1\r\nHost: x\r\n\r\n"));
+  EXPECT_EQ(StatusOf(ReadResponse(newcomer)), 200) << "a stuck write kept the newcomer out";
+  EXPECT_EQ((*server)->stats().connections_evicted, 1);
+  ::close(stuck);
+  ::close(newcomer);
   (*server)->Stop();
 }
 
