@@ -148,8 +148,8 @@ void HttpEndpoints::AddRoutes() {
         "# TYPE mandate_http_connections_refused_total counter\n"
         "mandate_http_connections_refused_total ",
         http.connections_refused,
-        "\n# HELP mandate_http_connections_evicted_total Idle or slow HTTP connections closed "
-        "to make room for a new one at the global connection cap.\n"
+        "\n# HELP mandate_http_connections_evicted_total HTTP connections idle, slow or not "
+        "reading their answer, closed to make room for a new one at the global cap.\n"
         "# TYPE mandate_http_connections_evicted_total counter\n"
         "mandate_http_connections_evicted_total ",
         http.connections_evicted,
