@@ -148,6 +148,11 @@ void HttpEndpoints::AddRoutes() {
         "# TYPE mandate_http_connections_refused_total counter\n"
         "mandate_http_connections_refused_total ",
         http.connections_refused,
+        "\n# HELP mandate_http_connections_evicted_total HTTP connections idle, slow or not "
+        "reading their answer, closed to make room for a new one at the global cap.\n"
+        "# TYPE mandate_http_connections_evicted_total counter\n"
+        "mandate_http_connections_evicted_total ",
+        http.connections_evicted,
         "\n# HELP mandate_http_requests_refused_total HTTP requests refused by the listener's "
         "limits (400, 411, 413, 415, 431).\n"
         "# TYPE mandate_http_requests_refused_total counter\n"

@@ -10,6 +10,7 @@
 #include <zlib.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <chrono>
 #include <cstdlib>
@@ -264,51 +265,119 @@ TEST_F(HttpLimitsTest, SlowClientsDoNotStarveOthersAndAreClosedByTheDeadline) {
   ExpectServedAndBounded();
 }
 
-// The connection caps: past --http-max-connections-per-ip from one address, or past
-// --http-max-connections in all, a connection is closed at accept while the others stay open;
-// once the attackers leave, a normal client is served again.
-class HttpConnectionCapsTest : public IntegrationTest {};
+// The connection caps: past --http-max-connections-per-ip from one address a connection is closed
+// at accept while the others stay open; at --http-max-connections a newcomer is served in place of
+// a slow connection (the oldest of the address holding the most); once the attackers leave, a
+// normal client is served again.
+class HttpConnectionCapsTest : public IntegrationTest {
+ protected:
+  // Connects from `ip` and begins a request, so that neither the idle wait nor the deadline
+  // closes the connection during the test (it is "slow": not read whole).
+  int OpenSlow(const std::string& address, const std::string& ip) {
+    int fd = Connect(address, ip);
+    EXPECT_GE(fd, 0);
+    if (fd >= 0) SendAll(fd, "GET /keys HTTP/1.1\r\n");
+    return fd;
+  }
+};
 
-TEST_F(HttpConnectionCapsTest, CapsRefuseAtAcceptAndRecover) {
+TEST_F(HttpConnectionCapsTest, PerAddressCapRefusesGlobalCapReplacesSlowConnections) {
   BrokerOptions options;
   options.extra_args = {"--http-max-connections", "40", "--http-max-connections-per-ip", "10"};
   auto broker = StartBroker(options);
   ASSERT_TRUE(broker.ok()) << broker.status();
   const std::string& address = broker->http_address;
-  // Open, and with a request begun, so that neither the idle wait nor a cap on another address
-  // closes it during the test.
-  auto open = [&](const std::string& ip) {
-    int fd = Connect(address, ip);
-    EXPECT_GE(fd, 0);
-    if (fd >= 0) SendAll(fd, "GET /keys HTTP/1.1\r\n");
-    return fd;
-  };
   // Eventually closed by the server: the refusal happens at accept, asynchronously.
   auto refused = [&](int fd) { return WaitUntil([&] { return PeerClosed(fd); }, 1500ms); };
 
+  // 30 slow connections from five addresses, then the 10 of the busiest address, 127.0.0.2.
   std::vector<int> held;
-  for (int i = 0; i < 10; ++i) held.push_back(open("127.0.0.2"));
-  int over_ip = open("127.0.0.2");
+  for (int ip = 3; ip <= 7; ++ip) {
+    for (int i = 0; i < 6; ++i) held.push_back(OpenSlow(address, absl::StrCat("127.0.0.", ip)));
+  }
+  const size_t first_of_busiest = held.size();
+  held.push_back(OpenSlow(address, "127.0.0.2"));
+  // So that the server has surely read the start of its request before the next ones'.
+  std::this_thread::sleep_for(100ms);
+  for (int i = 1; i < 10; ++i) held.push_back(OpenSlow(address, "127.0.0.2"));
+  int over_ip = OpenSlow(address, "127.0.0.2");
   EXPECT_TRUE(refused(over_ip)) << "11th connection from one address was served";
   ::close(over_ip);
-  for (int ip = 3; ip <= 5; ++ip) {
-    for (int i = 0; i < 10; ++i) held.push_back(open(absl::StrCat("127.0.0.", ip)));
+
+  // The cap is full of slow connections; a newcomer from another address is served, in place of
+  // the oldest slow connection of 127.0.0.2 (though 127.0.0.3's are older).
+  const Clock::time_point before = Clock::now();
+  EXPECT_EQ(Request(address, GetKeys(address)), 200) << "newcomer refused at the global cap";
+  EXPECT_LT(Clock::now() - before, 1s);
+  EXPECT_TRUE(refused(held[first_of_busiest])) << "the busiest address's oldest was not closed";
+  for (size_t i = 0; i < held.size(); ++i) {
+    if (i != first_of_busiest) EXPECT_FALSE(PeerClosed(held[i])) << "connection " << i;
   }
-  int over_total = open("127.0.0.6");
-  EXPECT_TRUE(refused(over_total)) << "41st connection was served";
-  ::close(over_total);
-  // Every held connection is still open: the refusals closed only the newcomers.
-  for (int fd : held) EXPECT_FALSE(PeerClosed(fd));
-  EXPECT_EQ(Request(address, GetKeys(address)), 0) << "served past the global cap";
-  // Operators see the refusals (once a slot is free to ask).
-  ::close(held.back());
-  held.pop_back();
-  EXPECT_TRUE(WaitUntil(
-      [&] { return Metric(address, "mandate_http_connections_refused_total") >= 3; }, 5s));
+  EXPECT_GE(Metric(address, "mandate_http_connections_evicted_total"), 1);
+  EXPECT_EQ(Metric(address, "mandate_http_connections_refused_total"), 1);
 
   for (int fd : held) ::close(fd);
   EXPECT_TRUE(WaitUntil([&] { return Request(address, GetKeys(address)) == 200; }, 5s))
       << "a normal client was not served after the attackers left";
+}
+
+// Review finding 4: slow clients from several addresses fill the global cap, trickle a byte to
+// every connection within the idle limit and the deadline, and reconnect the moment one is
+// closed. Before, every newcomer was closed at accept while the attack lasted; now each normal
+// client (from a new address) is served within 1 s, in place of a slow connection.
+TEST_F(HttpConnectionCapsTest, SlowFloodAtTheGlobalCapDoesNotLockOutNewcomers) {
+  BrokerOptions options;
+  options.extra_args = {"--http-max-connections", "40", "--http-max-connections-per-ip", "10"};
+  auto broker = StartBroker(options);
+  ASSERT_TRUE(broker.ok()) << broker.status();
+  const std::string address = broker->http_address;
+
+  std::atomic<bool> stop{false};
+  std::atomic<int> attacker_open{0};
+  // Six addresses of 10 connections each want 60 slots of the 40.
+  std::thread attacker([&] {
+    std::vector<std::pair<std::string, int>> conns;
+    while (!stop) {
+      for (int ip = 2; ip <= 7; ++ip) {
+        const std::string from = absl::StrCat("127.0.0.", ip);
+        const auto held = std::count_if(conns.begin(), conns.end(),
+                                        [&](const auto& c) { return c.first == from; });
+        for (auto i = held; i < 10; ++i) {
+          int fd = Connect(address, from);
+          if (fd >= 0 && SendAll(fd, "GET /keys HTTP/1.1\r\nX-Slow: "))
+            conns.emplace_back(from, fd);
+        }
+      }
+      std::this_thread::sleep_for(100ms);
+      std::erase_if(conns, [](const auto& c) {
+        if (!PeerClosed(c.second) && SendAll(c.second, "a")) return false;
+        ::close(c.second);
+        return true;
+      });
+      attacker_open = static_cast<int>(conns.size());
+    }
+    for (const auto& c : conns) ::close(c.second);
+  });
+  // The cap is full once at least 40 of the attacker's connections survive a round.
+  EXPECT_TRUE(WaitUntil([&] { return attacker_open >= 40; }, 5s));
+  for (int round = 0; round < 5; ++round) {
+    const std::string host_port = address;
+    int fd = Connect(host_port, absl::StrCat("127.0.0.", 10 + round));
+    ASSERT_GE(fd, 0);
+    const Clock::time_point before = Clock::now();
+    const int status = SendAll(fd, GetKeys(host_port)) ? StatusOf(ReadResponse(fd)) : 0;
+    const auto took = Clock::now() - before;
+    ::close(fd);
+    EXPECT_EQ(status, 200) << "round " << round << ": newcomer not served during the flood";
+    EXPECT_LT(took, 1s) << "round " << round << ": took "
+                        << std::chrono::duration_cast<std::chrono::milliseconds>(took).count()
+                        << " ms";
+    std::this_thread::sleep_for(300ms);
+  }
+  stop = true;
+  attacker.join();
+  EXPECT_GE(Metric(address, "mandate_http_connections_evicted_total"), 5);
+  EXPECT_TRUE(WaitUntil([&] { return Request(address, GetKeys(address)) == 200; }, 5s));
 }
 
 // A broker whose descriptor limit cannot hold --http-max-connections lowers the cap to half the
@@ -328,13 +397,17 @@ TEST_F(HttpConnectionCapsTest, CapLoweredToHalfTheDescriptorLimit) {
     SendAll(fd, "GET /keys HTTP/1.1\r\n");
     held.push_back(fd);
   }
+  // The 65th connection takes the place of one of them (the global cap replaces slow ones).
   int over = Connect(address, "127.0.0.20");
   ASSERT_GE(over, 0);
   SendAll(over, "GET /keys HTTP/1.1\r\n");
-  EXPECT_TRUE(WaitUntil([&] { return PeerClosed(over); }, 1500ms))
-      << "65th connection served: the cap was not lowered to half the descriptor limit";
+  EXPECT_TRUE(WaitUntil(
+      [&] { return std::any_of(held.begin(), held.end(), [](int fd) { return PeerClosed(fd); }); },
+      1500ms))
+      << "65th connection replaced none: the cap was not lowered to half the descriptor limit";
+  EXPECT_EQ(std::count_if(held.begin(), held.end(), [](int fd) { return PeerClosed(fd); }), 1);
+  EXPECT_FALSE(PeerClosed(over));
   ::close(over);
-  for (int fd : held) EXPECT_FALSE(PeerClosed(fd));
   for (int fd : held) ::close(fd);
   EXPECT_TRUE(WaitUntil([&] { return Request(address, GetKeys(address)) == 200; }, 5s));
 }

@@ -126,8 +126,9 @@ struct RequestData {
   }
 };
 
-// Beast's parser with the broker's rules: fields counted as they arrive, Transfer-Encoding and
-// any Content-Encoding but identity refused once the header is complete (before any body byte).
+// Beast's parser with the broker's rules: fields counted as they arrive, Transfer-Encoding (411;
+// 400 together with Content-Length) and any Content-Encoding but identity (415) refused once the
+// header is complete (before any body byte).
 // The header byte limit and the body limit are Beast's own (header_limit, body_limit).
 class RequestParser final : public bhttp::basic_parser<true> {
  public:
@@ -158,6 +159,8 @@ class RequestParser final : public bhttp::basic_parser<true> {
     }
     if (name == bhttp::field::transfer_encoding) {
       saw_transfer_encoding_ = true;
+    } else if (name == bhttp::field::content_length) {
+      saw_content_length_ = true;
     } else if (name == bhttp::field::content_encoding &&
                !EqualsIgnoreCase(TrimSpaces(value), "identity")) {
       saw_content_encoding_ = true;
@@ -176,7 +179,11 @@ class RequestParser final : public bhttp::basic_parser<true> {
   }
 
   void on_header_impl(error_code& ec) override {
-    if (saw_transfer_encoding_) {
+    // Both framings at once is ambiguous (a request smuggling attempt, RFC 9112 §6.3): 400, as
+    // Beast itself answers when the two come in the order it checks.
+    if (saw_transfer_encoding_ && saw_content_length_) {
+      data_.refusal = 400;
+    } else if (saw_transfer_encoding_) {
       data_.refusal = 411;
     } else if (saw_content_encoding_) {
       data_.refusal = 415;
@@ -209,6 +216,7 @@ class RequestParser final : public bhttp::basic_parser<true> {
   const HttpLimits& limits_;
   RequestData& data_;
   bool saw_transfer_encoding_ = false;
+  bool saw_content_length_ = false;
   bool saw_content_encoding_ = false;
 };
 
@@ -252,44 +260,162 @@ int StatusForReadError(const error_code& ec, const RequestData& data) {
 
 // IPv4 addresses as IPv4-mapped IPv6, so one key type serves both.
 using IpKey = std::array<unsigned char, 16>;
+
+// The key the per-address cap counts a client under (see ClientKeyForCap in the header).
 IpKey KeyOf(const asio::ip::address& address) {
   if (address.is_v4()) {
     return asio::ip::make_address_v6(asio::ip::v4_mapped, address.to_v4()).to_bytes();
   }
-  return address.to_v6().to_bytes();
+  IpKey key = address.to_v6().to_bytes();
+  // A dual-stack listener sees IPv4 clients as ::ffff:a.b.c.d: those keep their whole address.
+  if (!address.to_v6().is_v4_mapped()) std::fill(key.begin() + 8, key.end(), 0);
+  return key;
 }
 
-// Open connections, in all and per address. Thread-safe.
-class ConnectionTable {
+// What a connection is doing, for choosing which one to close at the global cap: its phase and
+// when that phase began, packed in one word so that a reader on another thread sees a matching
+// pair. Written on the connection's strand (and, once, by the pool thread that starts writing an
+// answer: Advance), read by the accept path and by the eviction on the strand.
+class ConnectionActivity {
  public:
-  ConnectionTable(int max_total, int max_per_ip) : max_total_(max_total), max_per_ip_(max_per_ip) {}
+  enum class Phase : uint64_t {
+    kIdle = 0,       // waiting for the first byte of a request (new or kept-alive connection)
+    kReading = 1,    // a request (or the TLS handshake) begun but not read whole, or the
+                     // discarding of what a refused client still sends
+    kAnswering = 2,  // a request being handled (maybe on a pool thread): never evicted
+    kWriting = 3,    // its answer being written (a client not reading it holds it up to the
+                     // write deadline): evictable
+  };
+  struct Snapshot {
+    Phase phase;
+    uint64_t since;  // when the phase began (steady clock, nanoseconds)
+  };
 
-  // Counts a new connection from `ip`; false (nothing counted) past either cap.
-  bool TryAdd(const IpKey& ip) {
-    absl::MutexLock lock(&mu_);
-    if (total_ >= max_total_) return false;
-    int& from_ip = per_ip_[ip];
-    if (from_ip >= max_per_ip_) {
-      if (from_ip == 0) per_ip_.erase(ip);
-      return false;
-    }
-    ++from_ip;
-    ++total_;
-    return true;
+  ConnectionActivity() { Set(Phase::kIdle); }
+
+  // Returns the word stored, for Advance.
+  uint64_t Set(Phase phase) {
+    const uint64_t word = Word(phase);
+    state_.store(word, std::memory_order_release);
+    return word;
   }
-
-  void Remove(const IpKey& ip) {
-    absl::MutexLock lock(&mu_);
-    --total_;
-    auto it = per_ip_.find(ip);
-    if (it != per_ip_.end() && --it->second <= 0) per_ip_.erase(it);
+  // Moves to `phase` only if nothing was Set since `from` (the value a Set returned).
+  void Advance(uint64_t from, Phase phase) {
+    state_.compare_exchange_strong(from, Word(phase), std::memory_order_acq_rel);
+  }
+  Snapshot Load() const {
+    const uint64_t word = state_.load(std::memory_order_acquire);
+    return {static_cast<Phase>(word & 3), word >> 2};
   }
 
  private:
+  static uint64_t Word(Phase phase) {
+    const auto now = std::chrono::steady_clock::now().time_since_epoch();
+    const auto nanos =
+        static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(now).count());
+    return (nanos << 2) | static_cast<uint64_t>(phase);
+  }
+
+  std::atomic<uint64_t> state_{0};
+};
+
+// A connection the table may close to make room for a new one.
+class Evictable {
+ public:
+  virtual ~Evictable() = default;
+  // From any thread: closes the connection on its strand (after its answer, if by then a request
+  // is being handled).
+  virtual void Evict() = 0;
+};
+
+// Open connections, in all and per address, and what each is doing. Thread-safe. Its mutex is
+// held to count, and only at the global cap for one pass over the connections to pick a victim
+// (phases are read from ConnectionActivity's atomics, no session is touched under the mutex).
+class ConnectionTable {
+ public:
+  struct Admission {
+    bool admitted = false;
+    uint64_t id = 0;  // when admitted: for Attach and Remove
+    // When admitted at the global cap: the connection it replaces, already uncounted, which the
+    // caller must Evict (outside the table's lock).
+    std::weak_ptr<Evictable> replaces;
+  };
+
+  ConnectionTable(int max_total, int max_per_ip) : max_total_(max_total), max_per_ip_(max_per_ip) {}
+
+  // Counts a new connection from `ip` whose phases `activity` tracks. Past the per-address cap it
+  // is refused. At the global cap it replaces the connection whose handler is not running from
+  // the address holding the most connections, the longest in its phase among those (an idle or
+  // slow one, or one writing an answer), or is refused when every connection's handler is running.
+  Admission Admit(const IpKey& ip, std::shared_ptr<const ConnectionActivity> activity) {
+    absl::MutexLock lock(&mu_);
+    if (auto from_ip = per_ip_.find(ip); from_ip != per_ip_.end() && from_ip->second >= max_per_ip_)
+      return {};
+    Admission admission;
+    if (static_cast<int>(entries_.size()) >= max_total_) {
+      auto victim = PickVictimLocked();
+      if (victim == entries_.end()) return {};
+      admission.replaces = victim->second.session;
+      EraseLocked(victim);
+    }
+    admission.admitted = true;
+    admission.id = next_id_++;
+    entries_.emplace(admission.id, Entry{ip, std::move(activity), {}});
+    ++per_ip_[ip];
+    return admission;
+  }
+
+  // The session serving admitted connection `id`; until then the connection is never a victim.
+  void Attach(uint64_t id, std::weak_ptr<Evictable> session) {
+    absl::MutexLock lock(&mu_);
+    if (auto it = entries_.find(id); it != entries_.end()) it->second.session = std::move(session);
+  }
+
+  // Connection `id` closed (nothing to do when it was replaced: it was uncounted then).
+  void Remove(uint64_t id) {
+    absl::MutexLock lock(&mu_);
+    if (auto it = entries_.find(id); it != entries_.end()) EraseLocked(it);
+  }
+
+ private:
+  struct Entry {
+    IpKey ip;
+    std::shared_ptr<const ConnectionActivity> activity;
+    std::weak_ptr<Evictable> session;
+  };
+  using Entries = std::map<uint64_t, Entry>;
+
+  Entries::iterator PickVictimLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    auto best = entries_.end();
+    int best_count = 0;
+    uint64_t best_since = 0;
+    for (auto it = entries_.begin(); it != entries_.end(); ++it) {
+      const Entry& e = it->second;
+      const ConnectionActivity::Snapshot activity = e.activity->Load();
+      if (e.session.expired() || activity.phase == ConnectionActivity::Phase::kAnswering) continue;
+      const int count = per_ip_[e.ip];
+      const uint64_t since = activity.since;
+      if (best == entries_.end() || count > best_count ||
+          (count == best_count && since < best_since)) {
+        best = it;
+        best_count = count;
+        best_since = since;
+      }
+    }
+    return best;
+  }
+
+  void EraseLocked(Entries::iterator it) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    auto from_ip = per_ip_.find(it->second.ip);
+    if (from_ip != per_ip_.end() && --from_ip->second <= 0) per_ip_.erase(from_ip);
+    entries_.erase(it);
+  }
+
   const int max_total_;
   const int max_per_ip_;
   absl::Mutex mu_;
-  int total_ ABSL_GUARDED_BY(mu_) = 0;
+  uint64_t next_id_ ABSL_GUARDED_BY(mu_) = 1;
+  Entries entries_ ABSL_GUARDED_BY(mu_);  // by id: in the order admitted
   std::map<IpKey, int> per_ip_ ABSL_GUARDED_BY(mu_);
 };
 
@@ -317,6 +443,7 @@ struct ServerCore {
   bool stopped = false;
   std::atomic<int64_t> open{0};
   std::atomic<int64_t> refused_at_accept{0};
+  std::atomic<int64_t> evicted{0};
   std::atomic<int64_t> requests_refused{0};
   std::atomic<int64_t> deadlines_missed{0};
 
@@ -338,28 +465,39 @@ struct ServerCore {
 // keep-alive lasts. Every completion runs on the connection's strand; while a handler runs on the
 // pool no operation is pending on the connection, so the request and response need no lock, and
 // the pool thread itself starts the write of its answer.
+//
+// The session tells its ConnectionActivity what it is doing, on its strand; Evict posts the close
+// to the strand, and a session whose handler is running is closed only once its answer is written.
 template <class Stream>
-class Session : public std::enable_shared_from_this<Session<Stream>> {
+class Session final : public Evictable, public std::enable_shared_from_this<Session<Stream>> {
   static constexpr bool kTls = !std::is_same_v<Stream, beast::tcp_stream>;
+  using Phase = ConnectionActivity::Phase;
 
  public:
   template <class... StreamArgs>
-  Session(ServerCore& core, const IpKey& ip, StreamArgs&&... stream_args)
+  Session(ServerCore& core, uint64_t id, std::shared_ptr<ConnectionActivity> activity,
+          StreamArgs&&... stream_args)
       : core_(core),
         limits_(core.options.limits),
-        ip_(ip),
+        id_(id),
+        activity_(std::move(activity)),
         stream_(std::forward<StreamArgs>(stream_args)...),
+        strand_(tcp().get_executor()),
         buffer_(std::max<size_t>(limits_.max_header_bytes, kFirstReadBytes) + kFirstReadBytes) {
     core_.open.fetch_add(1);
   }
 
-  ~Session() {
+  ~Session() override {
     core_.open.fetch_sub(1);
-    core_.connections->Remove(ip_);
+    core_.connections->Remove(id_);
   }
 
   void Start() {
-    asio::dispatch(tcp().get_executor(), [self = this->shared_from_this()] { self->Begin(); });
+    asio::dispatch(strand_, [self = this->shared_from_this()] { self->Begin(); });
+  }
+
+  void Evict() override {
+    asio::post(strand_, [self = this->shared_from_this()] { self->OnEvicted(); });
   }
 
  private:
@@ -372,6 +510,7 @@ class Session : public std::enable_shared_from_this<Session<Stream>> {
 
   void Begin() {
     if constexpr (kTls) {
+      activity_->Set(Phase::kReading);
       tcp().expires_after(limits_.request_deadline);
       stream_.async_handshake(asio::ssl::stream_base::server,
                               [self = this->shared_from_this()](error_code ec) {
@@ -392,6 +531,7 @@ class Session : public std::enable_shared_from_this<Session<Stream>> {
       ReadRequest();
       return;
     }
+    activity_->Set(Phase::kIdle);
     tcp().expires_after(limits_.idle_timeout);
     stream_.async_read_some(buffer_.prepare(kFirstReadBytes),
                             [self = this->shared_from_this()](error_code ec, size_t n) {
@@ -404,6 +544,7 @@ class Session : public std::enable_shared_from_this<Session<Stream>> {
   // The header, then (after "100 Continue" when the client waits for it) the body, all before
   // one deadline: tcp_stream's expiry is a point in time that holds for every operation.
   void ReadRequest() {
+    activity_->Set(Phase::kReading);
     parser_.emplace(limits_, request_);
     tcp().expires_after(limits_.request_deadline);
     bhttp::async_read_header(stream_, buffer_, *parser_,
@@ -433,6 +574,7 @@ class Session : public std::enable_shared_from_this<Session<Stream>> {
   }
 
   void OnRead(error_code ec) {
+    answering_since_ = activity_->Set(Phase::kAnswering);
     response_ = HttpResponse{};
     if (ec) {
       CountDeadline(ec);
@@ -490,6 +632,8 @@ class Session : public std::enable_shared_from_this<Session<Stream>> {
     const size_t length = response_.body.size();
     if (!head_) response_message_.body() = std::move(response_.body);
     response_message_.content_length(length);
+    // Read before the write starts: after that, the strand may already be on the next request.
+    const uint64_t answering_since = answering_since_;
     tcp().expires_after(limits_.write_deadline);
     bhttp::async_write(stream_, response_message_,
                        [self = this->shared_from_this()](error_code ec, size_t) {
@@ -497,12 +641,16 @@ class Session : public std::enable_shared_from_this<Session<Stream>> {
                            self->CountDeadline(ec);
                            return;
                          }
-                         if (!self->closing_) {
+                         if (!self->closing_ && !self->evicted_) {
                            self->AwaitRequest();
                          } else {
                            self->Close();
                          }
                        });
+    // Only now evictable: an eviction (on the strand) that sees kWriting closes the socket, which
+    // must not happen while this thread is still starting the write. Advance leaves a phase the
+    // strand has set since (the write may have completed already) alone.
+    activity_->Advance(answering_since, Phase::kWriting);
   }
 
   // Ends the connection after its last answer; after a refusal, first discards what the client
@@ -510,7 +658,8 @@ class Session : public std::enable_shared_from_this<Session<Stream>> {
   void Close() {
     error_code ignored;
     if constexpr (!kTls) tcp().socket().shutdown(tcp::socket::shutdown_send, ignored);
-    if (!refused_) return;
+    if (!refused_ || evicted_) return;
+    activity_->Set(Phase::kReading);  // evictable: the refusal is written
     tcp().expires_after(kDrainTime);
     buffer_.clear();
     Drain();
@@ -525,10 +674,21 @@ class Session : public std::enable_shared_from_this<Session<Stream>> {
                             });
   }
 
+  // On the strand. A connection whose handler is running is closed once the answer is written; any
+  // other closes now (its pending read completes with operation_aborted, which ends it).
+  void OnEvicted() {
+    evicted_ = true;
+    if (activity_->Load().phase == Phase::kAnswering) return;
+    error_code ignored;
+    tcp().socket().close(ignored);
+  }
+
   ServerCore& core_;
   const HttpLimits& limits_;
-  const IpKey ip_;
+  const uint64_t id_;
+  const std::shared_ptr<ConnectionActivity> activity_;
   Stream stream_;
+  const typename beast::tcp_stream::executor_type strand_;  // the connection's strand
   beast::flat_buffer buffer_;  // bounded: a header past max_header_bytes fails the read
   std::optional<RequestParser> parser_;
   RequestData request_;
@@ -539,6 +699,8 @@ class Session : public std::enable_shared_from_this<Session<Stream>> {
   bool head_ = false;
   bool closing_ = false;
   bool refused_ = false;
+  bool evicted_ = false;          // on the strand
+  uint64_t answering_since_ = 0;  // set on the strand before the handler runs, for Advance
   size_t drained_ = 0;
 };
 
@@ -555,21 +717,30 @@ void ServerCore::Accept() {
     error_code endpoint_ec;
     tcp::endpoint peer = socket.remote_endpoint(endpoint_ec);
     if (!endpoint_ec) {
-      IpKey ip = KeyOf(peer.address());
-      // Past a cap the connection is closed here (socket's destructor), never read.
-      if (!connections->TryAdd(ip)) {
+      auto activity = std::make_shared<ConnectionActivity>();
+      ConnectionTable::Admission admission = connections->Admit(KeyOf(peer.address()), activity);
+      if (!admission.admitted) {
+        // Closed here (socket's destructor), never read.
         refused_at_accept.fetch_add(1);
       } else {
+        if (std::shared_ptr<Evictable> replaced = admission.replaces.lock()) {
+          evicted.fetch_add(1);
+          replaced->Evict();
+        }
         error_code ignored;
         // Answers are written as header + body: without TCP_NODELAY, Nagle plus the client's
         // delayed ACK would stall keep-alive requests by ~40 ms.
         socket.set_option(tcp::no_delay(true), ignored);
+        auto start = [&](auto session) {
+          connections->Attach(admission.id, session);
+          session->Start();
+        };
         if (tls) {
-          std::make_shared<Session<beast::ssl_stream<beast::tcp_stream>>>(*this, ip,
-                                                                          std::move(socket), *tls)
-              ->Start();
+          start(std::make_shared<Session<beast::ssl_stream<beast::tcp_stream>>>(
+              *this, admission.id, std::move(activity), std::move(socket), *tls));
         } else {
-          std::make_shared<Session<beast::tcp_stream>>(*this, ip, std::move(socket))->Start();
+          start(std::make_shared<Session<beast::tcp_stream>>(
+              *this, admission.id, std::move(activity), std::move(socket)));
         }
       }
     }
@@ -680,8 +851,18 @@ int HttpServer::port() const { return impl_->port; }
 HttpServerStats HttpServer::stats() const {
   return {.connections_open = impl_->open.load(),
           .connections_refused = impl_->refused_at_accept.load(),
+          .connections_evicted = impl_->evicted.load(),
           .requests_refused = impl_->requests_refused.load(),
           .deadlines_missed = impl_->deadlines_missed.load()};
+}
+
+absl::StatusOr<std::string> ClientKeyForCap(std::string_view ip) {
+  error_code ec;
+  const asio::ip::address address = asio::ip::make_address(std::string(ip), ec);
+  if (ec) return absl::InvalidArgumentError(absl::StrCat("not an IP address: ", std::string(ip)));
+  const asio::ip::address_v6 key(KeyOf(address));
+  if (key.is_v4_mapped()) return asio::ip::make_address_v4(asio::ip::v4_mapped, key).to_string();
+  return absl::StrCat(key.to_string(), "/64");
 }
 
 }  // namespace mandate::http

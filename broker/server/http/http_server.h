@@ -6,17 +6,23 @@
 // What a client can make the server hold (HttpLimits): the request line and headers together at
 // most `max_header_bytes`, at most `max_header_count` fields, a body of at most `max_body_bytes`
 // with a Content-Length (Transfer-Encoding is refused with 411: every client of the broker sends a
-// length), never decompressed (a Content-Encoding other than identity is refused with 415). A
-// request must arrive whole within `request_deadline` of its first byte, an idle keep-alive
-// connection is closed after `idle_timeout`, a response must be written within `write_deadline`.
-// Connections past `max_connections`, or past `max_connections_per_ip` from one address, are
-// closed at accept without reading from them. So the memory the server holds for clients is
-// bounded by connections x (read buffer + header copy + body + answer): about 100 KiB each with
-// the defaults (~50 KiB more for OpenSSL with HTTPS), ~100 MiB for the default 1024 connections
+// length; with 400 when Content-Length comes with it, an ambiguous framing), never decompressed (a
+// Content-Encoding other than identity is refused with 415). A request must arrive whole within
+// `request_deadline` of its first byte, an idle keep-alive connection is closed after
+// `idle_timeout`, a response must be written within `write_deadline`. A connection past
+// `max_connections_per_ip` from one address (IPv4: the address, IPv6: its /64) is closed at accept
+// without reading from it. At `max_connections` a new connection replaces one whose handler is not
+// running (idle, with a request not yet read whole, or writing an answer): the one longest in that
+// state at the address holding the most connections, closed on its strand; only when every
+// connection's handler is running is the new one closed at accept. So a flood of slow or idle
+// connections cannot lock newcomers out, and the memory the server holds for clients is bounded by
+// connections x (read buffer + header copy + body + answer): about 100 KiB each with the defaults
+// (~50 KiB more for OpenSSL with HTTPS), ~100 MiB for the default 1024 connections
 // (docs/operator-guide.md, "HTTP listener limits").
 //
 // Refusals are answered with a JSON body {"error":"..."} and `Connection: close`:
-//   400 bad_request (malformed request), 411 length_required (Transfer-Encoding),
+//   400 bad_request (malformed request; Transfer-Encoding with Content-Length),
+//   411 length_required (Transfer-Encoding),
 //   413 payload_too_large, 415 unsupported_media_type (Content-Encoding),
 //   431 request_header_fields_too_large (header bytes or count), 404 not_found (no route).
 // A deadline that passes closes the connection without an answer.
@@ -61,8 +67,8 @@ struct HttpLimits {
   std::chrono::milliseconds write_deadline{5000};
   // Requests answered on one connection before it is closed (keep-alive recycling).
   int max_requests_per_connection = 1000;
-  // Open connections in all, and from one IP address. Past either, a new connection is closed
-  // at accept.
+  // Open connections from one IP address (IPv6: one /64): past it, a new connection is closed at
+  // accept. In all: at it, a new connection replaces an idle or slow one (see the top of file).
   int max_connections = 1024;
   int max_connections_per_ip = 64;
 };
@@ -113,10 +119,18 @@ struct HttpServerOptions {
 // What the server has refused or cut off since it started, and what it holds now (for /metrics).
 struct HttpServerStats {
   int64_t connections_open = 0;
-  int64_t connections_refused = 0;  // closed at accept: a connection cap was reached
+  int64_t connections_refused = 0;  // closed at accept: the per-address cap, or the global cap
+                                    // with every connection's handler running
+  int64_t connections_evicted = 0;  // closed at the global cap to make room for a new one
   int64_t requests_refused = 0;     // answered 400/411/413/415/431 by the limits
   int64_t deadlines_missed = 0;     // closed: a request not read, or an answer not written, in time
 };
+
+// The key the per-address cap counts a client at `ip` under, printed: an IPv4 address whole
+// ("127.0.0.2", also for IPv4-mapped IPv6), an IPv6 address by its /64 ("2001:db8:1:2::/64"): one
+// holder of a /64, the smallest block a site is usually given, can use any of its addresses.
+// InvalidArgument when `ip` is not an IP address.
+absl::StatusOr<std::string> ClientKeyForCap(std::string_view ip);
 
 // Thread-safety: Route before Start only; Start and Stop from one thread; handlers are called
 // concurrently from several threads; stats() from any thread.

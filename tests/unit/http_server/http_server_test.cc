@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 #include <httplib.h>
 #include <stdlib.h>
+#include <sys/ioctl.h>
 
 #include <atomic>
 #include <chrono>
@@ -149,6 +150,14 @@ TEST_F(HttpServerTest, RefusesBodiesPastTheCapEncodedOrChunked) {
   EXPECT_EQ(Raw(post + "Content-Length: 100\r\n\r\n" + std::string(100, 'a')), 200);
   EXPECT_EQ(Raw(post + "Content-Length: 101\r\n\r\n" + std::string(101, 'a')), 413);
   EXPECT_EQ(Raw(post + "Transfer-Encoding: chunked\r\n\r\n1\r\na\r\n0\r\n\r\n"), 411);
+  // Both framings: ambiguous (request smuggling), 400 whichever comes first.
+  EXPECT_EQ(
+      Raw(post + "Content-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\n0\r\n\r\n"),
+      400);
+  EXPECT_EQ(
+      Raw(post + "Transfer-Encoding: chunked\r\nContent-Length: 1\r\n\r\n1\r\na\r\n0\r\n\r\n"),
+      400);
+  EXPECT_EQ(Raw(post + "Transfer-Encoding: gzip\r\nContent-Length: 1\r\n\r\na"), 400);
   EXPECT_EQ(Raw(post + "Content-Encoding: gzip\r\nContent-Length: 1\r\n\r\na"), 415);
   EXPECT_EQ(Raw(post + "Content-Encoding: identity\r\nContent-Length: 1\r\n\r\na"), 200);
   EXPECT_EQ(Raw("NOT HTTP\r\n\r\n"), 400);
@@ -176,31 +185,122 @@ TEST_F(HttpServerTest, DeadlinesCloseSlowAndIdleConnections) {
   ::close(idle);
 }
 
-// A connection past a cap is closed at accept; the ones before it stay open (accept takes them
-// in order, so once the refused one is closed the others were counted).
-TEST_F(HttpServerTest, CapsConnectionsPerAddressAtAccept) {
+bool EventuallyClosed(int fd) {
+  for (int i = 0; i < 200; ++i) {
+    if (PeerClosed(fd)) return true;
+    std::this_thread::sleep_for(10ms);
+  }
+  return false;
+}
+
+// Past the per-address cap a connection is closed at accept, the ones before it stay open
+// (accept takes them in order, so once the refused one is closed the others were counted). At
+// the global cap a newcomer replaces the oldest idle connection of the address holding the most.
+TEST_F(HttpServerTest, CapsConnectionsPerAddressAndReplacesAtTheGlobalCap) {
   HttpLimits limits;
   limits.max_connections = 3;
   limits.max_connections_per_ip = 2;
   StartServer(limits);
-  auto eventually_closed = [](int fd) {
-    for (int i = 0; i < 200; ++i) {
-      if (PeerClosed(fd)) return true;
-      std::this_thread::sleep_for(10ms);
-    }
-    return false;
-  };
   int a = Connect(address_, "127.0.0.2");
   int b = Connect(address_, "127.0.0.2");
   int c = Connect(address_, "127.0.0.2");
-  EXPECT_TRUE(eventually_closed(c)) << "third connection from one address";
+  EXPECT_TRUE(EventuallyClosed(c)) << "third connection from one address";
   EXPECT_FALSE(PeerClosed(a));
   EXPECT_FALSE(PeerClosed(b));
   int d = Connect(address_, "127.0.0.3");
   int e = Connect(address_, "127.0.0.4");
-  EXPECT_TRUE(eventually_closed(e)) << "fourth connection in all";
+  EXPECT_TRUE(EventuallyClosed(a)) << "the oldest connection of 127.0.0.2 was not replaced";
+  EXPECT_FALSE(PeerClosed(b));
   EXPECT_FALSE(PeerClosed(d));
+  ASSERT_TRUE(SendAll(e, "GET /hello HTTP/1.1\r\nHost: x\r\n\r\n"));
+  EXPECT_EQ(StatusOf(ReadResponse(e)), 200) << "the newcomer was not served";
+  EXPECT_EQ(server_->stats().connections_evicted, 1);
+  EXPECT_EQ(server_->stats().connections_refused, 1);
   for (int fd : {a, b, c, d, e}) ::close(fd);
+}
+
+// Connections answering a request are never closed for a newcomer: when all are, it is refused.
+TEST(HttpServerCapTest, RefusesWhenEveryConnectionIsAnswering) {
+  std::promise<void> release;
+  std::shared_future<void> released = release.get_future().share();
+  std::atomic<int> entered{0};
+  HttpServerOptions options;
+  options.io_threads = 1;
+  options.worker_threads = 2;
+  options.limits.max_connections = 2;
+  auto server = HttpServer::Create(options);
+  ASSERT_TRUE(server.ok());
+  (*server)->Route("POST", "/block", Execution::kWorkerPool,
+                   [&](const HttpRequest&, HttpResponse& r) {
+                     ++entered;
+                     released.wait();
+                     r.body = "done";
+                   });
+  (*server)->Start();
+  const std::string address = absl::StrCat("127.0.0.1:", (*server)->port());
+  const std::string block = "POST /block HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n";
+  int a = Connect(address, "127.0.0.2");
+  int b = Connect(address, "127.0.0.3");
+  ASSERT_TRUE(SendAll(a, block));
+  ASSERT_TRUE(SendAll(b, block));
+  while (entered < 2) std::this_thread::sleep_for(5ms);
+  int c = Connect(address, "127.0.0.4");
+  EXPECT_TRUE(EventuallyClosed(c)) << "a newcomer replaced a connection answering a request";
+  EXPECT_EQ((*server)->stats().connections_evicted, 0);
+  release.set_value();
+  EXPECT_EQ(StatusOf(ReadResponse(a)), 200);
+  EXPECT_EQ(StatusOf(ReadResponse(b)), 200);
+  for (int fd : {a, b, c}) ::close(fd);
+  (*server)->Stop();
+}
+
+// A client that does not read its answer holds the connection only until a newcomer needs the
+// slot: a connection writing an answer is replaced like an idle or slow one.
+TEST(HttpServerCapTest, ReplacesAConnectionWhoseClientDoesNotRead) {
+  HttpServerOptions options;
+  options.io_threads = 1;
+  options.limits.max_connections = 1;
+  auto server = HttpServer::Create(options);
+  ASSERT_TRUE(server.ok());
+  const std::string big(32 << 20, 'x');  // more than the socket buffers hold
+  (*server)->Route("GET", "/big", Execution::kIoThread,
+                   [&](const HttpRequest&, HttpResponse& r) { r.body = big; });
+  (*server)->Route("GET", "/hello", Execution::kIoThread,
+                   [](const HttpRequest&, HttpResponse& r) { r.body = "hi"; });
+  (*server)->Start();
+  const std::string address = absl::StrCat("127.0.0.1:", (*server)->port());
+  int stuck = Connect(address, "127.0.0.2");
+  ASSERT_GE(stuck, 0);
+  ASSERT_TRUE(SendAll(stuck, "GET /big HTTP/1.1\r\nHost: x\r\n\r\n"));  // and never read
+  // Once the answer starts arriving its write is under way (and, with one I/O thread, the
+  // newcomer's accept runs after the handler that started it).
+  int queued = 0;
+  for (int i = 0; i < 500 && queued == 0; ++i) {
+    std::this_thread::sleep_for(2ms);
+    ASSERT_EQ(::ioctl(stuck, FIONREAD, &queued), 0);
+  }
+  ASSERT_GT(queued, 0);
+  int newcomer = Connect(address, "127.0.0.3");
+  ASSERT_GE(newcomer, 0);
+  ASSERT_TRUE(SendAll(newcomer, "GET /hello HTTP/1.1\r\nHost: x\r\n\r\n"));
+  EXPECT_EQ(StatusOf(ReadResponse(newcomer)), 200) << "a stuck write kept the newcomer out";
+  EXPECT_EQ((*server)->stats().connections_evicted, 1);
+  ::close(stuck);
+  ::close(newcomer);
+  (*server)->Stop();
+}
+
+TEST(ClientKeyForCapTest, Ipv6ByItsSlash64Ipv4Whole) {
+  EXPECT_EQ(*ClientKeyForCap("2001:db8:1:2:aaaa:bbbb:cccc:dddd"), "2001:db8:1:2::/64");
+  EXPECT_EQ(*ClientKeyForCap("2001:db8:1:2::1"), *ClientKeyForCap("2001:db8:1:2:ffff::9"));
+  EXPECT_NE(*ClientKeyForCap("2001:db8:1:2::1"), *ClientKeyForCap("2001:db8:1:3::1"));
+  EXPECT_EQ(*ClientKeyForCap("::1"), "::/64");
+  EXPECT_EQ(*ClientKeyForCap("127.0.0.2"), "127.0.0.2");
+  EXPECT_NE(*ClientKeyForCap("127.0.0.2"), *ClientKeyForCap("127.0.0.3"));
+  // A dual-stack listener's IPv4 clients keep their whole address.
+  EXPECT_EQ(*ClientKeyForCap("::ffff:192.0.2.7"), "192.0.2.7");
+  EXPECT_NE(*ClientKeyForCap("::ffff:192.0.2.7"), *ClientKeyForCap("::ffff:192.0.2.8"));
+  EXPECT_EQ(ClientKeyForCap("not-an-ip").status().code(), absl::StatusCode::kInvalidArgument);
 }
 
 // With one I/O thread and one worker stuck in a handler, GET /hello is still answered: blocking
