@@ -55,6 +55,7 @@ absl::StatusOr<std::unique_ptr<AuditLog>> AuditLog::Open(store::Store& store, st
   options.max_batch = std::max<size_t>(options.max_batch, 1);
   std::unique_ptr<AuditLog> log(new AuditLog(store, std::move(chain_id), clock, options));
   RETURN_IF_ERROR(log->LoadHead());
+  log->opened_head_seq_ = log->head_seq_;
   return log;
 }
 
@@ -171,7 +172,7 @@ absl::Status AuditLog::WriteBatch(std::vector<store::AuditRecord>& records) {
   return absl::OkStatus();
 }
 
-absl::Status AuditLog::CheckStoredHead(int64_t* head_seq) {
+absl::Status AuditLog::CheckStoredHead(int64_t* head_seq, std::string* head_hash) {
   Waiter self;
   self.head_check = true;
   absl::MutexLock lock(&mu_);
@@ -183,9 +184,11 @@ absl::Status AuditLog::CheckStoredHead(int64_t* head_seq) {
   mu_.Unlock();
   absl::Status status = CompareStoredHead();
   const int64_t seq = head_seq_;
+  std::string hash = head_hash_;
   mu_.Lock();
   queue_.pop_front();
   if (status.ok() && head_seq != nullptr) *head_seq = seq;
+  if (status.ok() && head_hash != nullptr) *head_hash = std::move(hash);
   return status;
 }
 

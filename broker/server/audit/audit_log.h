@@ -81,6 +81,10 @@ class AuditLog {
   absl::Status RecordAll(std::vector<AuditEvent> events);
 
   const std::string& chain_id() const { return chain_id_; }
+  // The seq of the chain's last stored record when Open read it (0: none). Records up to it were
+  // found in the store, not written by this process: it vouches only for those after it (and a
+  // signed checkpoint for those it covers); see VerifyAuditStore.
+  int64_t opened_head_seq() const { return opened_head_seq_; }
 
   // Compares the store's copy of this chain with the head this process holds (the last record it
   // wrote, or found at Open). It waits its turn in the commit queue, so no batch of this log is
@@ -88,8 +92,8 @@ class AuditLog {
   // naming the chain, when the stored chain ends before that head (cut, or deleted: "missing
   // from the store"), holds a different record there (rewritten), or goes on past it (records
   // this broker did not write); the store's error when it cannot be read. On OK, `*head_seq`
-  // (when given) is the head's seq (0: this process has no record in its chain yet).
-  absl::Status CheckStoredHead(int64_t* head_seq = nullptr);
+  // and `*head_hash` (when given) are the head's seq and hash (0 and "": no record yet).
+  absl::Status CheckStoredHead(int64_t* head_seq = nullptr, std::string* head_hash = nullptr);
 
   struct Stats {
     int64_t records = 0;  // Stored by this process.
@@ -127,6 +131,7 @@ class AuditLog {
   int64_t head_seq_ = 0;
   std::string head_hash_;
   bool head_stale_ = false;
+  int64_t opened_head_seq_ = 0;  // set once by Open
 
   mutable absl::Mutex mu_;
   std::deque<Waiter*> queue_ ABSL_GUARDED_BY(mu_);  // front = the leader
