@@ -16,18 +16,15 @@ namespace {
 
 constexpr int64_t kCheckpointsVerified = 100;
 
-// Appends `range` (after every range already in `ranges`), joining it to the last when they touch,
-// and keeps at most kMaxUnwitnessedRanges by merging the oldest two.
-void AddRange(std::vector<AuditSeqRange>& ranges, AuditSeqRange range) {
-  if (!ranges.empty() && ranges.back().last + 1 >= range.first) {
-    ranges.back().last = std::max(ranges.back().last, range.last);
-  } else {
-    ranges.push_back(range);
+// What a checkpoint at or past `base_seq` lists as not witnessed: `base` (what the newest genuine
+// checkpoint, at `base_seq`, listed) and the records past it that the writing process found in
+// the store rather than wrote (`found`).
+std::vector<AuditSeqRange> Unwitnessed(std::vector<AuditSeqRange> base, int64_t base_seq,
+                                       const std::vector<AuditSeqRange>& found) {
+  for (const AuditSeqRange& r : found) {
+    if (r.last > base_seq) AddAuditSeqRange(base, {std::max(r.first, base_seq + 1), r.last});
   }
-  while (ranges.size() > kMaxUnwitnessedRanges) {
-    ranges[1].first = ranges[0].first;
-    ranges.erase(ranges.begin());
-  }
+  return base;
 }
 
 std::string FormatRanges(const std::vector<AuditSeqRange>& ranges) {
@@ -44,7 +41,7 @@ absl::StatusOr<std::vector<AuditSeqRange>> ParseUnwitnessed(const nlohmann::json
   if (it == payload.end()) return ranges;
   const absl::Status malformed = absl::InvalidArgumentError(
       absl::StrCat("audit checkpoint at ", seq, " has a malformed \"unwitnessed\" claim"));
-  if (!it->is_array() || it->size() > kMaxUnwitnessedRanges) return malformed;
+  if (!it->is_array() || it->size() > kMaxAuditSeqRanges) return malformed;
   int64_t after = 0;
   for (const nlohmann::json& r : *it) {
     if (!r.is_array() || r.size() != 2 || !r[0].is_number_integer() || !r[1].is_number_integer()) {
@@ -102,41 +99,42 @@ AuditCheckpointer::~AuditCheckpointer() { Stop(); }
 absl::Status AuditCheckpointer::LoadBaseLocked() {
   ASSIGN_OR_RETURN(NewestCheckpoint base,
                    FindNewestGenuineCheckpoint(store_, log_.chain_id(), key_));
-  unwitnessed_ = std::move(base.unwitnessed);
-  const int64_t opened = log_.opened_head_seq();
-  if (opened > base.seq) AddRange(unwitnessed_, {base.seq + 1, opened});
+  base_unwitnessed_ = std::move(base.unwitnessed);
+  base_seq_ = base.seq;
   checkpointed_seq_ = base.seq;
-  if (!unwitnessed_.empty()) {
-    spdlog::warn(
-        "audit chain {}: records {} were found in the store, not written by a running "
-        "broker; no checkpoint of this broker vouches for them",
-        log_.chain_id(), FormatRanges(unwitnessed_));
-  }
   return absl::OkStatus();
 }
 
 absl::StatusOr<std::optional<store::AuditCheckpoint>> AuditCheckpointer::CheckpointNow() {
   absl::MutexLock lock(&mu_);
-  if (checkpointed_seq_ < 0) RETURN_IF_ERROR(LoadBaseLocked());
+  const bool first = checkpointed_seq_ < 0;
+  if (first) RETURN_IF_ERROR(LoadBaseLocked());
   // Only the head this process holds, checked against the store: never records it did not write.
-  int64_t head_seq = 0;
-  std::string head_hash;
-  RETURN_IF_ERROR(log_.CheckStoredHead(&head_seq, &head_hash));
-  if (head_seq == 0 || head_seq <= checkpointed_seq_) return std::nullopt;
+  AuditLog::Head head;
+  RETURN_IF_ERROR(log_.CheckStoredHead(&head));
+  const std::vector<AuditSeqRange> unwitnessed =
+      Unwitnessed(base_unwitnessed_, base_seq_, head.found);
+  if (first && !unwitnessed.empty()) {
+    spdlog::warn(
+        "audit chain {}: records {} were found in the store, not written by a running "
+        "broker; no checkpoint of this broker vouches for them",
+        log_.chain_id(), FormatRanges(unwitnessed));
+  }
+  if (head.seq == 0 || head.seq <= checkpointed_seq_) return std::nullopt;
 
   store::AuditCheckpoint checkpoint;
   checkpoint.chain_id = log_.chain_id();
-  checkpoint.seq = head_seq;
-  checkpoint.hash = std::move(head_hash);
+  checkpoint.seq = head.seq;
+  checkpoint.hash = std::move(head.hash);
   checkpoint.time = clock_.NowSeconds();
   nlohmann::json payload = {{"iss", issuer_},
                             {"chain_id", checkpoint.chain_id},
                             {"seq", checkpoint.seq},
                             {"hash", checkpoint.hash},
                             {"iat", checkpoint.time}};
-  if (!unwitnessed_.empty()) {
+  if (!unwitnessed.empty()) {
     nlohmann::json ranges = nlohmann::json::array();
-    for (const AuditSeqRange& r : unwitnessed_) ranges.push_back({r.first, r.last});
+    for (const AuditSeqRange& r : unwitnessed) ranges.push_back({r.first, r.last});
     payload["unwitnessed"] = std::move(ranges);
   }
   ASSIGN_OR_RETURN(checkpoint.jws, sign_(kAuditCheckpointType, payload.dump()));
@@ -144,7 +142,7 @@ absl::StatusOr<std::optional<store::AuditCheckpoint>> AuditCheckpointer::Checkpo
   checkpointed_seq_ = checkpoint.seq;
   spdlog::info("audit checkpoint chain={} seq={} hash={}{}", checkpoint.chain_id, checkpoint.seq,
                checkpoint.hash,
-               unwitnessed_.empty() ? "" : " unwitnessed=" + FormatRanges(unwitnessed_));
+               unwitnessed.empty() ? "" : " unwitnessed=" + FormatRanges(unwitnessed));
   return checkpoint;
 }
 
@@ -221,9 +219,9 @@ absl::StatusOr<std::vector<AuditSeqRange>> VerifyAuditCheckpointRanges(
 namespace {
 
 // Fills `verdict` for one chain; `own_status` / `own_head` come from this broker's
-// CheckStoredHead and, with `own_opened` (its head at Open), only count for its own chain.
+// CheckStoredHead and only count for its own chain.
 absl::Status VerifyOneChain(store::Store& store, const crypto::PublicKey& key,
-                            const absl::Status& own_status, int64_t own_head, int64_t own_opened,
+                            const absl::Status& own_status, const AuditLog::Head& own_head,
                             AuditChainVerdict& verdict) {
   ASSIGN_OR_RETURN(AuditChainReport report, VerifyAuditChain(store, verdict.chain_id));
   verdict.records = report.records;
@@ -252,14 +250,13 @@ absl::Status VerifyOneChain(store::Store& store, const crypto::PublicKey& key,
   }
   if (verdict.this_broker && verdict.status.ok()) verdict.status = own_status;
   if (!verdict.status.ok()) return absl::OkStatus();
-  verdict.not_vouched = std::move(unwitnessed);
   if (verdict.this_broker) {
-    // Records found at Open past the newest genuine checkpoint were written while this process
-    // was not running; only those it wrote itself (past `own_opened`) does its head vouch for.
-    if (own_opened > verdict.covered_seq) {
-      AddRange(verdict.not_vouched, {verdict.covered_seq + 1, own_opened});
-    }
-    verdict.covered_seq = std::max(verdict.covered_seq, own_head);
+    // Records past the newest genuine checkpoint that this process found in the store (at Open,
+    // or added by another writer) were not witnessed: its head vouches only for the rest.
+    verdict.not_vouched = Unwitnessed(std::move(unwitnessed), verdict.covered_seq, own_head.found);
+    verdict.covered_seq = std::max(verdict.covered_seq, own_head.seq);
+  } else {
+    verdict.not_vouched = std::move(unwitnessed);
   }
   if (verdict.covered_seq == 0 && verdict.records > 0) {
     verdict.unverified = true;
@@ -276,7 +273,7 @@ absl::Status VerifyOneChain(store::Store& store, const crypto::PublicKey& key,
 
 absl::StatusOr<std::vector<AuditChainVerdict>> VerifyAuditStore(store::Store& store, AuditLog& own,
                                                                 const crypto::PublicKey& key) {
-  int64_t own_head = 0;
+  AuditLog::Head own_head;
   absl::Status own_status = own.CheckStoredHead(&own_head);
   if (!own_status.ok() && !absl::IsDataLoss(own_status)) return own_status;
   ASSIGN_OR_RETURN(std::vector<std::string> chains, store.ListAuditChains());
@@ -293,8 +290,7 @@ absl::StatusOr<std::vector<AuditChainVerdict>> VerifyAuditStore(store::Store& st
     AuditChainVerdict& verdict = verdicts.emplace_back();
     verdict.chain_id = std::move(chain);
     verdict.this_broker = verdict.chain_id == own.chain_id();
-    RETURN_IF_ERROR(
-        VerifyOneChain(store, key, own_status, own_head, own.opened_head_seq(), verdict));
+    RETURN_IF_ERROR(VerifyOneChain(store, key, own_status, own_head, verdict));
   }
   return verdicts;
 }

@@ -9,11 +9,12 @@
 // N with hash H, which a cut or a recomputed chain does not.
 //
 // Witnessed records only: a broker signs the head it holds in memory (AuditLog::CheckStoredHead),
-// never records it merely found in the store. Records it found at Open past the newest checkpoint
-// that verifies with its key (written while it was stopped: by its previous run if that ended
-// without a final checkpoint, or by someone else) it did not witness; every checkpoint it signs
-// lists those ranges, and the ranges the checkpoint it started from listed, in its payload's
-// "unwitnessed" ([[first, last], ...]), so no later checkpoint vouches for them.
+// never records it merely found in the store. Records it found past the newest checkpoint that
+// verifies with its key - at Open (written while it was stopped: by its previous run if that ended
+// without a final checkpoint, or by someone else), or added by another writer while it ran - it did
+// not witness; every checkpoint it signs lists those ranges, and the ranges the checkpoint it
+// started from listed, in its payload's "unwitnessed" ([[first, last], ...]), so no later
+// checkpoint vouches for them.
 //
 // Thread-safety: CheckpointNow may be called concurrently with the periodic thread.
 #ifndef MANDATE_BROKER_SERVER_AUDIT_AUDIT_CHECKPOINT_H_
@@ -42,17 +43,6 @@ namespace mandate::broker {
 
 inline constexpr char kAuditCheckpointType[] = "audit-checkpoint+jwt";
 
-// Records first..last (inclusive) of a chain.
-struct AuditSeqRange {
-  int64_t first = 0;
-  int64_t last = 0;
-  bool operator==(const AuditSeqRange&) const = default;
-};
-
-// Most unwitnessed ranges a checkpoint lists; beyond it the oldest two are merged into one range
-// (which then also spans the witnessed records between them: it says too little, never too much).
-inline constexpr size_t kMaxUnwitnessedRanges = 32;
-
 // Signs a JWS with header typ `typ` over `payload_json` (TrustAuthority::SignJws).
 using JwsSigner =
     std::function<absl::StatusOr<std::string>(std::string_view typ, std::string_view payload)>;
@@ -79,8 +69,7 @@ class AuditCheckpointer {
   void Stop();
 
  private:
-  // Reads the newest genuine checkpoint and the head at Open: sets checkpointed_seq_ and
-  // unwitnessed_.
+  // Reads the newest genuine checkpoint: sets checkpointed_seq_, base_seq_, base_unwitnessed_.
   absl::Status LoadBaseLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   store::Store& store_;
@@ -92,8 +81,9 @@ class AuditCheckpointer {
 
   absl::Mutex mu_;
   int64_t checkpointed_seq_ ABSL_GUARDED_BY(mu_) = -1;  // -1: not read from the store yet
-  // What every checkpoint of this run lists as not witnessed.
-  std::vector<AuditSeqRange> unwitnessed_ ABSL_GUARDED_BY(mu_);
+  // The newest genuine checkpoint when this run started, and what it listed as not witnessed.
+  int64_t base_seq_ ABSL_GUARDED_BY(mu_) = 0;
+  std::vector<AuditSeqRange> base_unwitnessed_ ABSL_GUARDED_BY(mu_);
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   std::thread thread_;
 };
@@ -146,7 +136,7 @@ struct AuditChainVerdict {
 //   memory (AuditLog::CheckStoredHead): deleted, cut, rewritten or extended behind the broker's
 //   back, it fails;
 // - what the broker vouches for: the prefix its newest genuine checkpoint covers and (its own
-//   chain) the records this process wrote (seq > own.opened_head_seq()), minus the unwitnessed
+//   chain) the records this process wrote (not in AuditLog::Head::found), minus the unwitnessed
 //   ranges, which are reported in `not_vouched`.
 // Errors reading the store are returned as such.
 absl::StatusOr<std::vector<AuditChainVerdict>> VerifyAuditStore(store::Store& store, AuditLog& own,

@@ -451,6 +451,18 @@ TEST_F(AuditVerifyStoreTest, RecordsAppendedBehindTheBrokersBackFail) {
   EXPECT_THAT(own.status.message(), HasSubstr("past record 2"));
   // The broker's next record fails rather than continuing a chain it did not write.
   EXPECT_FALSE(log_->Record({.event = "jwt_svid", .outcome = "issued"}).ok());
+  // The one after continues after the added record, but neither verify nor a checkpoint vouches
+  // for it.
+  ASSERT_TRUE(log_->Record({.event = "jwt_svid", .outcome = "issued"}).ok());
+  own = VerdictFor("test-broker");
+  EXPECT_TRUE(own.status.ok()) << own.status;
+  EXPECT_EQ(own.covered_seq, 4);
+  EXPECT_EQ(own.not_vouched, (std::vector<AuditSeqRange>{{3, 3}}));
+  auto checkpoint = checkpointer_->CheckpointNow();
+  ASSERT_TRUE(checkpoint.ok() && checkpoint->has_value()) << checkpoint.status();
+  EXPECT_EQ(jose::ParseCompact((*checkpoint)->jws)->payload["unwitnessed"],
+            nlohmann::json::parse("[[3, 3]]"));
+  EXPECT_EQ(VerdictFor("test-broker").not_vouched, (std::vector<AuditSeqRange>{{3, 3}}));
 }
 
 TEST_F(AuditVerifyStoreTest, HeadChecksInterleaveWithConcurrentRecordsWithoutFalseAlarms) {
