@@ -340,6 +340,15 @@ grpc::Status AdminService::VerifyAudit(grpc::ServerContext*, const adminpb::Veri
     out->set_this_broker(verdict.this_broker);
     out->set_covered_seq(verdict.covered_seq);
     out->set_unverified(verdict.unverified);
+    for (const AuditSeqRange& range : verdict.not_vouched) {
+      adminpb::AuditSeqRange* r = out->add_not_vouched();
+      r->set_first(range.first);
+      r->set_last(range.last);
+    }
+    if (!verdict.not_vouched.empty()) {
+      spdlog::warn("audit verify: chain {}: {} range(s) of records not vouched for, from record {}",
+                   verdict.chain_id, verdict.not_vouched.size(), verdict.not_vouched.front().first);
+    }
     if (!verdict.status.ok()) {
       spdlog::warn("audit verify: {}", log::EscapeForLog(std::string(verdict.status.message())));
     }

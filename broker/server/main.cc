@@ -371,11 +371,11 @@ int Run(const BrokerFlags& flags) {
   // Signs the audit chain's head now and then; its destructor (before the audit log's) signs
   // the final head of this run.
   AuditCheckpointer checkpointer(
-      **store, *audit_chain, issuer_url,
+      **store, **audit, issuer_url,
       [&authority](std::string_view typ, std::string_view payload) {
         return (*authority)->SignJws(typ, payload);
       },
-      clock);
+      (*authority)->jwt_public_key(), clock);
   checkpointer.Start(std::chrono::seconds(flags.audit_checkpoint_interval));
 
   http.Serve(issuer_url, &token_endpoint, audit->get(), store->get());

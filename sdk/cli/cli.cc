@@ -539,7 +539,17 @@ absl::Status AuditList(const Io& io, const AuditFilter& filter) {
   return absl::OkStatus();
 }
 
-absl::Status AuditVerify(const Io& io) {
+// "3-7, 12-12" for the ranges of `c` nothing vouches for.
+std::string NotVouchedRanges(const adminpb::AuditChainStatus& c) {
+  return absl::StrJoin(c.not_vouched(), ", ",
+                       [](std::string* out, const adminpb::AuditSeqRange& r) {
+                         absl::StrAppend(out, r.first(), "-", r.last());
+                       });
+}
+
+// `strict`: records nothing vouches for fail the command too (by default they are a warning:
+// after a kill -9, the honest records since the last checkpoint fall there).
+absl::Status AuditVerify(const Io& io, bool strict) {
   ASSIGN_OR_RETURN(AdminClient admin, AdminClient::Open(io.global.admin_socket));
   adminpb::VerifyAuditResponse resp;
   RETURN_IF_ERROR(admin.Call("verifying the audit log", [&](grpc::ClientContext* ctx) {
@@ -547,12 +557,17 @@ absl::Status AuditVerify(const Io& io) {
   }));
   bool intact = true;
   std::vector<std::string> failed;
+  std::vector<std::string> not_vouched;  // chains with records nothing vouches for
   json chains = json::array();
   for (const adminpb::AuditChainStatus& c : resp.chains()) {
     intact = intact && c.intact();
     if (!c.intact()) failed.push_back(Printable(c.chain_id()));
+    if (c.intact() && !c.not_vouched().empty()) not_vouched.push_back(Printable(c.chain_id()));
     const std::string whose = c.this_broker() ? " (this broker)" : "";
     if (io.json()) {
+      json ranges = json::array();
+      for (const adminpb::AuditSeqRange& r : c.not_vouched())
+        ranges.push_back({r.first(), r.last()});
       chains.push_back({{"chain_id", c.chain_id()},
                         {"this_broker", c.this_broker()},
                         {"records", c.records()},
@@ -562,13 +577,24 @@ absl::Status AuditVerify(const Io& io) {
                         {"problem", c.problem()},
                         {"checkpoints", c.checkpoints()},
                         {"checkpointed_seq", c.checkpointed_seq()},
-                        {"covered_seq", c.covered_seq()}});
+                        {"covered_seq", c.covered_seq()},
+                        {"not_vouched", ranges}});
     } else if (c.intact()) {
       io.out << "chain " << Printable(c.chain_id()) << whose << ": " << c.records()
              << " records, intact, head " << Printable(c.head_hash()) << "; " << c.checkpoints()
              << " signed checkpoint(s) hold, newest at record " << c.checkpointed_seq();
-      if (c.covered_seq() > 0) io.out << "; records 1-" << c.covered_seq() << " vouched for";
+      if (c.covered_seq() > 0) {
+        io.out << "; records 1-" << c.covered_seq() << " vouched for";
+        if (!c.not_vouched().empty()) io.out << " except " << NotVouchedRanges(c);
+      }
       io.out << "\n";
+      if (!c.not_vouched().empty()) {
+        io.out << "WARNING: chain " << Printable(c.chain_id()) << ": records "
+               << NotVouchedRanges(c)
+               << " are NOT VOUCHED FOR: they were in the store past the last signed checkpoint "
+                  "when the broker started (written by a broker run that ended without its "
+                  "final checkpoint, e.g. kill -9, or added to the store by someone else)\n";
+      }
     } else if (c.unverified()) {
       io.out << "chain " << Printable(c.chain_id()) << whose << ": UNVERIFIED, " << c.records()
              << " records link up but nothing vouches for them: " << Printable(c.problem()) << "\n";
@@ -577,11 +603,18 @@ absl::Status AuditVerify(const Io& io) {
              << " good records: " << Printable(c.problem()) << "\n";
     }
   }
-  if (io.json()) PrintJson(io.out, json{{"chains", chains}, {"intact", intact}});
+  if (io.json()) {
+    PrintJson(io.out,
+              json{{"chains", chains}, {"intact", intact}, {"vouched", not_vouched.empty()}});
+  }
   if (resp.chains().empty() && !io.json()) io.out << "the audit log is empty\n";
   if (!intact) {
     return absl::DataLossError(absl::StrCat("the audit log does not verify: chain(s) ",
                                             absl::StrJoin(failed, ", "), " (see above)"));
+  }
+  if (strict && !not_vouched.empty()) {
+    return absl::DataLossError(absl::StrCat("--strict: chain(s) ", absl::StrJoin(not_vouched, ", "),
+                                            " hold records nothing vouches for (see above)"));
   }
   return absl::OkStatus();
 }
@@ -1017,7 +1050,11 @@ int RunCliImpl(int argc, char** argv, std::ostream& out, std::ostream& err) {
   set_action(audit_list, [&](const Io& io) { return AuditList(io, audit_filter); });
   auto* audit_verify = audit->add_subcommand(
       "verify", "Recompute every audit chain; exits non-zero when one is broken");
-  set_action(audit_verify, [&](const Io& io) { return AuditVerify(io); });
+  bool audit_verify_strict = false;
+  audit_verify->add_flag("--strict", audit_verify_strict,
+                         "Also exit non-zero when records are not vouched for (found in the "
+                         "store past the last signed checkpoint at a broker start)");
+  set_action(audit_verify, [&](const Io& io) { return AuditVerify(io, audit_verify_strict); });
   audit->require_subcommand(0, 1);
 
   // fetch x509|jwt (Workload API)

@@ -6,6 +6,8 @@
 #include <signal.h>
 #include <sys/stat.h>
 
+#include <cinttypes>
+#include <cstdio>
 #include <iostream>
 #include <regex>
 
@@ -291,8 +293,9 @@ TEST_F(LifecycleTest, AuditCheckpointsArePublishedAndCatchACutTail) {
   EXPECT_THAT(broken.out, HasSubstr("which a signed checkpoint names"));
 }
 
-// Inserts a self-consistent audit chain `chain_id` of `records` invented records into
-// `broker`'s store behind its back, hashed exactly as the broker hashes (AuditRecordHash).
+// Appends `records` invented records to audit chain `chain_id` (a new chain, or after the stored
+// head of an existing one) in `broker`'s store behind its back, self-consistent: hashed exactly as
+// the broker hashes (AuditRecordHash). Prints the first and last seq it wrote.
 CommandResult FabricateAuditChain(const BrokerProcess& broker, const std::string& chain_id,
                                   int records) {
   static constexpr char kScript[] = R"py(
@@ -301,8 +304,11 @@ db, chain, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
 fields = ["chain_id", "seq", "time", "event", "outcome", "spiffe_id", "node_id", "task_id",
           "credential_id", "detail", "prev_hash"]
 c = sqlite3.connect(db)
-prev = ""
-for seq in range(1, n + 1):
+head = c.execute("SELECT seq, hash FROM audit_log WHERE chain_id = ? ORDER BY seq DESC LIMIT 1",
+                 (chain,)).fetchone()
+start, prev = (head[0], head[1]) if head else (0, "")
+print(start + 1, start + n)
+for seq in range(start + 1, start + n + 1):
     r = {"chain_id": chain, "seq": seq, "time": 1800000000, "event": "jwt_svid",
          "outcome": "issued", "spiffe_id": "spiffe://example.org/invented", "node_id": "",
          "task_id": "", "credential_id": "forged-%d" % seq, "detail": "{}", "prev_hash": prev}
@@ -371,6 +377,60 @@ TEST_F(LifecycleTest, AuditVerifyRefusesAFabricatedChainAndACutOrDeletedOwnChain
   EXPECT_NE(missing.exit_code, 0) << missing;
   EXPECT_THAT(missing.out, HasSubstr("chain " + own_chain + " (this broker): BROKEN")) << missing;
   EXPECT_THAT(missing.out, HasSubstr("missing from the store")) << missing;
+}
+
+// Records appended to the broker's own chain while it is stopped (after the checkpoint it signs
+// at a clean shutdown) link up, but the restarted broker does not vouch for them: `audit verify`
+// names the range, warns, and fails with --strict.
+TEST_F(LifecycleTest, AuditVerifyDoesNotVouchForRecordsForgedWhileTheBrokerWasStopped) {
+  ASSERT_NO_FATAL_FAILURE(StartServedWorkload("node-tail"));
+  ASSERT_TRUE(client_->FetchJwtSvid({"https://tail.example.org"}).ok());
+  json before = AdminJson({"audit", "verify"});
+  ASSERT_EQ(before["chains"].size(), 1u) << before.dump();
+  const std::string own_chain = before["chains"][0]["chain_id"];
+  EXPECT_EQ(before["chains"][0]["not_vouched"], json::array()) << before.dump();
+
+  client_.reset();
+  ASSERT_EQ(StopProcess(agent_.pid, SIGTERM), 0);
+  ASSERT_EQ(StopProcess(broker_.pid, SIGTERM), 0);  // signs its final head
+  CommandResult forged = FabricateAuditChain(broker_, own_chain, 3);
+  ASSERT_EQ(forged.exit_code, 0) << forged;
+  int64_t first = 0, last = 0;
+  ASSERT_EQ(std::sscanf(forged.out.c_str(), "%" SCNd64 " %" SCNd64, &first, &last), 2) << forged;
+  ASSERT_EQ(last, first + 2);
+  auto restarted = StartBroker({.data_dir = broker_.data_dir});
+  ASSERT_TRUE(restarted.ok()) << restarted.status();
+  broker_ = *restarted;
+
+  const std::string range = std::to_string(first) + "-" + std::to_string(last);
+  CommandResult warned = Admin(broker_, {"audit", "verify"});
+  EXPECT_EQ(warned.exit_code, 0) << "a warning by default: " << warned;
+  EXPECT_THAT(warned.out, HasSubstr("chain " + own_chain +
+                                    " (this broker): " + std::to_string(last) + " records, intact"))
+      << warned;
+  EXPECT_THAT(warned.out, HasSubstr("vouched for except " + range)) << warned;
+  EXPECT_THAT(warned.out, HasSubstr("WARNING: chain " + own_chain + ": records " + range +
+                                    " are NOT VOUCHED FOR"))
+      << warned;
+  json verified = AdminJson({"audit", "verify"});
+  EXPECT_EQ(verified["intact"], true) << verified.dump();
+  EXPECT_EQ(verified["vouched"], false) << verified.dump();
+  EXPECT_EQ(verified["chains"][0]["not_vouched"], json::array({json::array({first, last})}))
+      << verified.dump();
+  CommandResult strict = Admin(broker_, {"audit", "verify", "--strict"});
+  EXPECT_NE(strict.exit_code, 0) << strict;
+  EXPECT_THAT(strict.err, HasSubstr("--strict")) << strict;
+
+  // A clean stop and start with nothing added: the range stays reported (the checkpoint signed
+  // at the stop lists it), and nothing else joins it.
+  ASSERT_EQ(StopProcess(broker_.pid, SIGTERM), 0);
+  restarted = StartBroker({.data_dir = broker_.data_dir});
+  ASSERT_TRUE(restarted.ok()) << restarted.status();
+  broker_ = *restarted;
+  verified = AdminJson({"audit", "verify"});
+  EXPECT_EQ(verified["intact"], true) << verified.dump();
+  EXPECT_EQ(verified["chains"][0]["not_vouched"], json::array({json::array({first, last})}))
+      << verified.dump();
 }
 
 TEST_F(LifecycleTest, AgentRestartWithoutTokenServesAgain) {

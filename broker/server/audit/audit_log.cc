@@ -55,6 +55,7 @@ absl::StatusOr<std::unique_ptr<AuditLog>> AuditLog::Open(store::Store& store, st
   options.max_batch = std::max<size_t>(options.max_batch, 1);
   std::unique_ptr<AuditLog> log(new AuditLog(store, std::move(chain_id), clock, options));
   RETURN_IF_ERROR(log->LoadHead());
+  if (log->head_seq_ > 0) AddAuditSeqRange(log->found_, {1, log->head_seq_});
   return log;
 }
 
@@ -71,6 +72,31 @@ absl::Status AuditLog::LoadHead() {
   }
   head_stale_ = false;
   return absl::OkStatus();
+}
+
+absl::Status AuditLog::ReloadStaleHead() {
+  const int64_t known = head_seq_;
+  RETURN_IF_ERROR(LoadHead());
+  if (head_seq_ > known && !(head_seq_ == failed_seq_ && head_hash_ == failed_hash_)) {
+    AddAuditSeqRange(found_, {known + 1, head_seq_});
+    spdlog::warn(
+        "audit chain {}: records {}-{} were added to the store by another writer; this "
+        "broker continues after them but does not vouch for them",
+        chain_id_, known + 1, head_seq_);
+  }
+  return absl::OkStatus();
+}
+
+void AddAuditSeqRange(std::vector<AuditSeqRange>& ranges, AuditSeqRange range) {
+  if (!ranges.empty() && ranges.back().last + 1 >= range.first) {
+    ranges.back().last = std::max(ranges.back().last, range.last);
+  } else {
+    ranges.push_back(range);
+  }
+  while (ranges.size() > kMaxAuditSeqRanges) {
+    ranges[1].first = ranges[0].first;
+    ranges.erase(ranges.begin());
+  }
 }
 
 absl::Status AuditLog::Record(AuditEvent event) {
@@ -151,7 +177,7 @@ absl::Status AuditLog::RecordAll(std::vector<AuditEvent> events) {
 }
 
 absl::Status AuditLog::WriteBatch(std::vector<store::AuditRecord>& records) {
-  if (head_stale_) RETURN_IF_ERROR(LoadHead());
+  if (head_stale_) RETURN_IF_ERROR(ReloadStaleHead());
   int64_t seq = head_seq_;
   const std::string* prev = &head_hash_;
   for (store::AuditRecord& r : records) {
@@ -164,6 +190,8 @@ absl::Status AuditLog::WriteBatch(std::vector<store::AuditRecord>& records) {
   if (!status.ok()) {
     // Perhaps nothing was stored, perhaps another writer moved the chain: ask the store again.
     head_stale_ = true;
+    failed_seq_ = seq;
+    failed_hash_ = records.back().hash;
     return status;
   }
   head_seq_ = seq;
@@ -171,7 +199,7 @@ absl::Status AuditLog::WriteBatch(std::vector<store::AuditRecord>& records) {
   return absl::OkStatus();
 }
 
-absl::Status AuditLog::CheckStoredHead(int64_t* head_seq) {
+absl::Status AuditLog::CheckStoredHead(Head* head) {
   Waiter self;
   self.head_check = true;
   absl::MutexLock lock(&mu_);
@@ -182,10 +210,10 @@ absl::Status AuditLog::CheckStoredHead(int64_t* head_seq) {
   // At the front: no batch is being written until this one leaves the queue.
   mu_.Unlock();
   absl::Status status = CompareStoredHead();
-  const int64_t seq = head_seq_;
+  Head held{.seq = head_seq_, .hash = head_hash_, .found = found_};
   mu_.Lock();
   queue_.pop_front();
-  if (status.ok() && head_seq != nullptr) *head_seq = seq;
+  if (status.ok() && head != nullptr) *head = std::move(held);
   return status;
 }
 

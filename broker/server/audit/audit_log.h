@@ -52,6 +52,22 @@ struct AuditEvent {
   std::string detail;         // A JSON object; empty means "{}".
 };
 
+// Records first..last (inclusive) of a chain.
+struct AuditSeqRange {
+  int64_t first = 0;
+  int64_t last = 0;
+  bool operator==(const AuditSeqRange&) const = default;
+};
+
+// Most ranges kept in one list (AddAuditSeqRange); beyond it the oldest two are merged into one
+// range, which then also spans the records between them: a list of records not vouched for then
+// says too much, never too little.
+inline constexpr size_t kMaxAuditSeqRanges = 32;
+
+// Appends `range`, which must start after every range in `ranges`, joining it to the last when
+// they touch, and keeps at most kMaxAuditSeqRanges.
+void AddAuditSeqRange(std::vector<AuditSeqRange>& ranges, AuditSeqRange range);
+
 struct AuditLogOptions {
   // Most records in one transaction (a RecordAll larger than this is still written whole).
   size_t max_batch = 1024;
@@ -81,15 +97,22 @@ class AuditLog {
   absl::Status RecordAll(std::vector<AuditEvent> events);
 
   const std::string& chain_id() const { return chain_id_; }
-
   // Compares the store's copy of this chain with the head this process holds (the last record it
   // wrote, or found at Open). It waits its turn in the commit queue, so no batch of this log is
   // being written meanwhile and a legitimate append can never look like tampering. DataLoss,
   // naming the chain, when the stored chain ends before that head (cut, or deleted: "missing
   // from the store"), holds a different record there (rewritten), or goes on past it (records
-  // this broker did not write); the store's error when it cannot be read. On OK, `*head_seq`
-  // (when given) is the head's seq (0: this process has no record in its chain yet).
-  absl::Status CheckStoredHead(int64_t* head_seq = nullptr);
+  // this broker did not write); the store's error when it cannot be read. On OK, `*head` (when
+  // given) is the head this process holds.
+  struct Head {
+    int64_t seq = 0;   // 0: no record in the chain yet
+    std::string hash;  // of record `seq`
+    // Records up to `seq` that this process found in the store rather than wrote, oldest first:
+    // the chain as it was at Open, and records another writer added that a write after a failed
+    // one had to continue from. Only the records past them are vouched for by this process.
+    std::vector<AuditSeqRange> found;
+  };
+  absl::Status CheckStoredHead(Head* head = nullptr);
 
   struct Stats {
     int64_t records = 0;  // Stored by this process.
@@ -114,6 +137,9 @@ class AuditLog {
   // Numbers, hashes and stores `records`; advances the chain head only when stored.
   absl::Status WriteBatch(std::vector<store::AuditRecord>& records);
   absl::Status LoadHead();
+  // LoadHead after a failed write: records past the head this process knew that are not its
+  // failed batch (which may have been stored after all) join `found_`.
+  absl::Status ReloadStaleHead();
   // CheckStoredHead's comparison; only the caller at the front of `queue_` may run it.
   absl::Status CompareStoredHead();
 
@@ -127,6 +153,10 @@ class AuditLog {
   int64_t head_seq_ = 0;
   std::string head_hash_;
   bool head_stale_ = false;
+  // The last seq and hash of the batch whose write failed (when head_stale_).
+  int64_t failed_seq_ = 0;
+  std::string failed_hash_;
+  std::vector<AuditSeqRange> found_;
 
   mutable absl::Mutex mu_;
   std::deque<Waiter*> queue_ ABSL_GUARDED_BY(mu_);  // front = the leader

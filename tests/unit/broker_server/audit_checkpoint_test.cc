@@ -36,12 +36,27 @@ class AuditCheckpointTest : public ::testing::Test {
                                clock_))
                      .value();
     log_ = testing::OpenAuditLog(*store_, clock_);
-    checkpointer_ = std::make_unique<AuditCheckpointer>(
-        *store_, "test-broker", "https://broker.example.org",
+    checkpointer_ = MakeCheckpointer(*log_);
+  }
+
+  std::unique_ptr<AuditCheckpointer> MakeCheckpointer(AuditLog& log) {
+    return std::make_unique<AuditCheckpointer>(
+        *store_, log, "https://broker.example.org",
         [this](std::string_view typ, std::string_view payload) {
           return authority_->SignJws(typ, payload);
         },
-        clock_);
+        authority_->jwt_public_key(), clock_);
+  }
+
+  // The broker stops: its checkpointer signs the final head (as at shutdown), then the log goes.
+  void Stop() {
+    checkpointer_.reset();
+    log_.reset();
+  }
+  // The broker starts again on the same store: the log reads the stored head afresh.
+  void Start() {
+    log_ = testing::OpenAuditLog(*store_, clock_);
+    checkpointer_ = MakeCheckpointer(*log_);
   }
 
   void RecordN(int n) {
@@ -102,13 +117,8 @@ TEST_F(AuditCheckpointTest, SignsTheStoredHeadOnlyWhenTheChainGrew) {
 TEST_F(AuditCheckpointTest, ARestartedCheckpointerDoesNotRepeatTheLastCheckpoint) {
   RecordN(2);
   ASSERT_TRUE(checkpointer_->CheckpointNow()->has_value());
-  AuditCheckpointer again(
-      *store_, "test-broker", "https://broker.example.org",
-      [this](std::string_view typ, std::string_view payload) {
-        return authority_->SignJws(typ, payload);
-      },
-      clock_);
-  auto repeated = again.CheckpointNow();
+  std::unique_ptr<AuditCheckpointer> again = MakeCheckpointer(*log_);
+  auto repeated = again->CheckpointNow();
   ASSERT_TRUE(repeated.ok()) << repeated.status();
   EXPECT_FALSE(repeated->has_value());
 }
@@ -212,6 +222,96 @@ class AuditVerifyStoreTest : public AuditCheckpointTest {
   }
 };
 
+using Ranges = std::vector<AuditSeqRange>;
+
+// `n` invented records that continue this broker's chain, appended straight to the store.
+void AppendForgedTail(store::Store& store, int n) {
+  auto head = store.LastAuditRecord("test-broker");
+  ASSERT_TRUE(head.ok()) << head.status();
+  store::AuditRecord r = *head;
+  std::vector<store::AuditRecord> records;
+  for (int i = 0; i < n; ++i) {
+    r.seq += 1;
+    r.credential_id = absl::StrCat("forged-", r.seq);
+    r.prev_hash = r.hash;
+    r.hash = AuditRecordHash(r);
+    records.push_back(r);
+  }
+  ASSERT_TRUE(store.AppendAuditRecords(records).ok());
+}
+
+TEST_F(AuditVerifyStoreTest, RecordsForgedWhileTheBrokerWasStoppedAreNotVouchedFor) {
+  RecordN(3);
+  Stop();  // signs record 3
+  ASSERT_NO_FATAL_FAILURE(AppendForgedTail(*store_, 3));
+  Start();
+  AuditChainVerdict own = VerdictFor("test-broker");
+  EXPECT_TRUE(own.status.ok()) << own.status << ": they link up, so the chain is intact";
+  EXPECT_EQ(own.records, 6);
+  EXPECT_EQ(own.covered_seq, 6);
+  EXPECT_EQ(own.not_vouched, (Ranges{{4, 6}}));
+
+  RecordN(2);  // written by this process: vouched for
+  own = VerdictFor("test-broker");
+  EXPECT_EQ(own.covered_seq, 8);
+  EXPECT_EQ(own.not_vouched, (Ranges{{4, 6}}));
+
+  // This run's checkpoints do not launder them: they list them as unwitnessed, and the next run
+  // (started cleanly from such a checkpoint) still reports them.
+  auto checkpoint = checkpointer_->CheckpointNow();
+  ASSERT_TRUE(checkpoint.ok() && checkpoint->has_value()) << checkpoint.status();
+  EXPECT_EQ((*checkpoint)->seq, 8);
+  EXPECT_EQ(jose::ParseCompact((*checkpoint)->jws)->payload["unwitnessed"],
+            nlohmann::json::parse("[[4, 6]]"));
+  EXPECT_EQ(VerdictFor("test-broker").not_vouched, (Ranges{{4, 6}}));
+  Stop();
+  Start();
+  own = VerdictFor("test-broker");
+  EXPECT_TRUE(own.status.ok()) << own.status;
+  EXPECT_EQ(own.covered_seq, 8);
+  EXPECT_EQ(own.not_vouched, (Ranges{{4, 6}}));
+
+  // Deleting the checkpoints that list them only widens the range.
+  ExecRaw("DELETE FROM audit_checkpoints WHERE seq > 3");
+  Stop();
+  Start();
+  own = VerdictFor("test-broker");
+  EXPECT_TRUE(own.status.ok()) << own.status;
+  EXPECT_EQ(own.not_vouched, (Ranges{{4, 8}}));
+}
+
+TEST_F(AuditVerifyStoreTest, AfterACleanStopEverythingIsVouchedFor) {
+  RecordN(3);
+  Stop();
+  Start();
+  RecordN(2);
+  AuditChainVerdict own = VerdictFor("test-broker");
+  EXPECT_TRUE(own.status.ok()) << own.status;
+  EXPECT_EQ(own.covered_seq, 5);
+  EXPECT_TRUE(own.not_vouched.empty());
+}
+
+TEST_F(AuditVerifyStoreTest, RecordsPastTheLastCheckpointOfAKilledRunAreNotVouchedFor) {
+  RecordN(2);
+  checkpointer_.reset();  // signs record 2; the records below get no checkpoint, as after kill -9
+  RecordN(3);
+  log_.reset();
+  Start();
+  RecordN(1);
+  AuditChainVerdict own = VerdictFor("test-broker");
+  EXPECT_TRUE(own.status.ok()) << own.status;
+  EXPECT_EQ(own.covered_seq, 6);
+  EXPECT_EQ(own.not_vouched, (Ranges{{3, 5}}));
+}
+
+TEST_F(AuditVerifyStoreTest, TheCheckpointerDoesNotSignRecordsAddedBehindTheBrokersBack) {
+  RecordN(2);
+  ASSERT_NO_FATAL_FAILURE(AppendForgedTail(*store_, 1));
+  auto checkpoint = checkpointer_->CheckpointNow();
+  EXPECT_TRUE(absl::IsDataLoss(checkpoint.status())) << checkpoint.status();
+  EXPECT_TRUE(store_->ListAuditCheckpoints("test-broker", 10)->empty());
+}
+
 TEST_F(AuditVerifyStoreTest, AnUntouchedStorePasses) {
   auto empty = VerifyAll();
   ASSERT_TRUE(empty.ok()) << empty.status();
@@ -231,6 +331,7 @@ TEST_F(AuditVerifyStoreTest, AnUntouchedStorePasses) {
   EXPECT_EQ(v.checkpoints, 1);
   EXPECT_EQ(v.checkpointed_seq, 3);
   EXPECT_EQ(v.covered_seq, 5);
+  EXPECT_TRUE(v.not_vouched.empty());
 }
 
 TEST_F(AuditVerifyStoreTest, AFabricatedChainUnderANewIdIsUnverified) {
@@ -282,13 +383,8 @@ TEST_F(AuditVerifyStoreTest, AnotherBrokersChainCheckpointedWithAKnownKeyPasses)
   ASSERT_TRUE(other_log.ok());
   ASSERT_TRUE((*other_log)->Record({.event = "jwt_svid", .outcome = "issued"}).ok());
   ASSERT_TRUE((*other_log)->Record({.event = "jwt_svid", .outcome = "issued"}).ok());
-  AuditCheckpointer other_checkpointer(
-      *store_, "other-broker", "https://broker.example.org",
-      [this](std::string_view typ, std::string_view payload) {
-        return authority_->SignJws(typ, payload);
-      },
-      clock_);
-  ASSERT_TRUE(other_checkpointer.CheckpointNow()->has_value());
+  std::unique_ptr<AuditCheckpointer> other_checkpointer = MakeCheckpointer(**other_log);
+  ASSERT_TRUE(other_checkpointer->CheckpointNow()->has_value());
   ASSERT_TRUE((*other_log)->Record({.event = "jwt_svid", .outcome = "issued"}).ok());
   AuditChainVerdict other = VerdictFor("other-broker");
   EXPECT_TRUE(other.status.ok()) << other.status;
@@ -309,8 +405,9 @@ TEST_F(AuditVerifyStoreTest, ThisBrokersDeletedChainFails) {
 TEST_F(AuditVerifyStoreTest, ThisBrokersDeletedChainFailsAfterARestartThroughItsCheckpoints) {
   RecordN(3);
   ASSERT_TRUE(checkpointer_->CheckpointNow()->has_value());
+  Stop();
   ExecRaw("DELETE FROM audit_log WHERE chain_id = 'test-broker'");
-  log_ = testing::OpenAuditLog(*store_, clock_);  // a restart: the head is read afresh
+  Start();  // the head is read afresh
   AuditChainVerdict own = VerdictFor("test-broker");
   EXPECT_TRUE(absl::IsDataLoss(own.status)) << own.status;
   EXPECT_THAT(own.status.message(), HasSubstr("has no record 3"));
@@ -354,6 +451,18 @@ TEST_F(AuditVerifyStoreTest, RecordsAppendedBehindTheBrokersBackFail) {
   EXPECT_THAT(own.status.message(), HasSubstr("past record 2"));
   // The broker's next record fails rather than continuing a chain it did not write.
   EXPECT_FALSE(log_->Record({.event = "jwt_svid", .outcome = "issued"}).ok());
+  // The one after continues after the added record, but neither verify nor a checkpoint vouches
+  // for it.
+  ASSERT_TRUE(log_->Record({.event = "jwt_svid", .outcome = "issued"}).ok());
+  own = VerdictFor("test-broker");
+  EXPECT_TRUE(own.status.ok()) << own.status;
+  EXPECT_EQ(own.covered_seq, 4);
+  EXPECT_EQ(own.not_vouched, (std::vector<AuditSeqRange>{{3, 3}}));
+  auto checkpoint = checkpointer_->CheckpointNow();
+  ASSERT_TRUE(checkpoint.ok() && checkpoint->has_value()) << checkpoint.status();
+  EXPECT_EQ(jose::ParseCompact((*checkpoint)->jws)->payload["unwitnessed"],
+            nlohmann::json::parse("[[3, 3]]"));
+  EXPECT_EQ(VerdictFor("test-broker").not_vouched, (std::vector<AuditSeqRange>{{3, 3}}));
 }
 
 TEST_F(AuditVerifyStoreTest, HeadChecksInterleaveWithConcurrentRecordsWithoutFalseAlarms) {
