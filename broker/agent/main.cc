@@ -207,9 +207,9 @@ int Run(AgentFlags flags) {
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   std::string socket = flags.socket.empty() ? flags.data_dir + "/agent.sock" : flags.socket;
   // Callers are identified per call, held to the executable they ran at accept; anyone may
-  // connect (mode 0666). Connection caps come from the descriptor limit.
+  // connect (mode 0666). Connection caps come from the descriptor limit. No start time is read
+  // at accept: nothing could compare it (the pidfd and uid/gid checks pin the caller).
   grpcutil::UdsListener::Options listen_options;
-  listen_options.start_time_reader = [&attestor](pid_t pid) { return attestor.ReadStartTime(pid); };
   listen_options.executable_reader = identifier.ExecutableReader();
   auto listener = grpcutil::UdsListener::Start(server.get(), socket, 0666, listen_options);
   if (!listener.ok()) return Fail(listener.status());
