@@ -182,14 +182,10 @@ UdsListener::CapCheck UdsListener::CheckCapsLocked(uid_t uid) const {
 }
 
 bool UdsListener::PruneDueLocked(const CapCheck& over, uid_t uid, Clock::time_point now) const {
-  if (over.over_total && now - last_full_prune_ < kPruneInterval) return false;
-  if (over.over_uid) {
-    auto from_uid = per_uid_.find(uid);
-    if (from_uid != per_uid_.end() && now - from_uid->second.last_prune < kPruneInterval) {
-      return false;
-    }
-  }
-  return true;
+  // At the global cap every record is pruned (the uid's too); at the uid's cap only its own.
+  if (over.over_total) return now - last_full_prune_ >= kPruneInterval;
+  auto from_uid = per_uid_.find(uid);
+  return from_uid == per_uid_.end() || now - from_uid->second.last_prune >= kPruneInterval;
 }
 
 void UdsListener::AcceptLoop() {
@@ -214,15 +210,17 @@ void UdsListener::AcceptLoop() {
     // more than this counter lookup (no /proc read, no pidfd, no prune), and for the others
     // pin the executable before any other work.
     CapCheck over;
+    bool refused_at_once = false;
     {
       std::lock_guard<std::mutex> lock(mu_);
       // accept4 handed out this fd number, so the connection recorded under it is closed.
       if (auto it = connections_.find(conn); it != connections_.end()) ForgetLocked(it);
       over = CheckCapsLocked(cred.uid);
-      if (over.any() && !PruneDueLocked(over, cred.uid, Clock::now())) {
-        ::close(conn);
-        continue;
-      }
+      refused_at_once = over.any() && !PruneDueLocked(over, cred.uid, Clock::now());
+    }
+    if (refused_at_once) {
+      ::close(conn);
+      continue;
     }
     Connection c;
     PinPeer(conn, cred, c.creds);
