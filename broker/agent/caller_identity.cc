@@ -8,6 +8,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "broker/common/util/status_macros.h"
 
 namespace mandate::agent {
 namespace {
@@ -27,7 +28,8 @@ grpcutil::UdsListener::ExecutableReader CallerIdentifier::ExecutableReader() con
   };
 }
 
-absl::StatusOr<Caller> CallerIdentifier::Identify(grpc::ServerContext* context) const {
+absl::StatusOr<grpcutil::PeerCredentials> CallerIdentifier::PeerFor(
+    grpc::ServerContext* context) const {
   const auto& metadata = context->client_metadata();
   auto header = metadata.find("workload.spiffe.io");
   if (header == metadata.end()) {
@@ -40,7 +42,25 @@ absl::StatusOr<Caller> CallerIdentifier::Identify(grpc::ServerContext* context) 
   if (listener == nullptr) return absl::UnavailableError("workload API is starting");
   auto peer = listener->PeerOf(*context);
   if (!peer.ok()) return absl::PermissionDeniedError(peer.status().message());
-  return IdentifyPeer(*peer);
+  return peer;
+}
+
+absl::StatusOr<Caller> CallerIdentifier::Identify(grpc::ServerContext* context) const {
+  ASSIGN_OR_RETURN(grpcutil::PeerCredentials peer, PeerFor(context));
+  return IdentifyPeer(peer);
+}
+
+absl::StatusOr<CallerIdentifier::Admitted> CallerIdentifier::IdentifyWithin(
+    grpc::ServerContext* context, StreamLimiter& limiter) const {
+  ASSIGN_OR_RETURN(grpcutil::PeerCredentials peer, PeerFor(context));
+  std::optional<StreamLimiter::Slot> slot = limiter.Acquire(peer.uid);
+  if (!slot.has_value()) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("too many Workload API calls in flight (at most ", limiter.max_per_uid(),
+                     " per uid and ", limiter.max_total(), " in all); retry shortly"));
+  }
+  ASSIGN_OR_RETURN(Caller caller, IdentifyPeer(peer));
+  return Admitted{std::move(caller), std::move(*slot)};
 }
 
 absl::StatusOr<Caller> CallerIdentifier::IdentifyPeer(const grpcutil::PeerCredentials& peer) const {

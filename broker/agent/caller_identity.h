@@ -14,6 +14,7 @@
 
 #include "absl/status/statusor.h"
 #include "attestors/workload/unix/unix_attestor.h"
+#include "broker/agent/stream_limiter.h"
 #include "broker/common/grpcutil/uds_listener.h"
 #include "broker/common/spiffe/selector.h"
 
@@ -46,6 +47,17 @@ class CallerIdentifier {
   // Checks the header and attests the calling process. InvalidArgument for a missing or wrong
   // security header; PermissionDenied when the process cannot be identified reliably.
   absl::StatusOr<Caller> Identify(grpc::ServerContext* context) const;
+
+  // A caller identified while it holds a place in a limiter (see IdentifyWithin).
+  struct Admitted {
+    Caller caller;
+    StreamLimiter::Slot slot;
+  };
+  // As Identify, but first takes a place for the caller's uid in `limiter` (as soon as the
+  // connection names the uid, before attestation, so attestation work is bounded too), held as
+  // long as the result lives. ResourceExhausted when the uid or everyone is at the limiter's cap.
+  absl::StatusOr<Admitted> IdentifyWithin(grpc::ServerContext* context,
+                                          StreamLimiter& limiter) const;
   // Attests the process behind `peer` as Identify does once the connection is known. Refusals
   // (PermissionDenied) are logged with the reason:
   //   no pidfd (the process was gone at accept), the pidfd's process exited (its pid may now
@@ -55,6 +67,9 @@ class CallerIdentifier {
   absl::StatusOr<Caller> IdentifyPeer(const grpcutil::PeerCredentials& peer) const;
 
  private:
+  // The header check and the connection's credentials, as Identify needs them.
+  absl::StatusOr<grpcutil::PeerCredentials> PeerFor(grpc::ServerContext* context) const;
+
   const unix_attestor::UnixAttestor& attestor_;
   const unix_attestor::HashNeed hash_need_;
   std::atomic<const grpcutil::UdsListener*> listener_{nullptr};

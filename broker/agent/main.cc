@@ -48,10 +48,17 @@ struct AgentFlags {
   // Open watch streams (each holds a handler thread) in all and per uid.
   int max_watch_streams = 1024;
   int max_watch_streams_per_uid = 256;
+  // Unary calls in flight (each holds a handler thread; Tasks calls wait on the broker for up
+  // to 15 s) in all and per uid.
+  int max_unary_calls = 128;
+  int max_unary_calls_per_uid = 16;
 };
 
-// gRPC handler threads beyond the watch streams, for unary calls (short) and pollers.
-constexpr int kUnaryThreads = 64;
+// gRPC handler threads beyond what admitted streams and unary calls can hold: gRPC's pollers
+// (up to MAX_POLLERS, 16) and calls that are still being identified or are being refused by a
+// limiter (they return at once). So the quota is never used up by calls that are held, and no
+// uid, nor all uids together, can make gRPC refuse calls for lack of threads by holding them.
+constexpr int kReserveThreads = 64;
 // Concurrent calls on one connection; more wait in the client for a free stream.
 constexpr int kMaxStreamsPerConnection = 32;
 
@@ -78,14 +85,19 @@ absl::Status ApplyConfigFile(const std::string& path, CLI::App& app, AgentFlags&
   RETURN_IF_ERROR(file.GetInt("max_exe_hash_bytes", given("--max-exe-hash-bytes"), max_hash));
   if (max_hash < 0) return absl::InvalidArgumentError("max_exe_hash_bytes must not be negative");
   flags.max_exe_hash_bytes = static_cast<uint64_t>(max_hash);
-  int64_t streams = flags.max_watch_streams;
-  RETURN_IF_ERROR(file.GetInt("max_watch_streams", given("--max-watch-streams"), streams));
-  int64_t per_uid = flags.max_watch_streams_per_uid;
-  RETURN_IF_ERROR(
-      file.GetInt("max_watch_streams_per_uid", given("--max-watch-streams-per-uid"), per_uid));
-  // Range-checked in Run, with the command line's values.
-  flags.max_watch_streams = static_cast<int>(std::clamp<int64_t>(streams, -1, 1 << 20));
-  flags.max_watch_streams_per_uid = static_cast<int>(std::clamp<int64_t>(per_uid, -1, 1 << 20));
+  // Limits are range-checked in Run, with the command line's values.
+  auto get_limit = [&](const char* key, const char* flag, int& value) {
+    int64_t read = value;
+    RETURN_IF_ERROR(file.GetInt(key, given(flag), read));
+    value = static_cast<int>(std::clamp<int64_t>(read, -1, 1 << 20));
+    return absl::OkStatus();
+  };
+  RETURN_IF_ERROR(get_limit("max_watch_streams", "--max-watch-streams", flags.max_watch_streams));
+  RETURN_IF_ERROR(get_limit("max_watch_streams_per_uid", "--max-watch-streams-per-uid",
+                            flags.max_watch_streams_per_uid));
+  RETURN_IF_ERROR(get_limit("max_unary_calls", "--max-unary-calls", flags.max_unary_calls));
+  RETURN_IF_ERROR(get_limit("max_unary_calls_per_uid", "--max-unary-calls-per-uid",
+                            flags.max_unary_calls_per_uid));
   return file.CheckAllKeysKnown();
 }
 
@@ -110,6 +122,11 @@ int Run(AgentFlags flags) {
     return Fail(absl::InvalidArgumentError(
         "--max-watch-streams must be 1-65536 and --max-watch-streams-per-uid "
         "1-max-watch-streams"));
+  }
+  if (flags.max_unary_calls < 1 || flags.max_unary_calls > 65536 ||
+      flags.max_unary_calls_per_uid < 1 || flags.max_unary_calls_per_uid > flags.max_unary_calls) {
+    return Fail(absl::InvalidArgumentError(
+        "--max-unary-calls must be 1-65536 and --max-unary-calls-per-uid 1-max-unary-calls"));
   }
   const uint64_t file_limit = RaiseFileLimit();
   // 0711: other users may reach the Workload API socket inside it but cannot list it; the
@@ -188,15 +205,19 @@ int Run(AgentFlags flags) {
   });
   StreamLimiter streams(static_cast<size_t>(flags.max_watch_streams),
                         static_cast<size_t>(flags.max_watch_streams_per_uid));
-  WorkloadService service(core, identifier, streams);
-  TasksService tasks_service(core, identifier);
+  StreamLimiter unary_calls(static_cast<size_t>(flags.max_unary_calls),
+                            static_cast<size_t>(flags.max_unary_calls_per_uid));
+  WorkloadService service(core, identifier, streams, unary_calls);
+  TasksService tasks_service(core, identifier, unary_calls);
   grpc::ServerBuilder builder;
   builder.RegisterService(&service);
   builder.RegisterService(&tasks_service);
   // Bound what local callers can make the agent hold: handler threads (each open watch stream
-  // keeps one; calls past the quota get RESOURCE_EXHAUSTED from gRPC) and calls per connection.
+  // and each unary call in flight keeps one; calls past the quota get RESOURCE_EXHAUSTED from
+  // gRPC, so the limiters, which keep a share for every uid, must refuse first) and calls per
+  // connection.
   grpc::ResourceQuota quota("workload-api");
-  quota.SetMaxThreads(flags.max_watch_streams + kUnaryThreads);
+  quota.SetMaxThreads(flags.max_watch_streams + flags.max_unary_calls + kReserveThreads);
   builder.SetResourceQuota(quota);
   builder.AddChannelArgument(GRPC_ARG_MAX_CONCURRENT_STREAMS, kMaxStreamsPerConnection);
   builder.SetMaxReceiveMessageSize(1024 * 1024);
@@ -207,9 +228,9 @@ int Run(AgentFlags flags) {
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   std::string socket = flags.socket.empty() ? flags.data_dir + "/agent.sock" : flags.socket;
   // Callers are identified per call, held to the executable they ran at accept; anyone may
-  // connect (mode 0666). Connection caps come from the descriptor limit.
+  // connect (mode 0666). Connection caps come from the descriptor limit. No start time is read
+  // at accept: nothing could compare it (the pidfd and uid/gid checks pin the caller).
   grpcutil::UdsListener::Options listen_options;
-  listen_options.start_time_reader = [&attestor](pid_t pid) { return attestor.ReadStartTime(pid); };
   listen_options.executable_reader = identifier.ExecutableReader();
   auto listener = grpcutil::UdsListener::Start(server.get(), socket, 0666, listen_options);
   if (!listener.ok()) return Fail(listener.status());
@@ -217,9 +238,11 @@ int Run(AgentFlags flags) {
   grpcutil::ConnectionCaps caps = (*listener)->caps();
   spdlog::info(
       "mandate-agent ready node={} socket={} serving={} open_files_limit={} max_connections={} "
-      "max_connections_per_uid={} max_watch_streams={} max_watch_streams_per_uid={}",
+      "max_connections_per_uid={} max_watch_streams={} max_watch_streams_per_uid={} "
+      "max_unary_calls={} max_unary_calls_per_uid={}",
       (*agent)->node_id(), socket, (*agent)->Current()->serving, file_limit, caps.total,
-      caps.per_uid, flags.max_watch_streams, flags.max_watch_streams_per_uid);
+      caps.per_uid, flags.max_watch_streams, flags.max_watch_streams_per_uid, flags.max_unary_calls,
+      flags.max_unary_calls_per_uid);
 
   sigset_t signals;
   sigemptyset(&signals);
@@ -271,6 +294,13 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--max-watch-streams-per-uid", flags.max_watch_streams_per_uid,
                  "Open watch streams at most per caller uid")
+      ->capture_default_str();
+  app.add_option("--max-unary-calls", flags.max_unary_calls,
+                 "Unary Workload and Tasks API calls in flight at most; more get "
+                 "RESOURCE_EXHAUSTED")
+      ->capture_default_str();
+  app.add_option("--max-unary-calls-per-uid", flags.max_unary_calls_per_uid,
+                 "Unary calls in flight at most per caller uid")
       ->capture_default_str();
   CLI11_PARSE(app, argc, argv);
   if (!flags.config_file.empty()) {

@@ -1,8 +1,11 @@
-// Caps on the Workload API's long-lived watch streams (FetchX509SVID, FetchX509Bundles,
-// FetchJWTBundles). Each open stream holds a gRPC handler thread for its whole life, so without
-// a cap one workload opening thousands of streams made the agent run thousands of threads; with
-// it, streams past the caps are refused with RESOURCE_EXHAUSTED and the threads (and memory) the
-// agent spends on streams stay bounded, with a share kept for every other uid.
+// Caps on concurrent calls, per caller uid and in all. The agent keeps two: one for the Workload
+// API's long-lived watch streams (FetchX509SVID, FetchX509Bundles, FetchJWTBundles) and one for
+// unary calls (FetchJWTSVID, ValidateJWTSVID and the Tasks API, which the agent forwards to the
+// broker and may wait on for up to its 15 s deadline). Each such call holds a gRPC handler thread
+// for its whole life, so without caps one workload made the agent run thousands of threads, or
+// used up the handler thread quota so that gRPC refused every uid; with them, calls past the
+// caps are refused with RESOURCE_EXHAUSTED and the threads (and memory) they hold stay bounded,
+// with a share kept for every other uid.
 //
 // Thread-safe: Acquire may be called concurrently; a Slot may be released on any thread.
 #ifndef MANDATE_BROKER_AGENT_STREAM_LIMITER_H_
@@ -25,7 +28,7 @@ class StreamLimiter {
   StreamLimiter(const StreamLimiter&) = delete;
   StreamLimiter& operator=(const StreamLimiter&) = delete;
 
-  // One open stream; releases its place when destroyed. The limiter must outlive it.
+  // One call in flight; releases its place when destroyed. The limiter must outlive it.
   class Slot {
    public:
     Slot(Slot&& other) noexcept : owner_(other.owner_), uid_(other.uid_) { other.owner_ = nullptr; }
@@ -41,7 +44,7 @@ class StreamLimiter {
     uint32_t uid_;
   };
 
-  // A place for one more stream of `uid`, or nullopt when `uid` or everyone together is at the
+  // A place for one more call of `uid`, or nullopt when `uid` or everyone together is at the
   // cap.
   std::optional<Slot> Acquire(uint32_t uid) ABSL_LOCKS_EXCLUDED(mu_);
   size_t open() const ABSL_LOCKS_EXCLUDED(mu_);

@@ -51,24 +51,26 @@ absl::StatusOr<const AssignedEntry*> ChooseEntry(const Snapshot& snapshot,
   return matches.front();
 }
 
-absl::StatusOr<std::string> TasksService::EntryFor(grpc::ServerContext* context,
-                                                   const std::string& spiffe_id) const {
-  ASSIGN_OR_RETURN(Caller caller, identifier_.Identify(context));
+absl::StatusOr<TasksService::Forward> TasksService::EntryFor(grpc::ServerContext* context,
+                                                             const std::string& spiffe_id) const {
+  auto admitted = identifier_.IdentifyWithin(context, calls_);
+  if (!admitted.ok()) return admitted.status();
   auto snapshot = agent_.Current();
   if (!snapshot->serving) {
     return absl::UnavailableError("agent is not synchronised with the broker; retry shortly");
   }
-  ASSIGN_OR_RETURN(const AssignedEntry* entry, ChooseEntry(*snapshot, caller.selectors, spiffe_id));
-  return entry->id;
+  ASSIGN_OR_RETURN(const AssignedEntry* entry,
+                   ChooseEntry(*snapshot, admitted->caller.selectors, spiffe_id));
+  return Forward{std::move(admitted->slot), entry->id};
 }
 
 grpc::Status TasksService::DeclareTask(grpc::ServerContext* context,
                                        const workloadpb::DeclareTaskRequest* request,
                                        workloadpb::Task* response) {
-  auto entry_id = EntryFor(context, request->spiffe_id());
-  if (!entry_id.ok()) return ToGrpcStatus(entry_id.status());
+  auto entry = EntryFor(context, request->spiffe_id());
+  if (!entry.ok()) return ToGrpcStatus(entry.status());
   nodepb::NodeDeclareTaskRequest forward;
-  forward.set_entry_id(*entry_id);
+  forward.set_entry_id(entry->entry_id);
   forward.set_purpose(request->purpose());
   *forward.mutable_scopes() = request->scopes();
   *forward.mutable_audiences() = request->audiences();
@@ -80,10 +82,10 @@ grpc::Status TasksService::DeclareTask(grpc::ServerContext* context,
 grpc::Status TasksService::GetTask(grpc::ServerContext* context,
                                    const workloadpb::GetTaskRequest* request,
                                    workloadpb::Task* response) {
-  auto entry_id = EntryFor(context, request->spiffe_id());
-  if (!entry_id.ok()) return ToGrpcStatus(entry_id.status());
+  auto entry = EntryFor(context, request->spiffe_id());
+  if (!entry.ok()) return ToGrpcStatus(entry.status());
   nodepb::NodeGetTaskRequest forward;
-  forward.set_entry_id(*entry_id);
+  forward.set_entry_id(entry->entry_id);
   forward.set_task_id(request->task_id());
   return WithTokenEndpoint(agent_.broker().GetTask(forward, response), *agent_.Current(), response);
 }
@@ -91,10 +93,10 @@ grpc::Status TasksService::GetTask(grpc::ServerContext* context,
 grpc::Status TasksService::EndTask(grpc::ServerContext* context,
                                    const workloadpb::EndTaskRequest* request,
                                    workloadpb::Task* response) {
-  auto entry_id = EntryFor(context, request->spiffe_id());
-  if (!entry_id.ok()) return ToGrpcStatus(entry_id.status());
+  auto entry = EntryFor(context, request->spiffe_id());
+  if (!entry.ok()) return ToGrpcStatus(entry.status());
   nodepb::NodeEndTaskRequest forward;
-  forward.set_entry_id(*entry_id);
+  forward.set_entry_id(entry->entry_id);
   forward.set_task_id(request->task_id());
   return WithTokenEndpoint(agent_.broker().EndTask(forward, response), *agent_.Current(), response);
 }
@@ -102,10 +104,10 @@ grpc::Status TasksService::EndTask(grpc::ServerContext* context,
 grpc::Status TasksService::FetchTaskToken(grpc::ServerContext* context,
                                           const workloadpb::FetchTaskTokenRequest* request,
                                           workloadpb::FetchTaskTokenResponse* response) {
-  auto entry_id = EntryFor(context, request->spiffe_id());
-  if (!entry_id.ok()) return ToGrpcStatus(entry_id.status());
+  auto entry = EntryFor(context, request->spiffe_id());
+  if (!entry.ok()) return ToGrpcStatus(entry.status());
   nodepb::NodeFetchTaskTokenRequest forward;
-  forward.set_entry_id(*entry_id);
+  forward.set_entry_id(entry->entry_id);
   forward.set_task_id(request->task_id());
   forward.set_audience(request->audience());
   *forward.mutable_scopes() = request->scopes();

@@ -17,6 +17,7 @@
 #include "absl/status/statusor.h"
 #include "broker/agent/agent.h"
 #include "broker/agent/caller_identity.h"
+#include "broker/agent/stream_limiter.h"
 #include "mandate/workload/v1/tasks.grpc.pb.h"
 
 namespace mandate::agent {
@@ -29,9 +30,11 @@ absl::StatusOr<const AssignedEntry*> ChooseEntry(const Snapshot& snapshot,
 
 class TasksService final : public mandate::workload::v1::Tasks::Service {
  public:
-  // `agent` and `identifier` must outlive the service.
-  TasksService(Agent& agent, const CallerIdentifier& identifier)
-      : agent_(agent), identifier_(identifier) {}
+  // `agent`, `identifier` and `calls` must outlive the service. Every call holds a place in
+  // `calls` for its uid until it returns (it may wait on the broker for up to 15 s); calls past
+  // its limits are refused with RESOURCE_EXHAUSTED.
+  TasksService(Agent& agent, const CallerIdentifier& identifier, StreamLimiter& calls)
+      : agent_(agent), identifier_(identifier), calls_(calls) {}
 
   grpc::Status DeclareTask(grpc::ServerContext* context,
                            const mandate::workload::v1::DeclareTaskRequest* request,
@@ -47,12 +50,18 @@ class TasksService final : public mandate::workload::v1::Tasks::Service {
                        mandate::workload::v1::Task* response) override;
 
  private:
-  // Identifies the caller and chooses its entry in the current snapshot; returns the entry id.
-  absl::StatusOr<std::string> EntryFor(grpc::ServerContext* context,
-                                       const std::string& spiffe_id) const;
+  // The caller's place in `calls_` and the id of the entry it acts as.
+  struct Forward {
+    StreamLimiter::Slot slot;
+    std::string entry_id;
+  };
+  // Identifies the caller within `calls_` and chooses its entry in the current snapshot.
+  absl::StatusOr<Forward> EntryFor(grpc::ServerContext* context,
+                                   const std::string& spiffe_id) const;
 
   Agent& agent_;
   const CallerIdentifier& identifier_;
+  StreamLimiter& calls_;
 };
 
 }  // namespace mandate::agent

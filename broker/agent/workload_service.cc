@@ -131,8 +131,9 @@ grpc::Status WorkloadService::FetchJWTBundles(grpc::ServerContext* context,
 grpc::Status WorkloadService::FetchJWTSVID(grpc::ServerContext* context,
                                            const JWTSVIDRequest* request,
                                            JWTSVIDResponse* response) {
-  auto caller = identifier_.Identify(context);
-  if (!caller.ok()) return ToGrpcStatus(caller.status());
+  auto admitted = identifier_.IdentifyWithin(context, unary_);
+  if (!admitted.ok()) return ToGrpcStatus(admitted.status());
+  const Caller& caller = admitted->caller;
   if (request->audience().empty()) {
     return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "audience must be specified");
   }
@@ -140,7 +141,7 @@ grpc::Status WorkloadService::FetchJWTSVID(grpc::ServerContext* context,
   if (!snapshot->serving) return NotServing();
   std::vector<std::string> audiences(request->audience().begin(), request->audience().end());
   std::set<std::string> served;
-  for (const AssignedEntry* entry : Agent::Match(*snapshot, caller->selectors)) {
+  for (const AssignedEntry* entry : Agent::Match(*snapshot, caller.selectors)) {
     if (!request->spiffe_id().empty() && entry->spiffe_id != request->spiffe_id()) continue;
     if (!served.insert(entry->spiffe_id).second) continue;
     auto jwt = agent_.JwtSvid(*entry, audiences);
@@ -156,8 +157,9 @@ grpc::Status WorkloadService::FetchJWTSVID(grpc::ServerContext* context,
 grpc::Status WorkloadService::ValidateJWTSVID(grpc::ServerContext* context,
                                               const ValidateJWTSVIDRequest* request,
                                               ValidateJWTSVIDResponse* response) {
-  auto caller = identifier_.Identify(context);
-  if (!caller.ok()) return ToGrpcStatus(caller.status());
+  auto admitted = identifier_.IdentifyWithin(context, unary_);
+  if (!admitted.ok()) return ToGrpcStatus(admitted.status());
+  const Caller& caller = admitted->caller;
   if (request->audience().empty()) {
     return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "audience must be specified");
   }

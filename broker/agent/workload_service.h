@@ -15,10 +15,12 @@ namespace mandate::agent {
 
 class WorkloadService final : public SpiffeWorkloadAPI::Service {
  public:
-  // `agent`, `identifier` and `streams` must outlive the service. Watch streams past the
-  // limits of `streams` are refused with RESOURCE_EXHAUSTED.
-  WorkloadService(Agent& agent, const CallerIdentifier& identifier, StreamLimiter& streams)
-      : agent_(agent), identifier_(identifier), streams_(streams) {}
+  // `agent`, `identifier`, `streams` and `unary` must outlive the service. Watch streams past
+  // the limits of `streams`, and unary calls past those of `unary`, are refused with
+  // RESOURCE_EXHAUSTED.
+  WorkloadService(Agent& agent, const CallerIdentifier& identifier, StreamLimiter& streams,
+                  StreamLimiter& unary)
+      : agent_(agent), identifier_(identifier), streams_(streams), unary_(unary) {}
   // Ends open streams promptly.
   void Shutdown() { shutting_down_ = true; }
 
@@ -45,6 +47,7 @@ class WorkloadService final : public SpiffeWorkloadAPI::Service {
   Agent& agent_;
   const CallerIdentifier& identifier_;
   StreamLimiter& streams_;
+  StreamLimiter& unary_;
   std::atomic<bool> shutting_down_{false};
 };
 

@@ -4,6 +4,7 @@
 #include <gmock/gmock.h>
 #include <grpcpp/grpcpp.h>
 #include <gtest/gtest.h>
+#include <signal.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -19,6 +20,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
+#include "mandate/workload/v1/tasks.grpc.pb.h"
 #include "mandate/workload_client.h"
 #include "mandate/x509svid.h"
 #include "spiffe/workload.grpc.pb.h"
@@ -93,8 +95,37 @@ class AgentHardeningTest : public IntegrationTest {
     return run;
   }
 
+  // Waits (10 s at most) until this process's `fetch x509` succeeds: its entry reached the agent.
+  void WaitUntilServed() {
+    CommandResult first;
+    ASSERT_TRUE(WaitUntil(
+        [&] {
+          first = Workload(agent_, {"fetch", "x509"});
+          return first.exit_code == 0;
+        },
+        10s, 50ms))
+        << first;
+  }
+  // `fetch x509` as uid 65534 (through a copy of the CLI it may run) gets the X509-SVID of the
+  // entry at `path` within 10 s.
+  void ExpectServedAsNobody(const std::string& path) {
+    if (nobody_cli_.empty()) nobody_cli_ = CliCopy("mandate");
+    CommandResult other;
+    EXPECT_TRUE(WaitUntil(
+        [&] {
+          other = RunCommand({"/usr/bin/setpriv", "--reuid", "65534", "--regid", "65534",
+                              "--clear-groups", nobody_cli_, "--socket", "unix://" + agent_.socket,
+                              "fetch", "x509"});
+          return other.exit_code == 0;
+        },
+        10s, 100ms))
+        << other;
+    EXPECT_THAT(other.out, HasSubstr("SPIFFE ID: " + broker_.Id(path))) << other;
+  }
+
   BrokerProcess broker_;
   AgentProcess agent_;
+  std::string nobody_cli_;
 };
 
 // An entry for /usr/bin/sleep (uid, path and digest, as an operator would register it) must not
@@ -293,14 +324,7 @@ TEST_F(AgentHardeningTest, WatchStreamFloodIsBoundedAndAnotherUidIsServed) {
       {"--max-watch-streams", "64", "--max-watch-streams-per-uid", std::to_string(kPerUid)});
   Entry("/flooder", {OwnUidSelector()});
   Entry("/other", {"unix:uid:65534"});
-  CommandResult first;
-  ASSERT_TRUE(WaitUntil(
-      [&] {
-        first = Workload(agent_, {"fetch", "x509"});
-        return first.exit_code == 0;
-      },
-      10s, 50ms))
-      << first;
+  ASSERT_NO_FATAL_FAILURE(WaitUntilServed());
   const int64_t threads_before = StatusField(agent_.pid, "Threads");
   const int64_t rss_before_kb = StatusField(agent_.pid, "VmRSS");
   ASSERT_GT(threads_before, 0);
@@ -390,18 +414,7 @@ TEST_F(AgentHardeningTest, WatchStreamFloodIsBoundedAndAnotherUidIsServed) {
   EXPECT_LT(rss_during_kb - rss_before_kb, 64 * 1024);
 
   // Another uid is still served while the flood holds its streams.
-  const std::string cli_copy = CliCopy("mandate");
-  CommandResult other;
-  EXPECT_TRUE(WaitUntil(
-      [&] {
-        other = RunCommand({"/usr/bin/setpriv", "--reuid", "65534", "--regid", "65534",
-                            "--clear-groups", cli_copy, "--socket", "unix://" + agent_.socket,
-                            "fetch", "x509"});
-        return other.exit_code == 0;
-      },
-      10s, 100ms))
-      << other;
-  EXPECT_THAT(other.out, HasSubstr("SPIFFE ID: " + broker_.Id("/other"))) << other;
+  ExpectServedAsNobody("/other");
 
   for (auto& s : streams) {
     if (s->state == Stream::kOpen) {
@@ -409,6 +422,101 @@ TEST_F(AgentHardeningTest, WatchStreamFloodIsBoundedAndAnotherUidIsServed) {
       s->state = Stream::kFinishing;
       s->reader->Finish(&s->status, s.get());
     }
+  }
+  cq.Shutdown();
+  void* tag = nullptr;
+  bool ok = false;
+  while (cq.Next(&tag, &ok)) {
+  }
+}
+
+// One workload keeps 200 DeclareTask calls in flight while the broker does not answer (stopped:
+// each call the agent forwards waits for its 15 s deadline). The agent admits 16 of them (its
+// per-uid cap), refuses the rest with RESOURCE_EXHAUSTED at once, and another uid is still
+// served. Without the per-uid cap the held calls took all of gRPC's handler threads
+// (--max-watch-streams 16 + 64) and gRPC answered every uid RESOURCE_EXHAUSTED.
+TEST_F(AgentHardeningTest, SlowUnaryCallsOfOneUidDoNotStarveAnotherUid) {
+  if (::geteuid() != 0) {
+    if (InCi()) FAIL() << "needs root (a second client as uid 65534); CI=true forbids skipping";
+    GTEST_SKIP() << "running a client as uid 65534 needs root";
+  }
+  constexpr size_t kPerUid = 16;
+  StartDaemons({"--max-watch-streams", "16", "--max-watch-streams-per-uid", "16",
+                "--max-unary-calls-per-uid", std::to_string(kPerUid)});
+  Entry("/flooder", {OwnUidSelector()});
+  Entry("/other", {"unix:uid:65534"});
+  ASSERT_NO_FATAL_FAILURE(WaitUntilServed());
+  ExpectServedAsNobody("/other");  // both entries have reached the agent
+
+  ASSERT_EQ(::kill(broker_.pid, SIGSTOP), 0);
+  struct Resume {
+    pid_t pid;
+    ~Resume() { ::kill(pid, SIGCONT); }
+  } resume{broker_.pid};
+
+  // Two waves of 200 calls over 8 connections (at most 32 concurrent calls each), each wave
+  // started at once when the previous one's refusals are back: the second takes whatever
+  // handler threads the first left.
+  constexpr int kConnections = 8;
+  constexpr int kCallsPerWave = 200;
+  constexpr int kWaves = 2;
+  struct Call {
+    grpc::ClientContext context;
+    mandate::workload::v1::Task response;
+    grpc::Status status;
+    std::unique_ptr<grpc::ClientAsyncResponseReader<mandate::workload::v1::Task>> reader;
+  };
+  grpc::CompletionQueue cq;
+  std::vector<std::unique_ptr<mandate::workload::v1::Tasks::Stub>> stubs;
+  for (int c = 0; c < kConnections; ++c) {
+    grpc::ChannelArguments args;
+    args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);  // one connection per channel
+    stubs.push_back(mandate::workload::v1::Tasks::NewStub(grpc::CreateCustomChannel(
+        "unix:" + agent_.socket, grpc::InsecureChannelCredentials(), args)));
+  }
+  std::vector<std::unique_ptr<Call>> calls;
+  mandate::workload::v1::DeclareTaskRequest request;
+  request.set_purpose("hold a handler thread");
+  request.add_audiences("aud");
+  size_t finished = 0, exhausted = 0;
+  for (int wave = 0; wave < kWaves; ++wave) {
+    for (int i = 0; i < kCallsPerWave; ++i) {
+      auto call = std::make_unique<Call>();
+      call->context.AddMetadata("workload.spiffe.io", "true");
+      call->context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+      call->reader = stubs[i % kConnections]->AsyncDeclareTask(&call->context, request, &cq);
+      call->reader->Finish(&call->response, &call->status, call.get());
+      calls.push_back(std::move(call));
+    }
+    // All but the admitted ones come back, refused, well before the agent's 15 s broker
+    // deadline.
+    auto deadline = std::chrono::system_clock::now() + std::chrono::seconds(5);
+    while (finished < calls.size() - kPerUid) {
+      void* tag = nullptr;
+      bool ok = false;
+      if (cq.AsyncNext(&tag, &ok, deadline) != grpc::CompletionQueue::GOT_EVENT) break;
+      ++finished;
+      const grpc::Status& status = static_cast<Call*>(tag)->status;
+      if (status.error_code() == grpc::StatusCode::RESOURCE_EXHAUSTED &&
+          status.error_message().find("too many Workload API calls in flight") !=
+              std::string::npos) {
+        ++exhausted;
+      }
+    }
+  }
+  EXPECT_EQ(finished, calls.size() - kPerUid) << "refusals still pending";
+  EXPECT_EQ(exhausted, calls.size() - kPerUid) << "refused by the agent's per-uid cap";
+
+  // Another uid is served while the 16 admitted calls still hold their threads.
+  ExpectServedAsNobody("/other");
+
+  for (auto& call : calls) call->context.TryCancel();
+  ::kill(broker_.pid, SIGCONT);
+  while (finished < calls.size()) {
+    void* tag = nullptr;
+    bool ok = false;
+    if (!cq.Next(&tag, &ok)) break;
+    ++finished;
   }
   cq.Shutdown();
   void* tag = nullptr;

@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <iterator>
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
@@ -37,8 +38,10 @@ int OpenPidfd(int conn_fd, pid_t pid, bool* from_socket) {
   // Only a kernel without SO_PEERPIDFD may fall back to pidfd_open: any other failure (the peer
   // already exited, ESRCH) must leave us without a pidfd, which refuses the caller.
   if (errno != ENOPROTOOPT && errno != EINVAL) return -1;
-  // Older kernels: the process may have exited (and its pid been reused) between connect() and
-  // here; the start time taken right after is re-checked after attestation.
+  // Older kernels (< 6.5): the process may have exited and its pid been reused between
+  // connect() and here, and nothing detects that (no start time is known from connect() to
+  // compare with). Another uid's process under that pid is refused later (its uid/gid differ
+  // from SO_PEERCRED); a same-uid one is not (docs/threat-model.md).
   int fd = static_cast<int>(::syscall(SYS_pidfd_open, pid, 0));
   return fd >= 0 ? fd : -1;
 }
@@ -147,24 +150,42 @@ void UdsListener::Stop() {
   ::unlink(path_.c_str());
 }
 
-void UdsListener::ReadPeer(int conn, const ucred& cred, Connection& c) const {
-  c.creds.pid = cred.pid;
-  c.creds.uid = cred.uid;
-  c.creds.gid = cred.gid;
-  c.creds.pidfd = OpenPidfd(conn, cred.pid, &c.creds.pidfd_from_socket);
-  // The executable first, as close to connect() as we get: what the process runs now is what
-  // later calls are held to. It belongs to the process that connected only if that process is
-  // still alive once it has been read (its pidfd pins the pid: no reuse while it lives).
-  if (options_.executable_reader && c.creds.pidfd >= 0) {
+void UdsListener::PinPeer(int conn, const ucred& cred, PeerCredentials& creds) const {
+  creds.pid = cred.pid;
+  creds.uid = cred.uid;
+  creds.gid = cred.gid;
+  creds.pidfd = OpenPidfd(conn, cred.pid, &creds.pidfd_from_socket);
+  // The executable, as close to connect() as we get: what the process runs now is what later
+  // calls are held to. It belongs to the process that connected only if that process is still
+  // alive once it has been read (its pidfd pins the pid: no reuse while it lives).
+  if (options_.executable_reader && creds.pidfd >= 0) {
     auto exe = options_.executable_reader(cred.pid);
-    if (exe.ok() && PidfdAlive(c.creds.pidfd)) {
-      c.creds.exe_pinned = true;
-      c.creds.exe = *exe;
+    if (exe.ok() && PidfdAlive(creds.pidfd)) {
+      creds.exe_pinned = true;
+      creds.exe = *exe;
     }
   }
-  if (options_.start_time_reader) {
-    if (auto start = options_.start_time_reader(cred.pid); start.ok()) c.creds.start_time = *start;
-  }
+}
+
+void UdsListener::ForgetLocked(std::map<int, Connection>::iterator it) {
+  if (it->second.creds.pidfd >= 0) ::close(it->second.creds.pidfd);
+  auto from_uid = per_uid_.find(it->second.creds.uid);
+  if (from_uid != per_uid_.end() && --from_uid->second.open == 0) per_uid_.erase(from_uid);
+  connections_.erase(it);
+}
+
+UdsListener::CapCheck UdsListener::CheckCapsLocked(uid_t uid) const {
+  auto from_uid = per_uid_.find(uid);
+  return {.over_total = connections_.size() >= max_connections_,
+          .over_uid = from_uid != per_uid_.end() &&
+                      from_uid->second.open >= max_connections_per_uid_.load()};
+}
+
+bool UdsListener::PruneDueLocked(const CapCheck& over, uid_t uid, Clock::time_point now) const {
+  // At the global cap every record is pruned (the uid's too); at the uid's cap only its own.
+  if (over.over_total) return now - last_full_prune_ >= kPruneInterval;
+  auto from_uid = per_uid_.find(uid);
+  return from_uid == per_uid_.end() || now - from_uid->second.last_prune >= kPruneInterval;
 }
 
 void UdsListener::AcceptLoop() {
@@ -178,60 +199,83 @@ void UdsListener::AcceptLoop() {
       ::usleep(10000);
       continue;
     }
-    Connection c;
     ucred cred{};
     socklen_t len = sizeof(cred);
-    struct stat st {};
-    if (::getsockopt(conn, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0 || ::fstat(conn, &st) != 0) {
+    if (::getsockopt(conn, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0) {
       ::close(conn);
       continue;
     }
-    c.inode = st.st_ino;
-    ReadPeer(conn, cred, c);
+    // Every connection waiting behind this one waits for what is done here, and an exec in
+    // that wait is attested as the exec'd program: refuse a connection over a cap with no
+    // more than this counter lookup (no /proc read, no pidfd, no prune), and for the others
+    // pin the executable before any other work.
+    CapCheck over;
+    bool refused_at_once = false;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      // accept4 handed out this fd number, so the connection recorded under it is closed.
+      if (auto it = connections_.find(conn); it != connections_.end()) ForgetLocked(it);
+      over = CheckCapsLocked(cred.uid);
+      refused_at_once = over.any() && !PruneDueLocked(over, cred.uid, Clock::now());
+    }
+    if (refused_at_once) {
+      ::close(conn);
+      continue;
+    }
+    Connection c;
+    PinPeer(conn, cred, c.creds);
     auto refuse = [&] {
       if (c.creds.pidfd >= 0) ::close(c.creds.pidfd);
       ::close(conn);
     };
-    if (options_.filter && !options_.filter(c.creds)) {
+    struct stat st {};
+    if (::fstat(conn, &st) != 0 || (options_.filter && !options_.filter(c.creds))) {
       refuse();
       continue;
     }
+    c.inode = st.st_ino;
+    if (options_.start_time_reader) {
+      if (auto start = options_.start_time_reader(cred.pid); start.ok())
+        c.creds.start_time = *start;
+    }
     {
       std::lock_guard<std::mutex> lock(mu_);
-      auto it = connections_.find(conn);
-      if (it != connections_.end()) {
-        if (it->second.creds.pidfd >= 0) ::close(it->second.creds.pidfd);
-        if (--per_uid_[it->second.creds.uid] == 0) per_uid_.erase(it->second.creds.uid);
-        connections_.erase(it);
+      if (over.any()) {
+        // Closed connections are noticed only here, when a cap would refuse (at most once per
+        // kPruneInterval for the uid, and for everyone together), so a uid hammering its cap
+        // costs the loop one prune of its own records per interval.
+        const Clock::time_point now = Clock::now();
+        if (over.over_total) {
+          PruneClosedLocked(std::nullopt);
+          last_full_prune_ = now;
+        } else {
+          PruneClosedLocked(cred.uid);
+        }
+        if (auto from_uid = per_uid_.find(cred.uid); from_uid != per_uid_.end()) {
+          from_uid->second.last_prune = now;
+        }
+        if (CheckCapsLocked(cred.uid).any()) {
+          refuse();
+          continue;
+        }
       }
-      PruneClosedLocked();
-      auto from_uid = per_uid_.find(cred.uid);
-      // One local user must not exhaust the daemon's descriptors for everyone else, and all of
-      // them together must leave the daemon descriptors for its own work.
-      if (connections_.size() >= max_connections_ ||
-          (from_uid != per_uid_.end() && from_uid->second >= max_connections_per_uid_.load())) {
-        refuse();
-        continue;
-      }
+      ++per_uid_[cred.uid].open;
       connections_[conn] = c;
-      ++per_uid_[cred.uid];
     }
     grpc::AddInsecureChannelFromFd(server_, conn);  // gRPC owns `conn` from here on.
   }
 }
 
-void UdsListener::PruneClosedLocked() {
+void UdsListener::PruneClosedLocked(std::optional<uid_t> only_uid) {
   // gRPC closes connections without telling us; an fd that is gone or now names another file
   // is a closed connection whose record (and pidfd) can go.
   for (auto it = connections_.begin(); it != connections_.end();) {
-    struct stat st {};
-    if (::fstat(it->first, &st) != 0 || st.st_ino != it->second.inode) {
-      if (it->second.creds.pidfd >= 0) ::close(it->second.creds.pidfd);
-      if (--per_uid_[it->second.creds.uid] == 0) per_uid_.erase(it->second.creds.uid);
-      it = connections_.erase(it);
-    } else {
-      ++it;
+    auto next = std::next(it);
+    if (!only_uid.has_value() || it->second.creds.uid == *only_uid) {
+      struct stat st {};
+      if (::fstat(it->first, &st) != 0 || st.st_ino != it->second.inode) ForgetLocked(it);
     }
+    it = next;
   }
 }
 

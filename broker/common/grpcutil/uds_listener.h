@@ -6,6 +6,12 @@
 // the connection to gRPC with AddInsecureChannelFromFd. Handlers call PeerOf(context) to learn
 // who is on the other end.
 //
+// One thread accepts, in order, so whatever it spends on one connection every queued one waits
+// for (and an exec during that wait is attested as the exec'd program). Per connection it does:
+// SO_PEERCRED and a counter lookup (a connection over a cap is closed right there), then the pin
+// (pidfd, executable, alive check), then the rest. Records of connections gRPC closed are pruned
+// only when a cap would refuse, at most once per kPruneInterval per uid (and for the global cap).
+//
 // Thread-safety: PeerOf may be called concurrently from any handler thread.
 #ifndef MANDATE_BROKER_COMMON_GRPCUTIL_UDS_LISTENER_H_
 #define MANDATE_BROKER_COMMON_GRPCUTIL_UDS_LISTENER_H_
@@ -14,10 +20,12 @@
 #include <sys/types.h>
 
 #include <atomic>
+#include <chrono>
 #include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <thread>
 
@@ -47,8 +55,9 @@ struct PeerCredentials {
   int pidfd = -1;
   // True when the pidfd came from SO_PEERPIDFD (race-free: the kernel took it at connect()).
   bool pidfd_from_socket = false;
-  // The process start time read right after accept (0 when no reader was given or it failed),
-  // so a later check can tell whether the pid still names the same process.
+  // The process start time read after accept (0 when no reader was given or it failed). For
+  // information only: nothing known from connect() time can be compared with it, so it does not
+  // detect a pid reused before accept (the pidfd and the uid/gid checks are what pin the peer).
   uint64_t start_time = 0;
   // The executable the process ran when it was accepted, read through the pidfd-pinned pid
   // right after accept (exe_pinned false when no reader was given, the read failed, or the
@@ -118,15 +127,35 @@ class UdsListener {
   void Stop();
 
  private:
+  using Clock = std::chrono::steady_clock;
+  // How often a uid at its cap (or everyone at the global cap) makes the loop look for closed
+  // connections: a uid hammering its cap costs one prune of its own records per interval, and
+  // a slot freed by a closed connection is seen within it.
+  static constexpr Clock::duration kPruneInterval = std::chrono::milliseconds(10);
   struct Connection {
     PeerCredentials creds;
     ino_t inode = 0;
   };
+  struct UidConnections {
+    size_t open = 0;
+    Clock::time_point last_prune{};
+  };
+  struct CapCheck {
+    bool over_total = false;
+    bool over_uid = false;
+    bool any() const { return over_total || over_uid; }
+  };
   UdsListener(grpc::Server* server, std::string path, int listen_fd, Options options);
   void AcceptLoop();
-  // Fills what is known about the process behind a freshly accepted connection.
-  void ReadPeer(int conn, const ucred& cred, Connection& c) const;
-  void PruneClosedLocked();  // REQUIRES(mu_)
+  // Pins the process behind a freshly accepted connection: pidfd, then its executable.
+  void PinPeer(int conn, const ucred& cred, PeerCredentials& creds) const;
+  // REQUIRES(mu_) for the following.
+  CapCheck CheckCapsLocked(uid_t uid) const;
+  // Whether a connection the caps would refuse may first have closed records pruned.
+  bool PruneDueLocked(const CapCheck& over, uid_t uid, Clock::time_point now) const;
+  void ForgetLocked(std::map<int, Connection>::iterator it);
+  // Drops the records of closed connections, of one uid or of all.
+  void PruneClosedLocked(std::optional<uid_t> only_uid);
 
   grpc::Server* const server_;
   const std::string path_;
@@ -138,8 +167,9 @@ class UdsListener {
   std::thread accept_thread_;
   mutable std::mutex mu_;
   // fd number -> connection accepted on it; an entry is replaced when the fd number is reused.
-  std::map<int, Connection> connections_;  // GUARDED_BY(mu_)
-  std::map<uid_t, size_t> per_uid_;        // GUARDED_BY(mu_): open connections by uid
+  std::map<int, Connection> connections_;    // GUARDED_BY(mu_)
+  std::map<uid_t, UidConnections> per_uid_;  // GUARDED_BY(mu_): open connections by uid
+  Clock::time_point last_full_prune_{};      // GUARDED_BY(mu_)
 };
 
 }  // namespace mandate::grpcutil
