@@ -7,7 +7,7 @@ PACKAGES=(
   build-essential cmake pkg-config ccache git
   libgrpc++-dev libgrpc-dev libabsl-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   libspdlog-dev libfmt-dev nlohmann-json3-dev libssl-dev openssl
-  libsqlite3-dev sqlite3 libtomlplusplus-dev libcli11-dev libcpp-httplib-dev libboost1.81-dev zlib1g-dev
+  libsqlite3-dev sqlite3 libtomlplusplus-dev libcli11-dev libcpp-httplib-dev libboost1.81-dev zlib1g-dev prometheus-cpp-dev
   libgtest-dev libgmock-dev libbenchmark-dev libcpp-jwt-dev
   libtss2-dev swtpm swtpm-tools tpm2-tools
   python3 python3-jwt python3-jwcrypto python3-grpcio python3-protobuf
