@@ -34,9 +34,14 @@
 #include "broker/server/audit/audit_checkpoint.h"
 #include "broker/server/audit/audit_log.h"
 #include "broker/server/entry_registry.h"
+#include "broker/server/exchange/task_token_exchange.h"
 #include "broker/server/http_endpoints.h"
-#include "broker/server/issuer.h"
+#include "broker/server/issuance/minter.h"
+#include "broker/server/issuance/pipeline.h"
+#include "broker/server/metrics/metrics.h"
+#include "broker/server/node_auth/node_authenticator.h"
 #include "broker/server/node_service.h"
+#include "broker/server/policy/policy_chain.h"
 #include "broker/server/tasks/task_registry.h"
 #include "broker/server/token_endpoint.h"
 #include "broker/server/trust_authority.h"
@@ -69,6 +74,7 @@ struct BrokerFlags {
   int64_t dpop_proof_max_age = 60;
   int64_t dpop_proof_max_future = 5;
   int64_t audit_checkpoint_interval = 60;
+  int64_t policy_timeout_ms = 500;
   std::vector<std::string> tpm_ek_ca_files;
   std::vector<std::string> tpm_ek_hashes;
 };
@@ -132,6 +138,8 @@ absl::Status ApplyConfigFile(const std::string& path, CLI::App& app, BrokerFlags
                               flags.dpop_proof_max_future));
   RETURN_IF_ERROR(file.GetInt("audit_checkpoint_interval", given("--audit-checkpoint-interval"),
                               flags.audit_checkpoint_interval));
+  RETURN_IF_ERROR(
+      file.GetInt("policy_timeout_ms", given("--policy-timeout-ms"), flags.policy_timeout_ms));
   int64_t threads = flags.max_node_threads;
   RETURN_IF_ERROR(file.GetInt("max_node_threads", given("--max-node-threads"), threads));
   if (threads < 16 || threads > 65536) {
@@ -277,7 +285,7 @@ int Run(const BrokerFlags& flags) {
   defaults.x509_svid_ttl_seconds = flags.x509_svid_ttl;
   defaults.jwt_svid_ttl_seconds = flags.jwt_svid_ttl;
   defaults.agent_svid_ttl_seconds = flags.agent_svid_ttl;
-  Issuer issuer(**authority, **entries, **audit, clock, defaults);
+  Minter minter(**authority, clock, defaults);
 
   attestors::JoinTokenServerAttestor join_token(**store, clock, *td);
   std::map<std::string, attestors::ServerNodeAttestor*, std::less<>> node_attestors = {
@@ -305,23 +313,31 @@ int Run(const BrokerFlags& flags) {
   if (flags.dpop_nonce) {
     dpop_nonces = std::make_unique<DpopNonceSource>(clock, flags.dpop_proof_max_age);
   }
-  NodeTaskSupport task_support{.registry = &task_registry,
-                               .replay_cache = &replay_cache,
-                               .issuer_url = issuer_url,
-                               .started_at = started_at,
-                               .proof_max_age_seconds = flags.dpop_proof_max_age,
-                               .proof_max_future_seconds = flags.dpop_proof_max_future,
-                               .nonces = dpop_nonces.get()};
-  TokenEndpoint token_endpoint(**authority, **entries, task_registry, issuer, replay_cache, clock,
-                               TokenEndpointOptions{
-                                   .issuer_url = issuer_url,
-                                   .started_at = started_at,
-                                   .proof_max_age_seconds = flags.dpop_proof_max_age,
-                                   .proof_max_future_seconds = flags.dpop_proof_max_future,
-                                   .nonces = dpop_nonces.get(),
-                               });
-  NodeService node_service(**authority, **store, **entries, issuer, clock, node_attestors,
-                           task_support);
+  ExchangeOptions exchange_options{.issuer_url = issuer_url,
+                                   .default_token_ttl_seconds = defaults.task_token_ttl_seconds,
+                                   .proof = {.started_at = started_at,
+                                             .max_age_seconds = flags.dpop_proof_max_age,
+                                             .max_future_seconds = flags.dpop_proof_max_future,
+                                             .replay_cache = &replay_cache,
+                                             .nonces = dpop_nonces.get()}};
+  TaskTokenExchange exchange(**authority, **entries, task_registry, clock, exchange_options);
+  metrics::BrokerMetrics broker_metrics;
+  policy::PolicyChain policy_chain({}, std::chrono::milliseconds(flags.policy_timeout_ms),
+                                   &broker_metrics);
+  NodeAuthenticator node_authenticator(**authority, **store, clock);
+  issuance::IssuancePipeline pipeline({.minter = &minter,
+                                       .nodes = &node_authenticator,
+                                       .entries = entries->get(),
+                                       .tasks = &task_registry,
+                                       .exchange = &exchange,
+                                       .policy = &policy_chain,
+                                       .audit = audit->get(),
+                                       .store = store->get(),
+                                       .metrics = &broker_metrics,
+                                       .clock = &clock});
+  TokenEndpoint token_endpoint(pipeline);
+  NodeService node_service(**authority, **entries, node_authenticator, pipeline, &task_registry,
+                           node_attestors, issuer_url);
   AdminService admin_service(**authority, **store, **entries, **audit, clock);
 
   // TLS for the agent-facing port: a fresh key each start, certificate from our CA.
@@ -378,6 +394,7 @@ int Run(const BrokerFlags& flags) {
       (*authority)->jwt_public_key(), clock);
   checkpointer.Start(std::chrono::seconds(flags.audit_checkpoint_interval));
 
+  http.SetMetrics(&broker_metrics);
   http.Serve(issuer_url, &token_endpoint, audit->get(), store->get());
 
   nlohmann::json endpoints = {{"agent_address", absl::StrCat(agent_host, ":", bound_agent_port)},
@@ -484,6 +501,11 @@ int main(int argc, char** argv) {
                  "Seconds between signed checkpoints of the audit chain head (when it grew)")
       ->capture_default_str()
       ->check(CLI::Range(int64_t{1}, int64_t{86400}));
+  app.add_option("--policy-timeout-ms", flags.policy_timeout_ms,
+                 "Deadline of one policy decision (all hooks together); past it the request is "
+                 "denied")
+      ->capture_default_str()
+      ->check(CLI::Range(int64_t{1}, int64_t{60000}));
   app.add_option("--tpm-ek-ca", flags.tpm_ek_ca_files,
                  "PEM bundle of TPM EK CA certificates to trust (repeatable; enables TPM "
                  "attestation)");

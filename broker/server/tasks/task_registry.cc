@@ -216,9 +216,9 @@ TaskRegistry::TaskRegistry(store::Store& store, AuditLog& audit, const Clock& cl
                            TaskLimits limits)
     : store_(store), audit_(audit), clock_(clock), limits_(std::move(limits)) {}
 
-absl::StatusOr<store::Task> TaskRegistry::Declare(const std::string& spiffe_id,
+absl::StatusOr<store::Task> TaskRegistry::Prepare(const std::string& spiffe_id,
                                                   const std::vector<std::string>& entitled_scopes,
-                                                  const TaskRequest& request) {
+                                                  const TaskRequest& request) const {
   if (spiffe_id.empty()) return absl::InvalidArgumentError("task owner SPIFFE ID is empty");
   RETURN_IF_ERROR(ValidatePurpose(request.purpose, limits_.max_purpose_bytes));
   RETURN_IF_ERROR(ValidateScopes(request.scopes, limits_.max_scopes));
@@ -235,18 +235,8 @@ absl::StatusOr<store::Task> TaskRegistry::Declare(const std::string& spiffe_id,
     }
   }
   if (task.scopes.empty()) {
-    absl::Status refused = absl::PermissionDeniedError(
+    return absl::PermissionDeniedError(
         absl::StrCat("none of the requested scopes is granted to ", spiffe_id));
-    nlohmann::json detail = {{"scopes", request.scopes},
-                             {"reason", std::string(refused.message())}};
-    if (absl::Status s = audit_.Record({.event = "task_declared",
-                                        .outcome = "denied",
-                                        .spiffe_id = spiffe_id,
-                                        .detail = AuditDetail(detail)});
-        !s.ok()) {
-      spdlog::error("refusal not audited: {}", std::string(s.message()));
-    }
-    return refused;
   }
   task.audiences = DedupeKeepingOrder(request.audiences);
 
@@ -259,6 +249,28 @@ absl::StatusOr<store::Task> TaskRegistry::Declare(const std::string& spiffe_id,
       request.ttl_seconds == 0 ? limits_.default_ttl_seconds : request.ttl_seconds;
   task.created_at = clock_.NowSeconds();
   task.expires_at = task.created_at + std::min(requested_ttl, limits_.max_ttl_seconds);
+  return task;
+}
+
+absl::Status TaskRegistry::Create(const store::Task& task) { return store_.CreateTask(task); }
+
+absl::StatusOr<store::Task> TaskRegistry::Declare(const std::string& spiffe_id,
+                                                  const std::vector<std::string>& entitled_scopes,
+                                                  const TaskRequest& request) {
+  absl::StatusOr<store::Task> prepared = Prepare(spiffe_id, entitled_scopes, request);
+  if (absl::IsPermissionDenied(prepared.status())) {
+    nlohmann::json detail = {{"scopes", request.scopes},
+                             {"reason", std::string(prepared.status().message())}};
+    if (absl::Status s = audit_.Record({.event = "task_declared",
+                                        .outcome = "denied",
+                                        .spiffe_id = spiffe_id,
+                                        .detail = AuditDetail(detail)});
+        !s.ok()) {
+      spdlog::error("refusal not audited: {}", std::string(s.message()));
+    }
+  }
+  if (!prepared.ok()) return prepared.status();
+  store::Task& task = *prepared;
   RETURN_IF_ERROR(store_.CreateTask(task));
   RETURN_IF_ERROR(audit_.Record({.event = "task_declared",
                                  .outcome = "ok",

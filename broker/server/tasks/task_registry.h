@@ -98,6 +98,15 @@ class TaskRegistry {
                                       const std::vector<std::string>& entitled_scopes,
                                       const TaskRequest& request);
 
+  // Declare's checks and the task it would store (same id, times and grants), without storing
+  // or auditing it: for the issuance pipeline, which asks the policy hook in between, then
+  // stores it with Create and records it itself.
+  absl::StatusOr<store::Task> Prepare(const std::string& spiffe_id,
+                                      const std::vector<std::string>& entitled_scopes,
+                                      const TaskRequest& request) const;
+  // Stores a prepared task durably (store errors passed through).
+  absl::Status Create(const store::Task& task);
+
   // The task `task_id` if it belongs to `spiffe_id` and is usable now (status "active" and
   // now < expires_at). NotFound("task not found") both for an unknown id and for another
   // identity's task, so a caller cannot probe for others' tasks. FailedPrecondition("task ended")
