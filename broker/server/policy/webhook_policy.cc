@@ -32,6 +32,7 @@ namespace {
 using Clock = std::chrono::steady_clock;
 
 constexpr size_t kMaxHookMessageChars = 200;
+constexpr std::chrono::milliseconds kIoSlack{50};
 
 std::string HookText(std::string_view text) {
   std::string escaped = log::EscapeForLog(text.substr(0, kMaxHookMessageChars));
@@ -405,10 +406,11 @@ absl::StatusOr<PolicyDecision> WebhookPolicyHook::Impl::Call(httplib::Client& cl
     return absl::DeadlineExceededError("policy hook webhook: the deadline passed before the call");
   }
   // Connecting and the TLS handshake each wait up to the connection timeout: half the time left
-  // for each keeps both within it.
+  // for each keeps both within it. Reads and writes get a little more than the time left, so
+  // that a call still waiting at the deadline is ended by the watchdog and reported as such.
   SetTimeout([&](time_t s, time_t us) { client.set_connection_timeout(s, us); }, left / 2);
-  SetTimeout([&](time_t s, time_t us) { client.set_read_timeout(s, us); }, left);
-  SetTimeout([&](time_t s, time_t us) { client.set_write_timeout(s, us); }, left);
+  SetTimeout([&](time_t s, time_t us) { client.set_read_timeout(s, us); }, left + kIoSlack);
+  SetTimeout([&](time_t s, time_t us) { client.set_write_timeout(s, us); }, left + kIoSlack);
 
   int status = 0;
   bool too_large = false;
