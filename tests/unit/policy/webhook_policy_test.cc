@@ -150,6 +150,20 @@ TEST(WebhookPolicyHookTest, PostsTheInputDocumentAsOpaInput) {
   EXPECT_EQ(sent["input"]["task"]["purpose"], "summarise \"Q3\"\nreport");
 }
 
+// The broker checks agent text is UTF-8 before it gets here; a slip there must not throw here.
+TEST(WebhookPolicyHookTest, InvalidUtf8InTheInputIsReplacedNotThrown) {
+  HookServer server;
+  server.Start(Answer(R"({"result": {"allow": true}})"));
+  auto hook = MakeHook(server.Url());
+  PolicyInput input = SampleInput();
+  input.task->purpose = "bad \xff byte";
+  auto decision = hook->Check(input, In(5s));
+  ASSERT_TRUE(decision.ok()) << decision.status();
+  json sent = json::parse(server.last_body(), nullptr, false);
+  ASSERT_TRUE(sent.is_object());
+  EXPECT_EQ(sent["input"]["task"]["purpose"], "bad \xef\xbf\xbd byte");  // U+FFFD
+}
+
 TEST(WebhookPolicyHookTest, MapsEveryAnswerField) {
   HookServer server;
   server.Start([](const httplib::Request& req, httplib::Response& res) {
