@@ -273,6 +273,27 @@ TEST(GrpcPolicyHookTest, HookDownFailsFastAndWorksOnceItComesUp) {
   EXPECT_TRUE(up->allow);
 }
 
+TEST(GrpcPolicyHookTest, AHookRestartedBetweenDecisionsIsReconnected) {
+  auto first = std::make_unique<FakeHookServer>(Allow());
+  const int port = first->port();
+  auto hook = PlaintextHook(first->target());
+  ASSERT_TRUE(hook->Check(SampleInput(), In(5s)).ok());
+  first.reset();
+  FakeHookServer second(
+      [](const pb::CheckRequest&, pb::CheckResponse& r) {
+        r.set_reason("second");
+        return grpc::Status::OK;
+      },
+      {}, port);
+  absl::StatusOr<PolicyDecision> decision = absl::UnknownError("not tried");
+  for (int i = 0; i < 100 && !decision.ok(); ++i) {
+    decision = hook->Check(SampleInput(), In(1000ms));
+    if (!decision.ok()) std::this_thread::sleep_for(100ms);
+  }
+  ASSERT_TRUE(decision.ok()) << decision.status();
+  EXPECT_EQ(decision->reason, "second");
+}
+
 TEST(GrpcPolicyHookTest, ASlowHookDoesNotHoldTheCallerPastTheDeadline) {
   FakeHookServer* self = nullptr;
   FakeHookServer server([&self](const pb::CheckRequest&, pb::CheckResponse& r) {

@@ -47,7 +47,7 @@ class HookServer {
     }
     if (!server_->is_valid()) throw std::runtime_error("hook server is not valid");
     server_->set_keep_alive_max_count(100000);
-    server_->set_keep_alive_timeout(5);
+    server_->set_keep_alive_timeout(1);  // also how long stop() waits for an idle connection
     // Without it Nagle's algorithm on the server's separate header and body writes meets the
     // client's delayed ACK, and every answer takes 40 ms.
     server_->set_tcp_nodelay(true);
@@ -311,6 +311,22 @@ TEST(WebhookPolicyHookTest, HookDownFailsFastAndWorksOnceItComesUp) {
   auto up = hook->Check(SampleInput(), In(5s));
   ASSERT_TRUE(up.ok()) << up.status();
   EXPECT_TRUE(up->allow);
+}
+
+// The pooled connection dies with the hook; the next decision after a restart connects anew.
+TEST(WebhookPolicyHookTest, AHookRestartedBetweenDecisionsIsReconnected) {
+  auto first = std::make_unique<HookServer>();
+  first->Start(Answer(R"({"result": {"allow": true}})"));
+  const std::string url = first->Url();
+  const int port = std::stoi(url.substr(url.rfind(':') + 1));
+  HookServer second;
+  auto hook = MakeHook(url);
+  ASSERT_TRUE(hook->Check(SampleInput(), In(5s)).ok());
+  first.reset();
+  second.Start(Answer(R"({"result": {"allow": false, "reason": "second"}})"), port);
+  auto decision = hook->Check(SampleInput(), In(5s));
+  ASSERT_TRUE(decision.ok()) << decision.status();
+  EXPECT_EQ(decision->reason, "second");
 }
 
 TEST(WebhookPolicyHookTest, ASlowHookDoesNotHoldTheCallerPastTheDeadline) {
