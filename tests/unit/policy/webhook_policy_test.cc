@@ -230,6 +230,8 @@ TEST(WebhookPolicyHookTest, MalformedAnswersAreErrorsNotDenials) {
       {"require_approval a number", R"({"result": {"allow": true, "require_approval": 1}})",
        "application/json", "require_approval"},
       {"wrong content type", R"({"result": {"allow": true}})", "text/plain", "application/json"},
+      {"deeply nested", R"({"result": )" + std::string(30000, '[') + std::string(30000, ']') + "}",
+       "application/json", "not a decision"},
   };
   for (const Case& c : cases) {
     HookServer server;
