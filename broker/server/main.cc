@@ -14,10 +14,14 @@
 #include <cstring>
 #include <filesystem>
 #include <iostream>
+#include <set>
+#include <tuple>
 #include <nlohmann/json.hpp>
 
+#include "absl/strings/ascii.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
 #include "attestors/node/join_token/join_token_attestor.h"
 #include "attestors/node/tpm/server/tpm_server_attestor.h"
 #include "broker/common/config/config_file.h"
@@ -41,7 +45,10 @@
 #include "broker/server/metrics/metrics.h"
 #include "broker/server/node_auth/node_authenticator.h"
 #include "broker/server/node_service.h"
+#include "broker/server/policy/grpc_policy.h"
 #include "broker/server/policy/policy_chain.h"
+#include "broker/server/policy/rules_policy.h"
+#include "broker/server/policy/webhook_policy.h"
 #include "broker/server/tasks/task_registry.h"
 #include "broker/server/token_endpoint.h"
 #include "broker/server/trust_authority.h"
@@ -75,6 +82,19 @@ struct BrokerFlags {
   int64_t dpop_proof_max_future = 5;
   int64_t audit_checkpoint_interval = 60;
   int64_t policy_timeout_ms = 500;
+  std::string policy_file;
+  std::string policy_grpc;
+  std::string policy_grpc_ca;
+  std::string policy_grpc_cert;
+  std::string policy_grpc_key;
+  std::string policy_grpc_server_name;
+  bool policy_grpc_plaintext = false;
+  std::string policy_grpc_kinds;
+  std::string policy_webhook;
+  std::string policy_webhook_ca;
+  std::string policy_webhook_cert;
+  std::string policy_webhook_key;
+  std::string policy_webhook_kinds;
   std::vector<std::string> tpm_ek_ca_files;
   std::vector<std::string> tpm_ek_hashes;
 };
@@ -140,6 +160,25 @@ absl::Status ApplyConfigFile(const std::string& path, CLI::App& app, BrokerFlags
                               flags.audit_checkpoint_interval));
   RETURN_IF_ERROR(
       file.GetInt("policy_timeout_ms", given("--policy-timeout-ms"), flags.policy_timeout_ms));
+  for (auto [key, flag, out] : {
+           std::tuple{"policy_file", "--policy-file", &flags.policy_file},
+           std::tuple{"policy_grpc", "--policy-grpc", &flags.policy_grpc},
+           std::tuple{"policy_grpc_ca", "--policy-grpc-ca", &flags.policy_grpc_ca},
+           std::tuple{"policy_grpc_cert", "--policy-grpc-cert", &flags.policy_grpc_cert},
+           std::tuple{"policy_grpc_key", "--policy-grpc-key", &flags.policy_grpc_key},
+           std::tuple{"policy_grpc_server_name", "--policy-grpc-server-name",
+                      &flags.policy_grpc_server_name},
+           std::tuple{"policy_grpc_kinds", "--policy-grpc-kinds", &flags.policy_grpc_kinds},
+           std::tuple{"policy_webhook", "--policy-webhook", &flags.policy_webhook},
+           std::tuple{"policy_webhook_ca", "--policy-webhook-ca", &flags.policy_webhook_ca},
+           std::tuple{"policy_webhook_cert", "--policy-webhook-cert", &flags.policy_webhook_cert},
+           std::tuple{"policy_webhook_key", "--policy-webhook-key", &flags.policy_webhook_key},
+           std::tuple{"policy_webhook_kinds", "--policy-webhook-kinds",
+                      &flags.policy_webhook_kinds}}) {
+    RETURN_IF_ERROR(file.GetString(key, given(flag), *out));
+  }
+  RETURN_IF_ERROR(file.GetBool("policy_grpc_plaintext", given("--policy-grpc-plaintext"),
+                               flags.policy_grpc_plaintext));
   int64_t threads = flags.max_node_threads;
   RETURN_IF_ERROR(file.GetInt("max_node_threads", given("--max-node-threads"), threads));
   if (threads < 16 || threads > 65536) {
@@ -197,6 +236,74 @@ absl::StatusOr<attestors::TpmServerOptions> TpmOptionsFromFlags(const BrokerFlag
   }
   if (auto s = attestors::ValidateTpmServerOptions(options); !s.ok()) return s;
   return options;
+}
+
+// "kind,kind,..." -> the kinds (empty = every kind).
+absl::StatusOr<std::set<policy::IssuanceKind>> ParseKinds(const std::string& flag,
+                                                          const std::string& list) {
+  std::set<policy::IssuanceKind> kinds;
+  for (absl::string_view name : absl::StrSplit(list, ',', absl::SkipWhitespace())) {
+    auto kind = policy::ParseIssuanceKind(std::string(absl::StripAsciiWhitespace(name)));
+    if (!kind.ok()) {
+      return absl::InvalidArgumentError(absl::StrCat(flag, ": ", kind.status().message()));
+    }
+    kinds.insert(*kind);
+  }
+  return kinds;
+}
+
+// The hooks the flags ask for, in the order they are asked: external hooks first, built-in
+// rules last, so an execution cap is only counted once every other hook has allowed.
+// `rules` receives the rules hook (for SIGHUP and the admin API's reload), if any.
+absl::StatusOr<std::vector<policy::HookBinding>> PolicyHooksFromFlags(
+    const BrokerFlags& flags, store::Store& store, const Clock& clock,
+    metrics::BrokerMetrics* metrics, std::shared_ptr<policy::RulesPolicy>* rules) {
+  std::vector<policy::HookBinding> hooks;
+  if (!flags.policy_grpc.empty()) {
+    ASSIGN_OR_RETURN(auto kinds, ParseKinds("--policy-grpc-kinds", flags.policy_grpc_kinds));
+    auto hook = policy::GrpcPolicyHook::Create(
+        {.target = flags.policy_grpc,
+         .plaintext = flags.policy_grpc_plaintext,
+         .ca_file = flags.policy_grpc_ca,
+         .client_cert_file = flags.policy_grpc_cert,
+         .client_key_file = flags.policy_grpc_key,
+         .server_name_override = flags.policy_grpc_server_name});
+    if (!hook.ok()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--policy-grpc: ", hook.status().message()));
+    }
+    hooks.push_back({.hook = std::move(*hook), .kinds = std::move(kinds)});
+    spdlog::info("policy hook: gRPC {}{}", flags.policy_grpc,
+                 flags.policy_grpc_plaintext ? " (plaintext)" : "");
+  }
+  if (!flags.policy_webhook.empty()) {
+    ASSIGN_OR_RETURN(auto kinds, ParseKinds("--policy-webhook-kinds", flags.policy_webhook_kinds));
+    auto hook = policy::WebhookPolicyHook::Create({.url = flags.policy_webhook,
+                                                   .ca_file = flags.policy_webhook_ca,
+                                                   .client_cert_file = flags.policy_webhook_cert,
+                                                   .client_key_file = flags.policy_webhook_key});
+    if (!hook.ok()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--policy-webhook: ", hook.status().message()));
+    }
+    hooks.push_back({.hook = std::move(*hook), .kinds = std::move(kinds)});
+    if (flags.policy_webhook.starts_with("http://")) {
+      spdlog::warn("policy webhook {} is plain HTTP: anyone on the path can change decisions",
+                   flags.policy_webhook);
+    }
+    spdlog::info("policy hook: webhook {}", flags.policy_webhook);
+  }
+  if (!flags.policy_file.empty()) {
+    auto loaded = policy::RulesPolicy::Load(flags.policy_file, store, clock, metrics);
+    if (!loaded.ok()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--policy-file: ", loaded.status().message()));
+    }
+    *rules = std::move(*loaded);
+    hooks.push_back({.hook = *rules});
+    spdlog::info("policy hook: rules from {}", flags.policy_file);
+  }
+  return hooks;
 }
 
 int Fail(const absl::Status& status) {
@@ -322,7 +429,11 @@ int Run(const BrokerFlags& flags) {
                                              .nonces = dpop_nonces.get()}};
   TaskTokenExchange exchange(**authority, **entries, task_registry, clock, exchange_options);
   metrics::BrokerMetrics broker_metrics;
-  policy::PolicyChain policy_chain({}, std::chrono::milliseconds(flags.policy_timeout_ms),
+  std::shared_ptr<policy::RulesPolicy> rules;
+  auto hooks = PolicyHooksFromFlags(flags, **store, clock, &broker_metrics, &rules);
+  if (!hooks.ok()) return Fail(hooks.status());
+  policy::PolicyChain policy_chain(std::move(*hooks),
+                                   std::chrono::milliseconds(flags.policy_timeout_ms),
                                    &broker_metrics);
   NodeAuthenticator node_authenticator(**authority, **store, clock);
   issuance::IssuancePipeline pipeline({.minter = &minter,
@@ -417,8 +528,19 @@ int Run(const BrokerFlags& flags) {
   sigemptyset(&signals);
   sigaddset(&signals, SIGTERM);
   sigaddset(&signals, SIGINT);
+  sigaddset(&signals, SIGHUP);
   int sig = 0;
-  sigwait(&signals, &sig);
+  // SIGHUP reloads the rules file; a broken file is refused and the last good one stays.
+  while (sigwait(&signals, &sig) == 0 && sig == SIGHUP) {
+    if (rules == nullptr) {
+      spdlog::info("SIGHUP: no --policy-file to reload");
+    } else if (absl::Status s = rules->Reload(); !s.ok()) {
+      spdlog::error("policy reload refused, keeping the last good rules: {}",
+                    std::string(s.message()));
+    } else {
+      spdlog::info("policy rules reloaded from {}", flags.policy_file);
+    }
+  }
   spdlog::info("signal {} received; draining", sig);
   http.SetReady(false);
   node_service.Shutdown();
@@ -506,6 +628,31 @@ int main(int argc, char** argv) {
                  "denied")
       ->capture_default_str()
       ->check(CLI::Range(int64_t{1}, int64_t{60000}));
+  app.add_option("--policy-file", flags.policy_file,
+                 "Built-in policy rules (TOML, docs/policy.md); reloaded on SIGHUP");
+  app.add_option("--policy-grpc", flags.policy_grpc,
+                 "External policy hook: HOST:PORT of mandate.policy.v1.PolicyHook");
+  app.add_option("--policy-grpc-ca", flags.policy_grpc_ca, "PEM roots of the gRPC hook's TLS");
+  app.add_option("--policy-grpc-cert", flags.policy_grpc_cert,
+                 "PEM client certificate chain for the gRPC hook (mTLS)");
+  app.add_option("--policy-grpc-key", flags.policy_grpc_key,
+                 "PEM client key for the gRPC hook (mTLS)");
+  app.add_option("--policy-grpc-server-name", flags.policy_grpc_server_name,
+                 "Name checked in the gRPC hook's certificate instead of HOST");
+  app.add_flag("--policy-grpc-plaintext", flags.policy_grpc_plaintext,
+               "Plaintext gRPC to the hook (loopback development only)");
+  app.add_option("--policy-grpc-kinds", flags.policy_grpc_kinds,
+                 "Comma-separated kinds the gRPC hook decides (default: all)");
+  app.add_option("--policy-webhook", flags.policy_webhook,
+                 "External policy hook: URL answering OPA's data API (POST {input})");
+  app.add_option("--policy-webhook-ca", flags.policy_webhook_ca,
+                 "PEM roots for an https:// webhook (default: the system's)");
+  app.add_option("--policy-webhook-cert", flags.policy_webhook_cert,
+                 "PEM client certificate chain for the webhook (mTLS)");
+  app.add_option("--policy-webhook-key", flags.policy_webhook_key,
+                 "PEM client key for the webhook (mTLS)");
+  app.add_option("--policy-webhook-kinds", flags.policy_webhook_kinds,
+                 "Comma-separated kinds the webhook decides (default: all)");
   app.add_option("--tpm-ek-ca", flags.tpm_ek_ca_files,
                  "PEM bundle of TPM EK CA certificates to trust (repeatable; enables TPM "
                  "attestation)");
