@@ -87,7 +87,11 @@ bool MatchesAny(const std::vector<Glob>& globs, std::string_view text) {
 
 std::string Quoted(std::string_view text) {
   if (text.size() <= kMaxQuotedLength) return absl::StrCat("'", AbslView(text), "'");
-  return absl::StrCat("'", AbslView(text.substr(0, kMaxQuotedLength)), "...'");
+  // Cut at a UTF-8 character boundary: a reason that is not valid UTF-8 could not be
+  // written to the JSON audit log.
+  size_t cut = kMaxQuotedLength;
+  while (cut > 0 && (static_cast<unsigned char>(text[cut]) & 0xC0) == 0x80) --cut;
+  return absl::StrCat("'", AbslView(text.substr(0, cut)), "...'");
 }
 
 PolicyDecision Deny(std::string reason) {
@@ -460,11 +464,22 @@ absl::StatusOr<PolicyDecision> RulesPolicy::Check(const PolicyInput& input,
     return Deny(absl::StrCat("rule '", rule.name, "': outside its time window (",
                              rule.time_window->text, ")"));
   }
+  // What is asked for: for a task declaration, the task's own audiences and scopes too (the
+  // pipeline may carry them only there).
+  const std::vector<std::string>* task_audiences = nullptr;
+  const std::vector<std::string>* task_scopes = nullptr;
+  if (input.kind == IssuanceKind::kTask && input.task.has_value()) {
+    task_audiences = &input.task->audiences;
+    task_scopes = &input.task->scopes;
+  }
   if (rule.audiences.has_value()) {
-    for (const std::string& audience : input.audience) {
-      if (!MatchesAny(*rule.audiences, audience)) {
-        return Deny(
-            absl::StrCat("rule '", rule.name, "': audience ", Quoted(audience), " is not allowed"));
+    for (const std::vector<std::string>* list : {&input.audience, task_audiences}) {
+      if (list == nullptr) continue;
+      for (const std::string& audience : *list) {
+        if (!MatchesAny(*rule.audiences, audience)) {
+          return Deny(absl::StrCat("rule '", rule.name, "': audience ", Quoted(audience),
+                                   " is not allowed"));
+        }
       }
     }
   }
@@ -473,10 +488,18 @@ absl::StatusOr<PolicyDecision> RulesPolicy::Check(const PolicyInput& input,
   decision.reason = rule.reason;
   if (rule.scopes.has_value()) {
     std::vector<std::string> kept;
-    for (const std::string& scope : input.scopes) {
-      if (MatchesAny(*rule.scopes, scope)) kept.push_back(scope);
+    bool requested = false;
+    for (const std::vector<std::string>* list : {&input.scopes, task_scopes}) {
+      if (list == nullptr) continue;
+      for (const std::string& scope : *list) {
+        requested = true;
+        if (MatchesAny(*rule.scopes, scope) &&
+            std::find(kept.begin(), kept.end(), scope) == kept.end()) {
+          kept.push_back(scope);
+        }
+      }
     }
-    if (!input.scopes.empty() && kept.empty()) {
+    if (requested && kept.empty()) {
       return Deny(absl::StrCat("rule '", rule.name, "': none of the requested scopes is allowed"));
     }
     decision.scopes = std::move(kept);

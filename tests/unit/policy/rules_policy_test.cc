@@ -206,6 +206,42 @@ scopes = ["docs:read", "tickets:*"]
   EXPECT_EQ(decision.scopes, std::vector<std::string>{});
 }
 
+TEST_F(RulesPolicyTest, TaskDeclarationsAreCheckedOnTheTasksOwnAudiencesAndScopes) {
+  auto policy = Load(R"(
+[[rule]]
+name = "tasks"
+kinds = ["task"]
+effect = "allow"
+audiences = ["https://docs.example.org"]
+scopes = ["docs:*"]
+)");
+  ASSERT_NE(policy, nullptr);
+  PolicyInput input = Input(IssuanceKind::kTask, kBot);
+  input.task = MakeTask("");
+  input.task->audiences = {"https://docs.example.org"};
+  input.task->scopes = {"docs:read", "mail:send"};
+  input.scopes = {"docs:read"};  // the same scope in both lists is kept once
+  PolicyDecision decision = MustDecide(*policy, input);
+  EXPECT_TRUE(decision.allow);
+  EXPECT_EQ(decision.scopes, std::vector<std::string>{"docs:read"});
+  input.task->audiences.push_back("https://mail.example.org");
+  EXPECT_FALSE(MustDecide(*policy, input).allow);
+}
+
+TEST_F(RulesPolicyTest, LongAudiencesAreCutInReasonsAtACharacterBoundary) {
+  auto policy = Load("[[rule]]\nname = \"a\"\neffect = \"allow\"\naudiences = [\"x\"]\n");
+  ASSERT_NE(policy, nullptr);
+  PolicyInput input = Input(IssuanceKind::kJwtSvid, kBot);
+  std::string audience = "a";
+  while (audience.size() < 400) audience += "\xC3\xA9";  // 'e' with acute: two bytes
+  input.audience = {audience};
+  PolicyDecision decision = MustDecide(*policy, input);
+  EXPECT_FALSE(decision.allow);
+  // 'a' then 99 whole two-byte characters, not 99.5.
+  EXPECT_EQ(decision.reason,
+            "rule 'a': audience '" + audience.substr(0, 199) + "...' is not allowed");
+}
+
 TEST_F(RulesPolicyTest, TtlMaxAndApproval) {
   auto policy = Load(R"(
 [[rule]]

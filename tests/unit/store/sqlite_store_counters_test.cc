@@ -92,6 +92,21 @@ TEST_F(SqliteStoreCountersTest, CountersSurviveReopen) {
   EXPECT_EQ(*store->IncrementCounterBelow("k", 3, 100), 3);
 }
 
+TEST_F(SqliteStoreCountersTest, MigratesADatabaseFromBeforeTheCounters) {
+  {
+    auto store = OpenStore();
+    ASSERT_NE(store, nullptr);
+  }
+  // Roll the file back to schema 6 (as the broker before policy caps left it) and reopen.
+  ExecRaw(
+      "DROP TABLE policy_counters; DELETE FROM schema_migrations WHERE version >= 7; "
+      "PRAGMA user_version = 6;");
+  auto store = OpenStore();
+  ASSERT_NE(store, nullptr);
+  EXPECT_EQ(*store->SchemaVersion(), 7);
+  EXPECT_EQ(*store->IncrementCounterBelow("k", 1, 100), 1);
+}
+
 // 16 threads on two store instances (two connections, as two brokers sharing the file would
 // have) race for 40 places: exactly 40 succeed and the rest are refused, none fail otherwise.
 TEST_F(SqliteStoreCountersTest, ExactlyLimitSucceedUnderConcurrencyAcrossConnections) {
