@@ -373,14 +373,9 @@ absl::StatusOr<std::unique_ptr<RulesPolicy>> RulesPolicy::Load(std::string path,
 
 absl::Status RulesPolicy::Reload() {
   absl::MutexLock reload(&reload_mu_);
+  // The caller logs the outcome (main logs SIGHUP reloads), so nothing is logged here.
   absl::StatusOr<std::shared_ptr<RuleSet>> rules = LoadRuleSet(path_);
-  if (!rules.ok()) {
-    spdlog::error("policy rules reload failed, keeping the rules in force: {}",
-                  rules.status().ToString());
-    return rules.status();
-  }
-  spdlog::info("policy rules reloaded from {}: {} rules, default {}", path_, (*rules)->rules.size(),
-               (*rules)->default_allow ? "allow" : "deny");
+  if (!rules.ok()) return rules.status();
   std::shared_ptr<const RuleSet> old;
   {
     absl::MutexLock lock(&mu_);
