@@ -167,13 +167,26 @@ CREATE TABLE audit_checkpoints (
 CREATE INDEX audit_checkpoints_by_time ON audit_checkpoints (time);
 )sql";
 
-constexpr std::array<SqliteMigration, 6> kMigrations = {{
+// Version 7: counters behind the policy's execution caps (tokens per task, issuances per
+// minute). Keys and expiry times are built by the policy module; the store only adds under a
+// limit and prunes what expired, so the expiry index serves the prune.
+constexpr char kV7Sql[] = R"sql(
+CREATE TABLE policy_counters (
+  key TEXT PRIMARY KEY NOT NULL,
+  value INTEGER NOT NULL CHECK (value >= 0),
+  expires_at INTEGER NOT NULL
+) STRICT, WITHOUT ROWID;
+CREATE INDEX policy_counters_by_expiry ON policy_counters (expires_at);
+)sql";
+
+constexpr std::array<SqliteMigration, 7> kMigrations = {{
     {1, "entries, nodes, join tokens", kV1Sql},
     {2, "previous node certificate serial", kV2Sql},
     {3, "TPM boot counters per EK", kV3Sql},
     {4, "tasks", kV4Sql},
     {5, "audit log", kV5Sql},
     {6, "audit checkpoints", kV6Sql},
+    {7, "policy counters", kV7Sql},
 }};
 
 }  // namespace

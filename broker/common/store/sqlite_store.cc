@@ -1408,6 +1408,50 @@ absl::StatusOr<std::vector<AuditCheckpoint>> SqliteStore::ListAuditCheckpoints(
   return out;
 }
 
+// ---- Counters ----
+
+absl::StatusOr<int64_t> SqliteStore::IncrementCounterBelow(std::string_view key, int64_t limit,
+                                                           int64_t expires_at) {
+  if (key.empty()) return absl::InvalidArgumentError("counter key is empty");
+  if (limit < 1) return absl::InvalidArgumentError("counter limit must be at least 1");
+  absl::MutexLock lock(&mu_);
+  // One conditional upsert in a write transaction: the limit test and the increment are one
+  // step for SQLite, so concurrent callers (threads or processes) can never both pass at
+  // limit - 1. When the row is at the limit the WHERE leaves it alone and RETURNING yields no
+  // row.
+  ASSIGN_OR_RETURN(Transaction txn, Transaction::BeginWrite(db_));
+  int64_t value = 0;
+  {
+    ASSIGN_OR_RETURN(
+        Statement stmt,
+        Statement::Prepare(db_,
+                           "INSERT INTO policy_counters (key, value, expires_at) "
+                           "VALUES (?1, 1, ?3) ON CONFLICT (key) DO UPDATE SET "
+                           "value = value + 1, expires_at = MAX(expires_at, excluded.expires_at) "
+                           "WHERE value < ?2 RETURNING value"));
+    RETURN_IF_ERROR(stmt.BindText(1, key));
+    RETURN_IF_ERROR(stmt.BindInt64(2, limit));
+    RETURN_IF_ERROR(stmt.BindInt64(3, expires_at));
+    ASSIGN_OR_RETURN(bool has_row, stmt.Step());
+    if (!has_row) {
+      return absl::ResourceExhaustedError(
+          absl::StrCat("counter '", AbslView(key), "' is at its limit of ", limit));
+    }
+    value = stmt.ColumnInt64(0);
+    RETURN_IF_ERROR(stmt.Run());  // Finish the statement so the transaction can commit.
+  }
+  RETURN_IF_ERROR(txn.Commit());
+  return value;
+}
+
+absl::Status SqliteStore::PruneCounters(int64_t now) {
+  absl::MutexLock lock(&mu_);
+  ASSIGN_OR_RETURN(Statement stmt,
+                   Statement::Prepare(db_, "DELETE FROM policy_counters WHERE expires_at <= ?1"));
+  RETURN_IF_ERROR(stmt.BindInt64(1, now));
+  return stmt.Run();
+}
+
 absl::StatusOr<std::vector<int64_t>> SqliteStore::SynchronousModesForTesting() {
   int64_t main_mode = 0;
   {

@@ -110,6 +110,10 @@ class SqliteStore final : public Store {
   absl::StatusOr<std::vector<AuditCheckpoint>> ListAuditCheckpoints(std::string_view chain_id,
                                                                     int64_t limit) override;
 
+  absl::StatusOr<int64_t> IncrementCounterBelow(std::string_view key, int64_t limit,
+                                                int64_t expires_at) override;
+  absl::Status PruneCounters(int64_t now) override;
+
   absl::StatusOr<int> SchemaVersion() override;
 
   // `PRAGMA synchronous` as each of the store's own connections reports it (main first, then

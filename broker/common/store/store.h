@@ -290,6 +290,22 @@ class Store {
   virtual absl::StatusOr<std::vector<AuditCheckpoint>> ListAuditCheckpoints(
       std::string_view chain_id, int64_t limit) = 0;
 
+  // ---- Counters (policy execution caps) ----
+  // Named counters for caps that must hold across threads, processes sharing the store and
+  // restarts. The store knows nothing of what a key means or when a window starts: the policy
+  // module builds keys and expiry times, so every implementation counts the same way.
+
+  // Atomically adds 1 to counter `key` (a new counter starts at 0) unless it is already at
+  // `limit` or above, and returns the new value: of any number of concurrent callers with the
+  // same limit exactly `limit` succeed. The counter is kept at least until `expires_at` (an
+  // increment may move a counter's expiry later, never earlier).
+  // ResourceExhausted: the counter is at `limit`; nothing changes.
+  // InvalidArgument: empty key, or limit < 1.
+  virtual absl::StatusOr<int64_t> IncrementCounterBelow(std::string_view key, int64_t limit,
+                                                        int64_t expires_at) = 0;
+  // Deletes every counter whose expires_at <= now.
+  virtual absl::Status PruneCounters(int64_t now) = 0;
+
   // ---- Maintenance ----
 
   // The schema version of the open database (the number of the last applied migration).

@@ -143,7 +143,7 @@ TEST_F(SqliteStoreAuditTest, MigratesADatabaseFromBeforeTheAuditLog) {
   }
   // Roll the file back to schema 4 (as an older broker left it) and reopen.
   ExecRaw(
-      "DROP TABLE audit_log; DROP TABLE audit_checkpoints; "
+      "DROP TABLE audit_log; DROP TABLE audit_checkpoints; DROP TABLE policy_counters; "
       "DELETE FROM schema_migrations WHERE version >= 5; PRAGMA user_version = 4;");
   auto store = OpenStore();
   ASSERT_NE(store, nullptr);
