@@ -31,6 +31,7 @@
 #include "broker/common/util/runtime.h"
 #include "broker/common/util/status_macros.h"
 #include "broker/server/admin_service.h"
+#include "broker/server/approvals/approval_registry.h"
 #include "broker/server/audit/audit_checkpoint.h"
 #include "broker/server/audit/audit_log.h"
 #include "broker/server/entry_registry.h"
@@ -69,6 +70,7 @@ struct BrokerFlags {
   int64_t dpop_proof_max_age = 60;
   int64_t dpop_proof_max_future = 5;
   int64_t audit_checkpoint_interval = 60;
+  int64_t approval_ttl = 900;
   std::vector<std::string> tpm_ek_ca_files;
   std::vector<std::string> tpm_ek_hashes;
 };
@@ -132,6 +134,7 @@ absl::Status ApplyConfigFile(const std::string& path, CLI::App& app, BrokerFlags
                               flags.dpop_proof_max_future));
   RETURN_IF_ERROR(file.GetInt("audit_checkpoint_interval", given("--audit-checkpoint-interval"),
                               flags.audit_checkpoint_interval));
+  RETURN_IF_ERROR(file.GetInt("approval_ttl", given("--approval-ttl"), flags.approval_ttl));
   int64_t threads = flags.max_node_threads;
   RETURN_IF_ERROR(file.GetInt("max_node_threads", given("--max-node-threads"), threads));
   if (threads < 16 || threads > 65536) {
@@ -294,7 +297,12 @@ int Run(const BrokerFlags& flags) {
   TaskLimits task_limits;
   task_limits.max_ttl_seconds = flags.max_task_ttl;
   task_limits.default_ttl_seconds = std::min(task_limits.default_ttl_seconds, flags.max_task_ttl);
-  TaskRegistry task_registry(**store, **audit, clock, task_limits);
+  // Task declarations the policy hook sends to a human wait here (--approval-ttl).
+  auto approvals = ApprovalRegistry::Create(**store, **audit, clock, /*metrics=*/nullptr,
+                                            {.ttl_seconds = flags.approval_ttl});
+  if (!approvals.ok()) return Fail(approvals.status());
+  (*approvals)->Start(std::chrono::seconds(10));
+  TaskRegistry task_registry(**store, **audit, clock, task_limits, approvals->get());
   // One cache for every path that accepts token-request proofs, so a proof is used once.
   dpop::ReplayCache replay_cache;
   // Proofs the previous instance may have accepted are refused (dpop::FirstAcceptableIat).
@@ -323,6 +331,7 @@ int Run(const BrokerFlags& flags) {
   NodeService node_service(**authority, **store, **entries, issuer, clock, node_attestors,
                            task_support);
   AdminService admin_service(**authority, **store, **entries, **audit, clock);
+  admin_service.EnableApprovals(approvals->get());
 
   // TLS for the agent-facing port: a fresh key each start, certificate from our CA.
   auto server_key = crypto::PrivateKey::GenerateP256();
@@ -367,6 +376,14 @@ int Run(const BrokerFlags& flags) {
       admin_server.get(), admin_path, 0600,
       [self](const grpcutil::PeerCredentials& peer) { return peer.uid == self || peer.uid == 0; });
   if (!admin_listener.ok()) return Fail(admin_listener.status());
+  // Decisions record who made them: the admin socket's peer (SO_PEERCRED at accept).
+  admin_service.SetCallerIdentifier(
+      [listener = admin_listener->get()](
+          const grpc::ServerContext* context) -> absl::StatusOr<std::string> {
+        if (context == nullptr) return absl::UnauthenticatedError("no call context");
+        ASSIGN_OR_RETURN(grpcutil::PeerCredentials peer, listener->PeerOf(*context));
+        return absl::StrCat("uid:", peer.uid);
+      });
 
   // Signs the audit chain's head now and then; its destructor (before the audit log's) signs
   // the final head of this run.
@@ -411,6 +428,7 @@ int Run(const BrokerFlags& flags) {
   admin_server->Shutdown(deadline);
   http.Stop();
   checkpointer.Stop();
+  (*approvals)->Stop();
   spdlog::info("mandate-broker stopped");
   return 0;
 }
@@ -484,6 +502,11 @@ int main(int argc, char** argv) {
                  "Seconds between signed checkpoints of the audit chain head (when it grew)")
       ->capture_default_str()
       ->check(CLI::Range(int64_t{1}, int64_t{86400}));
+  app.add_option("--approval-ttl", flags.approval_ttl,
+                 "Seconds an operator has to approve a task declaration the policy hook sent "
+                 "to a human; then it expires and the task is refused")
+      ->capture_default_str()
+      ->check(CLI::Range(int64_t{1}, int64_t{7 * 24 * 3600}));
   app.add_option("--tpm-ek-ca", flags.tpm_ek_ca_files,
                  "PEM bundle of TPM EK CA certificates to trust (repeatable; enables TPM "
                  "attestation)");
