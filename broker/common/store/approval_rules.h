@@ -56,7 +56,9 @@ absl::Status ValidateNewApproval(const Task& task, const Approval& approval);
 // kMaxApprovalDecidedByBytes, reason at most kMaxApprovalReasonBytes. InvalidArgument otherwise.
 absl::Status ValidateDecision(std::string_view decided_by, std::string_view reason);
 
-// Whether `approval` can still be decided at `now`: status "pending" and now < expires_at.
+// Whether `approval` can still be decided at `now`: status "pending" and now < expires_at. A
+// store's compare-and-set (DecideApproval, ExpireApprovals) states the same condition in its own
+// query language; keep the two in step.
 bool ApprovalIsOpen(const Approval& approval, int64_t now);
 
 // The status `approval` effectively has at `now`: "expired" for a pending one past its

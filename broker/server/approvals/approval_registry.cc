@@ -233,6 +233,8 @@ void ApprovalRegistry::Start(std::chrono::seconds interval) {
       if (absl::StatusOr<size_t> swept = ExpireDue(); !swept.ok()) {
         spdlog::error("approval sweep failed: {}", std::string(swept.status().message()));
       }
+      // Also picks up approvals other brokers sharing the store opened or decided.
+      RefreshPendingGauge();
     }
   });
 }
