@@ -113,11 +113,15 @@ void HttpEndpoints::AddRoutes() {
             if (!response.dpop_nonce.empty()) {
               r.headers.emplace_back("DPoP-Nonce", std::move(response.dpop_nonce));
             }
+            if (response.retry_after_seconds > 0) {
+              r.headers.emplace_back("Retry-After", std::to_string(response.retry_after_seconds));
+            }
             r.body = std::move(response.body);
           });
   // Prometheus text exposition format 0.0.4.
   s.Route("GET", "/metrics", Execution::kIoThread, [this](const HttpRequest&, HttpResponse& r) {
     r.content_type = "text/plain; version=0.0.4; charset=utf-8";
+    if (metrics_ != nullptr) r.body = metrics_->Render();
     if (audit_ != nullptr) {
       AuditLog::Stats stats = audit_->stats();
       absl::StrAppend(&r.body,

@@ -15,6 +15,7 @@
 #include "absl/status/statusor.h"
 #include "broker/server/audit/audit_log.h"
 #include "broker/server/http/http_server.h"
+#include "broker/server/metrics/metrics.h"
 #include "broker/server/token_endpoint.h"
 #include "broker/server/trust_authority.h"
 
@@ -39,6 +40,9 @@ class HttpEndpoints {
   // /audit/checkpoints publishes the newest signed audit checkpoints.
   void Serve(const std::string& issuer_url, const TokenEndpoint* token_endpoint = nullptr,
              const AuditLog* audit = nullptr, store::Store* store = nullptr);
+  // With metrics (borrowed; must outlive Stop), /metrics also reports issuance and policy.
+  // Call before Serve.
+  void SetMetrics(const metrics::BrokerMetrics* metrics) { metrics_ = metrics; }
   int port() const { return port_; }
   void SetReady(bool ready) { ready_ = ready; }
   void Stop();
@@ -46,9 +50,10 @@ class HttpEndpoints {
  private:
   const TrustAuthority& authority_;
   std::string discovery_;
-  const TokenEndpoint* token_endpoint_ = nullptr;  // set before serving, then read-only
-  const AuditLog* audit_ = nullptr;                // likewise
-  store::Store* store_ = nullptr;                  // likewise
+  const TokenEndpoint* token_endpoint_ = nullptr;    // set before serving, then read-only
+  const AuditLog* audit_ = nullptr;                  // likewise
+  store::Store* store_ = nullptr;                    // likewise
+  const metrics::BrokerMetrics* metrics_ = nullptr;  // likewise
   // GET /audit/checkpoints answers from this copy, read from the store at most once a second:
   // the endpoint is unauthenticated and the store's audit connection also takes the commits.
   std::mutex checkpoints_mu_;

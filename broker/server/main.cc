@@ -14,10 +14,14 @@
 #include <cstring>
 #include <filesystem>
 #include <iostream>
+#include <set>
+#include <tuple>
 #include <nlohmann/json.hpp>
 
+#include "absl/strings/ascii.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
 #include "attestors/node/join_token/join_token_attestor.h"
 #include "attestors/node/tpm/server/tpm_server_attestor.h"
 #include "broker/common/config/config_file.h"
@@ -35,9 +39,17 @@
 #include "broker/server/audit/audit_checkpoint.h"
 #include "broker/server/audit/audit_log.h"
 #include "broker/server/entry_registry.h"
+#include "broker/server/exchange/task_token_exchange.h"
 #include "broker/server/http_endpoints.h"
-#include "broker/server/issuer.h"
+#include "broker/server/issuance/minter.h"
+#include "broker/server/issuance/pipeline.h"
+#include "broker/server/metrics/metrics.h"
+#include "broker/server/node_auth/node_authenticator.h"
 #include "broker/server/node_service.h"
+#include "broker/server/policy/grpc_policy.h"
+#include "broker/server/policy/policy_chain.h"
+#include "broker/server/policy/rules_policy.h"
+#include "broker/server/policy/webhook_policy.h"
 #include "broker/server/tasks/task_registry.h"
 #include "broker/server/token_endpoint.h"
 #include "broker/server/trust_authority.h"
@@ -71,6 +83,20 @@ struct BrokerFlags {
   int64_t dpop_proof_max_future = 5;
   int64_t audit_checkpoint_interval = 60;
   int64_t approval_ttl = 900;
+  int64_t policy_timeout_ms = 500;
+  std::string policy_file;
+  std::string policy_grpc;
+  std::string policy_grpc_ca;
+  std::string policy_grpc_cert;
+  std::string policy_grpc_key;
+  std::string policy_grpc_server_name;
+  bool policy_grpc_plaintext = false;
+  std::string policy_grpc_kinds;
+  std::string policy_webhook;
+  std::string policy_webhook_ca;
+  std::string policy_webhook_cert;
+  std::string policy_webhook_key;
+  std::string policy_webhook_kinds;
   std::vector<std::string> tpm_ek_ca_files;
   std::vector<std::string> tpm_ek_hashes;
 };
@@ -135,6 +161,27 @@ absl::Status ApplyConfigFile(const std::string& path, CLI::App& app, BrokerFlags
   RETURN_IF_ERROR(file.GetInt("audit_checkpoint_interval", given("--audit-checkpoint-interval"),
                               flags.audit_checkpoint_interval));
   RETURN_IF_ERROR(file.GetInt("approval_ttl", given("--approval-ttl"), flags.approval_ttl));
+  RETURN_IF_ERROR(
+      file.GetInt("policy_timeout_ms", given("--policy-timeout-ms"), flags.policy_timeout_ms));
+  for (auto [key, flag, out] : {
+           std::tuple{"policy_file", "--policy-file", &flags.policy_file},
+           std::tuple{"policy_grpc", "--policy-grpc", &flags.policy_grpc},
+           std::tuple{"policy_grpc_ca", "--policy-grpc-ca", &flags.policy_grpc_ca},
+           std::tuple{"policy_grpc_cert", "--policy-grpc-cert", &flags.policy_grpc_cert},
+           std::tuple{"policy_grpc_key", "--policy-grpc-key", &flags.policy_grpc_key},
+           std::tuple{"policy_grpc_server_name", "--policy-grpc-server-name",
+                      &flags.policy_grpc_server_name},
+           std::tuple{"policy_grpc_kinds", "--policy-grpc-kinds", &flags.policy_grpc_kinds},
+           std::tuple{"policy_webhook", "--policy-webhook", &flags.policy_webhook},
+           std::tuple{"policy_webhook_ca", "--policy-webhook-ca", &flags.policy_webhook_ca},
+           std::tuple{"policy_webhook_cert", "--policy-webhook-cert", &flags.policy_webhook_cert},
+           std::tuple{"policy_webhook_key", "--policy-webhook-key", &flags.policy_webhook_key},
+           std::tuple{"policy_webhook_kinds", "--policy-webhook-kinds",
+                      &flags.policy_webhook_kinds}}) {
+    RETURN_IF_ERROR(file.GetString(key, given(flag), *out));
+  }
+  RETURN_IF_ERROR(file.GetBool("policy_grpc_plaintext", given("--policy-grpc-plaintext"),
+                               flags.policy_grpc_plaintext));
   int64_t threads = flags.max_node_threads;
   RETURN_IF_ERROR(file.GetInt("max_node_threads", given("--max-node-threads"), threads));
   if (threads < 16 || threads > 65536) {
@@ -192,6 +239,74 @@ absl::StatusOr<attestors::TpmServerOptions> TpmOptionsFromFlags(const BrokerFlag
   }
   if (auto s = attestors::ValidateTpmServerOptions(options); !s.ok()) return s;
   return options;
+}
+
+// "kind,kind,..." -> the kinds (empty = every kind).
+absl::StatusOr<std::set<policy::IssuanceKind>> ParseKinds(const std::string& flag,
+                                                          const std::string& list) {
+  std::set<policy::IssuanceKind> kinds;
+  for (absl::string_view name : absl::StrSplit(list, ',', absl::SkipWhitespace())) {
+    auto kind = policy::ParseIssuanceKind(std::string(absl::StripAsciiWhitespace(name)));
+    if (!kind.ok()) {
+      return absl::InvalidArgumentError(absl::StrCat(flag, ": ", kind.status().message()));
+    }
+    kinds.insert(*kind);
+  }
+  return kinds;
+}
+
+// The hooks the flags ask for, in the order they are asked: external hooks first, built-in
+// rules last, so an execution cap is only counted once every other hook has allowed.
+// `rules` receives the rules hook (for SIGHUP and the admin API's reload), if any.
+absl::StatusOr<std::vector<policy::HookBinding>> PolicyHooksFromFlags(
+    const BrokerFlags& flags, store::Store& store, const Clock& clock,
+    metrics::BrokerMetrics* metrics, std::shared_ptr<policy::RulesPolicy>* rules) {
+  std::vector<policy::HookBinding> hooks;
+  if (!flags.policy_grpc.empty()) {
+    ASSIGN_OR_RETURN(auto kinds, ParseKinds("--policy-grpc-kinds", flags.policy_grpc_kinds));
+    auto hook = policy::GrpcPolicyHook::Create(
+        {.target = flags.policy_grpc,
+         .plaintext = flags.policy_grpc_plaintext,
+         .ca_file = flags.policy_grpc_ca,
+         .client_cert_file = flags.policy_grpc_cert,
+         .client_key_file = flags.policy_grpc_key,
+         .server_name_override = flags.policy_grpc_server_name});
+    if (!hook.ok()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--policy-grpc: ", hook.status().message()));
+    }
+    hooks.push_back({.hook = std::move(*hook), .kinds = std::move(kinds)});
+    spdlog::info("policy hook: gRPC {}{}", flags.policy_grpc,
+                 flags.policy_grpc_plaintext ? " (plaintext)" : "");
+  }
+  if (!flags.policy_webhook.empty()) {
+    ASSIGN_OR_RETURN(auto kinds, ParseKinds("--policy-webhook-kinds", flags.policy_webhook_kinds));
+    auto hook = policy::WebhookPolicyHook::Create({.url = flags.policy_webhook,
+                                                   .ca_file = flags.policy_webhook_ca,
+                                                   .client_cert_file = flags.policy_webhook_cert,
+                                                   .client_key_file = flags.policy_webhook_key});
+    if (!hook.ok()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--policy-webhook: ", hook.status().message()));
+    }
+    hooks.push_back({.hook = std::move(*hook), .kinds = std::move(kinds)});
+    if (flags.policy_webhook.starts_with("http://")) {
+      spdlog::warn("policy webhook {} is plain HTTP: anyone on the path can change decisions",
+                   flags.policy_webhook);
+    }
+    spdlog::info("policy hook: webhook {}", flags.policy_webhook);
+  }
+  if (!flags.policy_file.empty()) {
+    auto loaded = policy::RulesPolicy::Load(flags.policy_file, store, clock, metrics);
+    if (!loaded.ok()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--policy-file: ", loaded.status().message()));
+    }
+    *rules = std::move(*loaded);
+    hooks.push_back({.hook = *rules});
+    spdlog::info("policy hook: rules from {}", flags.policy_file);
+  }
+  return hooks;
 }
 
 int Fail(const absl::Status& status) {
@@ -280,7 +395,7 @@ int Run(const BrokerFlags& flags) {
   defaults.x509_svid_ttl_seconds = flags.x509_svid_ttl;
   defaults.jwt_svid_ttl_seconds = flags.jwt_svid_ttl;
   defaults.agent_svid_ttl_seconds = flags.agent_svid_ttl;
-  Issuer issuer(**authority, **entries, **audit, clock, defaults);
+  Minter minter(**authority, clock, defaults);
 
   attestors::JoinTokenServerAttestor join_token(**store, clock, *td);
   std::map<std::string, attestors::ServerNodeAttestor*, std::less<>> node_attestors = {
@@ -297,8 +412,9 @@ int Run(const BrokerFlags& flags) {
   TaskLimits task_limits;
   task_limits.max_ttl_seconds = flags.max_task_ttl;
   task_limits.default_ttl_seconds = std::min(task_limits.default_ttl_seconds, flags.max_task_ttl);
+  metrics::BrokerMetrics broker_metrics;
   // Task declarations the policy hook sends to a human wait here (--approval-ttl).
-  auto approvals = ApprovalRegistry::Create(**store, **audit, clock, /*metrics=*/nullptr,
+  auto approvals = ApprovalRegistry::Create(**store, **audit, clock, &broker_metrics,
                                             {.ttl_seconds = flags.approval_ttl});
   if (!approvals.ok()) return Fail(approvals.status());
   (*approvals)->Start(std::chrono::seconds(10));
@@ -313,25 +429,38 @@ int Run(const BrokerFlags& flags) {
   if (flags.dpop_nonce) {
     dpop_nonces = std::make_unique<DpopNonceSource>(clock, flags.dpop_proof_max_age);
   }
-  NodeTaskSupport task_support{.registry = &task_registry,
-                               .replay_cache = &replay_cache,
-                               .issuer_url = issuer_url,
-                               .started_at = started_at,
-                               .proof_max_age_seconds = flags.dpop_proof_max_age,
-                               .proof_max_future_seconds = flags.dpop_proof_max_future,
-                               .nonces = dpop_nonces.get()};
-  TokenEndpoint token_endpoint(**authority, **entries, task_registry, issuer, replay_cache, clock,
-                               TokenEndpointOptions{
-                                   .issuer_url = issuer_url,
-                                   .started_at = started_at,
-                                   .proof_max_age_seconds = flags.dpop_proof_max_age,
-                                   .proof_max_future_seconds = flags.dpop_proof_max_future,
-                                   .nonces = dpop_nonces.get(),
-                               });
-  NodeService node_service(**authority, **store, **entries, issuer, clock, node_attestors,
-                           task_support);
+  ExchangeOptions exchange_options{.issuer_url = issuer_url,
+                                   .default_token_ttl_seconds = defaults.task_token_ttl_seconds,
+                                   .proof = {.started_at = started_at,
+                                             .max_age_seconds = flags.dpop_proof_max_age,
+                                             .max_future_seconds = flags.dpop_proof_max_future,
+                                             .replay_cache = &replay_cache,
+                                             .nonces = dpop_nonces.get()}};
+  TaskTokenExchange exchange(**authority, **entries, task_registry, clock, exchange_options);
+  std::shared_ptr<policy::RulesPolicy> rules;
+  auto hooks = PolicyHooksFromFlags(flags, **store, clock, &broker_metrics, &rules);
+  if (!hooks.ok()) return Fail(hooks.status());
+  policy::PolicyChain policy_chain(std::move(*hooks),
+                                   std::chrono::milliseconds(flags.policy_timeout_ms),
+                                   &broker_metrics);
+  NodeAuthenticator node_authenticator(**authority, **store, clock);
+  issuance::IssuancePipeline pipeline({.minter = &minter,
+                                       .nodes = &node_authenticator,
+                                       .entries = entries->get(),
+                                       .tasks = &task_registry,
+                                       .exchange = &exchange,
+                                       .policy = &policy_chain,
+                                       .audit = audit->get(),
+                                       .store = store->get(),
+                                       .metrics = &broker_metrics,
+                                       .clock = &clock});
+  TokenEndpoint token_endpoint(pipeline);
+  NodeService node_service(**authority, **entries, node_authenticator, pipeline, &task_registry,
+                           node_attestors, issuer_url);
   AdminService admin_service(**authority, **store, **entries, **audit, clock);
   admin_service.EnableApprovals(approvals->get());
+  // `mandate policy reload` does what SIGHUP does.
+  if (rules != nullptr) admin_service.SetPolicyReloader([rules] { return rules->Reload(); });
 
   // TLS for the agent-facing port: a fresh key each start, certificate from our CA.
   auto server_key = crypto::PrivateKey::GenerateP256();
@@ -395,6 +524,7 @@ int Run(const BrokerFlags& flags) {
       (*authority)->jwt_public_key(), clock);
   checkpointer.Start(std::chrono::seconds(flags.audit_checkpoint_interval));
 
+  http.SetMetrics(&broker_metrics);
   http.Serve(issuer_url, &token_endpoint, audit->get(), store->get());
 
   nlohmann::json endpoints = {{"agent_address", absl::StrCat(agent_host, ":", bound_agent_port)},
@@ -417,8 +547,19 @@ int Run(const BrokerFlags& flags) {
   sigemptyset(&signals);
   sigaddset(&signals, SIGTERM);
   sigaddset(&signals, SIGINT);
+  sigaddset(&signals, SIGHUP);
   int sig = 0;
-  sigwait(&signals, &sig);
+  // SIGHUP reloads the rules file; a broken file is refused and the last good one stays.
+  while (sigwait(&signals, &sig) == 0 && sig == SIGHUP) {
+    if (rules == nullptr) {
+      spdlog::info("SIGHUP: no --policy-file to reload");
+    } else if (absl::Status s = rules->Reload(); !s.ok()) {
+      spdlog::error("policy reload refused, keeping the last good rules: {}",
+                    std::string(s.message()));
+    } else {
+      spdlog::info("policy rules reloaded from {}", flags.policy_file);
+    }
+  }
   spdlog::info("signal {} received; draining", sig);
   http.SetReady(false);
   node_service.Shutdown();
@@ -502,6 +643,36 @@ int main(int argc, char** argv) {
                  "Seconds between signed checkpoints of the audit chain head (when it grew)")
       ->capture_default_str()
       ->check(CLI::Range(int64_t{1}, int64_t{86400}));
+  app.add_option("--policy-timeout-ms", flags.policy_timeout_ms,
+                 "Deadline of one policy decision (all hooks together); past it the request is "
+                 "denied")
+      ->capture_default_str()
+      ->check(CLI::Range(int64_t{1}, int64_t{60000}));
+  app.add_option("--policy-file", flags.policy_file,
+                 "Built-in policy rules (TOML, docs/policy.md); reloaded on SIGHUP");
+  app.add_option("--policy-grpc", flags.policy_grpc,
+                 "External policy hook: HOST:PORT of mandate.policy.v1.PolicyHook");
+  app.add_option("--policy-grpc-ca", flags.policy_grpc_ca, "PEM roots of the gRPC hook's TLS");
+  app.add_option("--policy-grpc-cert", flags.policy_grpc_cert,
+                 "PEM client certificate chain for the gRPC hook (mTLS)");
+  app.add_option("--policy-grpc-key", flags.policy_grpc_key,
+                 "PEM client key for the gRPC hook (mTLS)");
+  app.add_option("--policy-grpc-server-name", flags.policy_grpc_server_name,
+                 "Name checked in the gRPC hook's certificate instead of HOST");
+  app.add_flag("--policy-grpc-plaintext", flags.policy_grpc_plaintext,
+               "Plaintext gRPC to the hook (loopback development only)");
+  app.add_option("--policy-grpc-kinds", flags.policy_grpc_kinds,
+                 "Comma-separated kinds the gRPC hook decides (default: all)");
+  app.add_option("--policy-webhook", flags.policy_webhook,
+                 "External policy hook: URL answering OPA's data API (POST {input})");
+  app.add_option("--policy-webhook-ca", flags.policy_webhook_ca,
+                 "PEM roots for an https:// webhook (default: the system's)");
+  app.add_option("--policy-webhook-cert", flags.policy_webhook_cert,
+                 "PEM client certificate chain for the webhook (mTLS)");
+  app.add_option("--policy-webhook-key", flags.policy_webhook_key,
+                 "PEM client key for the webhook (mTLS)");
+  app.add_option("--policy-webhook-kinds", flags.policy_webhook_kinds,
+                 "Comma-separated kinds the webhook decides (default: all)");
   app.add_option("--approval-ttl", flags.approval_ttl,
                  "Seconds an operator has to approve a task declaration the policy hook sent "
                  "to a human; then it expires and the task is refused")

@@ -32,8 +32,9 @@ BrokerMetrics::BrokerMetrics() : registry_(std::make_shared<prometheus::Registry
   auto& decisions =
       prometheus::BuildCounter()
           .Name("mandate_policy_decisions_total")
-          .Help("Policy decisions by kind and outcome (allow, deny, error = a hook could not "
-                "decide; the request was denied).")
+          .Help(
+              "Policy decisions by kind and outcome (allow, deny, error = a hook could not "
+              "decide; the request was denied).")
           .Register(*registry_);
   static constexpr const char* kIssuanceOutcomes[] = {"issued", "denied", "error"};
   static constexpr const char* kPolicyOutcomes[] = {"allow", "deny", "error"};

@@ -48,7 +48,7 @@ absl::StatusOr<IssuanceKind> ParseIssuanceKind(std::string_view name);
 
 // The task a request is made under (for kind "task": the declaration being decided).
 struct PolicyTask {
-  std::string id;  // empty for a declaration not yet stored
+  std::string id;       // empty for a declaration not yet stored
   std::string purpose;  // agent-controlled text: data, never interpreted
   std::vector<std::string> scopes;
   std::vector<std::string> audiences;
@@ -105,8 +105,8 @@ class PolicyHook {
   // Decides `input`, returning by `deadline` at the latest. A decision (allow or deny) is an OK
   // status; an error status means the hook could not decide (DeadlineExceeded on timeout,
   // Unavailable when unreachable, InvalidArgument for a malformed answer) and the caller denies.
-  virtual absl::StatusOr<PolicyDecision> Check(
-      const PolicyInput& input, std::chrono::steady_clock::time_point deadline) = 0;
+  virtual absl::StatusOr<PolicyDecision> Check(const PolicyInput& input,
+                                               std::chrono::steady_clock::time_point deadline) = 0;
 };
 
 }  // namespace mandate::broker::policy

@@ -217,9 +217,9 @@ TaskRegistry::TaskRegistry(store::Store& store, AuditLog& audit, const Clock& cl
       limits_(std::move(limits)),
       approvals_(approvals) {}
 
-absl::StatusOr<store::Task> TaskRegistry::BuildTask(const std::string& spiffe_id,
-                                                    const std::vector<std::string>& entitled_scopes,
-                                                    const TaskRequest& request) {
+absl::StatusOr<store::Task> TaskRegistry::Prepare(const std::string& spiffe_id,
+                                                  const std::vector<std::string>& entitled_scopes,
+                                                  const TaskRequest& request) const {
   if (spiffe_id.empty()) return absl::InvalidArgumentError("task owner SPIFFE ID is empty");
   RETURN_IF_ERROR(ValidatePurpose(request.purpose, limits_.max_purpose_bytes));
   RETURN_IF_ERROR(ValidateScopes(request.scopes, limits_.max_scopes));
@@ -236,18 +236,8 @@ absl::StatusOr<store::Task> TaskRegistry::BuildTask(const std::string& spiffe_id
     }
   }
   if (task.scopes.empty()) {
-    absl::Status refused = absl::PermissionDeniedError(
+    return absl::PermissionDeniedError(
         absl::StrCat("none of the requested scopes is granted to ", spiffe_id));
-    nlohmann::json detail = {{"scopes", request.scopes},
-                             {"reason", std::string(refused.message())}};
-    if (absl::Status s = audit_.Record({.event = "task_declared",
-                                        .outcome = "denied",
-                                        .spiffe_id = spiffe_id,
-                                        .detail = AuditDetail(detail)});
-        !s.ok()) {
-      spdlog::error("refusal not audited: {}", std::string(s.message()));
-    }
-    return refused;
   }
   task.audiences = DedupeKeepingOrder(request.audiences);
 
@@ -257,16 +247,52 @@ absl::StatusOr<store::Task> TaskRegistry::BuildTask(const std::string& spiffe_id
   task.purpose = request.purpose;
   const int64_t requested_ttl =
       request.ttl_seconds == 0 ? limits_.default_ttl_seconds : request.ttl_seconds;
+  task.status = std::string(kActive);
   task.created_at = clock_.NowSeconds();
   task.expires_at = task.created_at + std::min(requested_ttl, limits_.max_ttl_seconds);
+  return task;
+}
+
+absl::Status TaskRegistry::Create(const store::Task& task) { return store_.CreateTask(task); }
+
+absl::StatusOr<store::Task> TaskRegistry::PrepareAudited(
+    const std::string& spiffe_id, const std::vector<std::string>& entitled_scopes,
+    const TaskRequest& request) {
+  absl::StatusOr<store::Task> prepared = Prepare(spiffe_id, entitled_scopes, request);
+  if (absl::IsPermissionDenied(prepared.status())) {
+    nlohmann::json detail = {{"scopes", request.scopes},
+                             {"reason", std::string(prepared.status().message())}};
+    if (absl::Status s = audit_.Record({.event = "task_declared",
+                                        .outcome = "denied",
+                                        .spiffe_id = spiffe_id,
+                                        .detail = AuditDetail(detail)});
+        !s.ok()) {
+      spdlog::error("refusal not audited: {}", std::string(s.message()));
+    }
+  }
+  return prepared;
+}
+
+absl::StatusOr<store::Task> TaskRegistry::CreatePendingApproval(const store::Task& prepared,
+                                                                std::string input_document) {
+  if (approvals_ == nullptr) {
+    return absl::FailedPreconditionError("approvals are not enabled on this broker");
+  }
+  const nlohmann::json input = nlohmann::json::parse(input_document, nullptr, false);
+  if (input.is_discarded() || !input.is_object()) {
+    return absl::InvalidArgumentError("the approval's input document is not a JSON object");
+  }
+  store::Task task = prepared;
+  RETURN_IF_ERROR(approvals_->Open(task, std::move(input_document)).status());
   return task;
 }
 
 absl::StatusOr<store::Task> TaskRegistry::Declare(const std::string& spiffe_id,
                                                   const std::vector<std::string>& entitled_scopes,
                                                   const TaskRequest& request) {
-  ASSIGN_OR_RETURN(store::Task task, BuildTask(spiffe_id, entitled_scopes, request));
-  task.status = std::string(kActive);
+  absl::StatusOr<store::Task> prepared = PrepareAudited(spiffe_id, entitled_scopes, request);
+  if (!prepared.ok()) return prepared.status();
+  store::Task& task = *prepared;
   RETURN_IF_ERROR(store_.CreateTask(task));
   RETURN_IF_ERROR(audit_.Record({.event = "task_declared",
                                  .outcome = "ok",
@@ -285,22 +311,16 @@ absl::StatusOr<store::Task> TaskRegistry::DeclarePendingApproval(
   if (approvals_ == nullptr) {
     return absl::FailedPreconditionError("approvals are not enabled on this broker");
   }
-  const nlohmann::json input = nlohmann::json::parse(input_document, nullptr, false);
-  if (input.is_discarded() || !input.is_object()) {
-    return absl::InvalidArgumentError("the approval's input document is not a JSON object");
-  }
-  ASSIGN_OR_RETURN(store::Task task, BuildTask(spiffe_id, entitled_scopes, request));
-  ASSIGN_OR_RETURN(store::Approval approval, approvals_->Open(task, std::move(input_document)));
-  RETURN_IF_ERROR(
-      audit_.Record({.event = "task_declared",
-                     .outcome = "pending_approval",
-                     .spiffe_id = spiffe_id,
-                     .task_id = task.id,
-                     .detail = AuditDetail({{"purpose", task.purpose},
-                                            {"scopes", task.scopes},
-                                            {"audiences", task.audiences},
-                                            {"approval_id", approval.id},
-                                            {"approval_expires_at", approval.expires_at}})}));
+  ASSIGN_OR_RETURN(store::Task prepared, PrepareAudited(spiffe_id, entitled_scopes, request));
+  ASSIGN_OR_RETURN(store::Task task, CreatePendingApproval(prepared, std::move(input_document)));
+  RETURN_IF_ERROR(audit_.Record({.event = "task_declared",
+                                 .outcome = "pending_approval",
+                                 .spiffe_id = spiffe_id,
+                                 .task_id = task.id,
+                                 .detail = AuditDetail({{"purpose", task.purpose},
+                                                        {"scopes", task.scopes},
+                                                        {"audiences", task.audiences},
+                                                        {"approval_id", task.approval_id}})}));
   return task;
 }
 

@@ -11,7 +11,8 @@
 // new statuses need no change to be refused.
 //
 // A declaration the policy hook sends to a human (`require_approval`) is stored with
-// DeclarePendingApproval: status "pending_approval" until an operator decides (ApprovalRegistry,
+// DeclarePendingApproval (the pipeline: Prepare, then CreatePendingApproval): status
+// "pending_approval" until an operator decides (ApprovalRegistry,
 // approvals/approval_registry.h), then "active" - for its whole declared lifetime, counted from
 // the approval - or "denied". GetUsable says which, with messages the transports map: one that
 // starts with "authorization_pending" means "ask again later" (/token answers RFC 8628's
@@ -113,14 +114,27 @@ class TaskRegistry {
                                       const std::vector<std::string>& entitled_scopes,
                                       const TaskRequest& request);
 
-  // As Declare, for a declaration a human must approve first: the same checks and grant, then
-  // the task is stored with status "pending_approval" and a new approval (id in
-  // task.approval_id) holding `input_document` - the policy input document as JSON text, what
-  // the approver is shown; it expires after the approval registry's --approval-ttl. Audited as
-  // "task_declared" with outcome "pending_approval" and the approval id. The task's lifetime
-  // (ttl) starts when it is approved. InvalidArgument also when `input_document` is not a JSON
-  // object; FailedPrecondition("approvals are not enabled on this broker") without an approval
-  // registry.
+  // Declare's checks and the task it would store (same id, times and grants), without storing
+  // or auditing it: for the issuance pipeline, which asks the policy hook in between, then
+  // stores it with Create and records it itself.
+  absl::StatusOr<store::Task> Prepare(const std::string& spiffe_id,
+                                      const std::vector<std::string>& entitled_scopes,
+                                      const TaskRequest& request) const;
+  // Stores a prepared task durably (store errors passed through).
+  absl::Status Create(const store::Task& task);
+  // Stores a prepared task (Prepare) that a human must approve first: status "pending_approval"
+  // and a new approval (id in the returned task's approval_id) holding `input_document` - the
+  // policy input document as JSON text, what the approver is shown - in one transaction; the
+  // approval expires after the approval registry's --approval-ttl. Not audited: the caller
+  // (the issuance pipeline) records "task_declared" with outcome "pending_approval" and the
+  // approval id. The task's lifetime (expires_at - created_at) starts when it is approved.
+  // InvalidArgument when `input_document` is not a JSON object; FailedPrecondition("approvals
+  // are not enabled on this broker") without an approval registry; store errors passed through.
+  absl::StatusOr<store::Task> CreatePendingApproval(const store::Task& prepared,
+                                                    std::string input_document);
+  // Declare for a declaration a human must approve first: Prepare + CreatePendingApproval,
+  // audited as "task_declared" with outcome "pending_approval" and the approval id (refusals as
+  // Declare's). Errors as theirs.
   absl::StatusOr<store::Task> DeclarePendingApproval(
       const std::string& spiffe_id, const std::vector<std::string>& entitled_scopes,
       const TaskRequest& request, std::string input_document);
@@ -141,11 +155,10 @@ class TaskRegistry {
   absl::StatusOr<store::Task> End(const std::string& spiffe_id, std::string_view task_id);
 
  private:
-  // Validates `request` and builds the task Declare and DeclarePendingApproval store (status
-  // and approval left to them); audits and returns a refusal.
-  absl::StatusOr<store::Task> BuildTask(const std::string& spiffe_id,
-                                        const std::vector<std::string>& entitled_scopes,
-                                        const TaskRequest& request);
+  // Prepare, auditing a refusal for want of granted scopes (as Declare always has).
+  absl::StatusOr<store::Task> PrepareAudited(const std::string& spiffe_id,
+                                             const std::vector<std::string>& entitled_scopes,
+                                             const TaskRequest& request);
   // Why a task that is not "active" cannot be used, from its approval when it has one.
   absl::Status NotUsable(const store::Task& task, int64_t now) const;
   // The task if it exists and belongs to `spiffe_id`; NotFound("task not found") otherwise.

@@ -66,18 +66,45 @@ class TokenEndpointTest : public ::testing::Test {
     AddEntry("e1", kBot, {"read", "write", "deploy"}, /*token_ttl=*/120);
     AddEntry("e2", kOther, {"read"}, 0);
     audit_ = testing::OpenAuditLog(*store_, clock_);
-    issuer_ = std::make_unique<Issuer>(*authority_, *registry_, *audit_, clock_,
-                                       IssuerDefaults{.issuer_url = kIssuer});
+    minter_ = std::make_unique<Minter>(*authority_, clock_, IssuerDefaults{.issuer_url = kIssuer});
+    nodes_ = std::make_unique<NodeAuthenticator>(*authority_, *store_, clock_);
     tasks_ = std::make_unique<TaskRegistry>(*store_, *audit_, clock_, TaskLimits{});
     endpoint_ = MakeEndpoint(nullptr);
     dpop_key_ = *crypto::PrivateKey::GenerateP256();
     task_id_ = Declare(kBot, {"read", "write"}, {"https://api.example.org"});
   }
 
+  // A token endpoint on its own exchange and pipeline (a broker instance, as far as /token sees).
+  struct Stack {
+    std::unique_ptr<TaskTokenExchange> exchange;
+    std::unique_ptr<issuance::IssuancePipeline> pipeline;
+    std::unique_ptr<TokenEndpoint> endpoint;
+    TokenResponse Handle(const TokenRequest& request) const { return endpoint->Handle(request); }
+  };
+  Stack MakeStack(dpop::ReplayCache& cache, int64_t started_at, DpopNonceSource* nonces = nullptr,
+                  const policy::PolicyChain* policy = nullptr) {
+    Stack stack;
+    stack.exchange = std::make_unique<TaskTokenExchange>(
+        *authority_, *registry_, *tasks_, clock_,
+        ExchangeOptions{
+            .issuer_url = kIssuer,
+            .proof = {.started_at = started_at, .replay_cache = &cache, .nonces = nonces}});
+    stack.pipeline = std::make_unique<issuance::IssuancePipeline>(
+        issuance::PipelineDeps{.minter = minter_.get(),
+                               .nodes = nodes_.get(),
+                               .entries = registry_.get(),
+                               .tasks = tasks_.get(),
+                               .exchange = stack.exchange.get(),
+                               .policy = policy,
+                               .audit = audit_.get(),
+                               .store = store_.get(),
+                               .clock = &clock_});
+    stack.endpoint = std::make_unique<TokenEndpoint>(*stack.pipeline);
+    return stack;
+  }
   std::unique_ptr<TokenEndpoint> MakeEndpoint(DpopNonceSource* nonces) {
-    return std::make_unique<TokenEndpoint>(
-        *authority_, *registry_, *tasks_, *issuer_, cache_, clock_,
-        TokenEndpointOptions{.issuer_url = kIssuer, .started_at = kNow - 10, .nonces = nonces});
+    main_ = MakeStack(cache_, kNow - 10, nonces, policy_);
+    return std::move(main_.endpoint);
   }
 
   void AddEntry(const std::string& id, const std::string& spiffe_id,
@@ -104,7 +131,9 @@ class TokenEndpointTest : public ::testing::Test {
 
   std::string JwtSvid(const std::string& entry_id = "e1",
                       std::vector<std::string> audiences = {kIssuer}) {
-    auto svid = issuer_->IssueJwtSvid(kNode, entry_id, audiences);
+    auto entry = registry_->Get(entry_id);
+    EXPECT_TRUE(entry.ok());
+    auto svid = minter_->JwtSvid(entry->spiffe_id, audiences, 300);
     EXPECT_TRUE(svid.ok()) << svid.status();
     return svid->token;
   }
@@ -164,9 +193,12 @@ class TokenEndpointTest : public ::testing::Test {
   std::unique_ptr<TrustAuthority> authority_;
   std::unique_ptr<EntryRegistry> registry_;
   std::unique_ptr<AuditLog> audit_;
-  std::unique_ptr<Issuer> issuer_;
+  std::unique_ptr<Minter> minter_;
+  std::unique_ptr<NodeAuthenticator> nodes_;
   std::unique_ptr<TaskRegistry> tasks_;
   dpop::ReplayCache cache_;
+  const policy::PolicyChain* policy_ = nullptr;
+  Stack main_;
   std::unique_ptr<TokenEndpoint> endpoint_;
   crypto::PrivateKey dpop_key_ = *crypto::PrivateKey::GenerateP256();
   std::string task_id_;
@@ -397,8 +429,7 @@ TEST_F(TokenEndpointTest, NonceModeAsksForTheNonceThenAcceptsItAndRotates) {
 // temporarily_unavailable, never a proof error, and the others keep working.
 TEST_F(TokenEndpointTest, OneIdentityUsingUpItsReplayShareCannotLockAnotherOut) {
   dpop::ReplayCache small(64, 4);
-  TokenEndpoint endpoint(*authority_, *registry_, *tasks_, *issuer_, small, clock_,
-                         TokenEndpointOptions{.issuer_url = kIssuer, .started_at = kNow - 10});
+  Stack endpoint = MakeStack(small, kNow - 10);
   auto post = [&](const std::vector<std::pair<std::string, std::string>>& params,
                   const std::string& proof) {
     return endpoint.Handle(
@@ -424,8 +455,7 @@ TEST_F(TokenEndpointTest, OneIdentityUsingUpItsReplayShareCannotLockAnotherOut) 
 
 TEST_F(TokenEndpointTest, AFullReplayCacheAnswers503TemporarilyUnavailable) {
   dpop::ReplayCache tiny(1, 1);
-  TokenEndpoint endpoint(*authority_, *registry_, *tasks_, *issuer_, tiny, clock_,
-                         TokenEndpointOptions{.issuer_url = kIssuer, .started_at = kNow - 10});
+  Stack endpoint = MakeStack(tiny, kNow - 10);
   auto post = [&](const std::vector<std::pair<std::string, std::string>>& params) {
     return endpoint.Handle(
         TokenRequest{.content_type = kForm, .body = FormEncode(params), .dpop_headers = {Proof()}});
@@ -443,8 +473,7 @@ TEST_F(TokenEndpointTest, ARestartedBrokerRefusesAFutureDatedProofTheLastOneAcce
   ASSERT_EQ(Post(Params(), {proof}).status, 200);
   // The restart: same data, a new process with an empty cache, started now.
   dpop::ReplayCache empty;
-  TokenEndpoint restarted(*authority_, *registry_, *tasks_, *issuer_, empty, clock_,
-                          TokenEndpointOptions{.issuer_url = kIssuer, .started_at = kNow});
+  Stack restarted = MakeStack(empty, kNow);
   auto post = [&](int64_t now, const std::string& dpop) {
     clock_.Set(now);
     return restarted.Handle(
@@ -459,8 +488,7 @@ TEST_F(TokenEndpointTest, ARestartedBrokerRefusesAFutureDatedProofTheLastOneAcce
   EXPECT_EQ(post(kNow + 6, Proof("POST", kTokenUrl, kNow + 6)).status, 200);
   // A broker with a new data directory has no previous instance: started_at 0, no window.
   dpop::ReplayCache fresh_cache;
-  TokenEndpoint fresh(*authority_, *registry_, *tasks_, *issuer_, fresh_cache, clock_,
-                      TokenEndpointOptions{.issuer_url = kIssuer, .started_at = 0});
+  Stack fresh = MakeStack(fresh_cache, 0);
   clock_.Set(kNow + 6);
   EXPECT_EQ(fresh
                 .Handle(TokenRequest{.content_type = kForm,
