@@ -11,7 +11,9 @@
 #include "broker/common/log/log.h"
 #include "broker/common/spiffe/selector.h"
 #include "broker/common/spiffe/spiffe_id.h"
+#include "broker/common/store/approval_rules.h"
 #include "broker/common/util/status_macros.h"
+#include "broker/server/approvals/approval_registry.h"
 #include "broker/server/audit/audit_checkpoint.h"
 #include "broker/server/audit/audit_detail.h"
 #include "broker/server/audit/audit_log.h"
@@ -354,6 +356,153 @@ grpc::Status AdminService::VerifyAudit(grpc::ServerContext*, const adminpb::Veri
     }
   }
   return grpc::Status::OK;
+}
+
+// ---- Approvals and policy ----
+
+void AdminService::EnableApprovals(ApprovalRegistry* approvals) {
+  absl::MutexLock lock(&wiring_mu_);
+  approvals_ = approvals;
+}
+
+void AdminService::SetPolicyReloader(std::function<absl::Status()> reload) {
+  absl::MutexLock lock(&wiring_mu_);
+  reload_policy_ = std::move(reload);
+}
+
+void AdminService::SetCallerIdentifier(CallerIdentifier identify) {
+  absl::MutexLock lock(&wiring_mu_);
+  identify_ = std::move(identify);
+}
+
+absl::StatusOr<ApprovalRegistry*> AdminService::Approvals() {
+  absl::MutexLock lock(&wiring_mu_);
+  if (approvals_ == nullptr) {
+    return absl::FailedPreconditionError("approvals are not enabled on this broker");
+  }
+  return approvals_;
+}
+
+absl::StatusOr<std::string> AdminService::CallerOf(const grpc::ServerContext* context) {
+  CallerIdentifier identify;
+  {
+    absl::MutexLock lock(&wiring_mu_);
+    identify = identify_;
+  }
+  // A decision is only as accountable as its recorded decider: without one, refuse.
+  if (!identify) {
+    return absl::FailedPreconditionError("the broker cannot tell who is calling the admin API");
+  }
+  absl::StatusOr<std::string> who = identify(context);
+  if (!who.ok()) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "the broker cannot tell who is calling the admin API: ", who.status().message()));
+  }
+  if (who->empty()) {
+    return absl::FailedPreconditionError("the broker cannot tell who is calling the admin API");
+  }
+  return who;
+}
+
+void AdminService::FillApproval(const store::Approval& approval, adminpb::Approval* out) {
+  out->set_id(approval.id);
+  out->set_task_id(approval.task_id);
+  out->set_spiffe_id(approval.spiffe_id);
+  out->set_input_document(approval.input_document);
+  out->set_status(approval.status);
+  out->set_created_at(approval.created_at);
+  out->set_expires_at(approval.expires_at);
+  out->set_decided_at(approval.decided_at);
+  out->set_decided_by(approval.decided_by);
+  out->set_reason(approval.reason);
+  // The task is what approving grants; an operator must see it even if the input document is
+  // unreadable. A task that cannot be read leaves these fields empty rather than failing the
+  // listing (the approval itself is still worth showing).
+  absl::StatusOr<store::Task> task = store_.GetTask(approval.task_id);
+  if (!task.ok()) {
+    spdlog::warn("approval {}: cannot read task {}: {}", approval.id, approval.task_id,
+                 std::string(task.status().message()));
+    return;
+  }
+  out->set_purpose(task->purpose);
+  for (const std::string& scope : task->scopes) out->add_scopes(scope);
+  for (const std::string& audience : task->audiences) out->add_audiences(audience);
+  out->set_task_status(task->status);
+  out->set_task_expires_at(task->expires_at);
+  // Before the approval, the declared lifetime is expires_at - created_at; after it, the deadline
+  // was moved by exactly that much (store::ApprovedTaskExpiry).
+  const int64_t start =
+      approval.status == store::kApprovalApproved ? approval.decided_at : task->created_at;
+  out->set_task_ttl_seconds(std::max<int64_t>(0, task->expires_at - start));
+}
+
+grpc::Status AdminService::ListApprovals(grpc::ServerContext*,
+                                         const adminpb::ListApprovalsRequest* request,
+                                         adminpb::ListApprovalsResponse* response) {
+  absl::StatusOr<ApprovalRegistry*> approvals = Approvals();
+  if (!approvals.ok()) return ToGrpcStatus(approvals.status());
+  auto list = (*approvals)->List(request->status());
+  if (!list.ok()) return ToGrpcStatus(list.status());
+  for (const store::Approval& approval : *list) FillApproval(approval, response->add_approvals());
+  return grpc::Status::OK;
+}
+
+grpc::Status AdminService::GetApproval(grpc::ServerContext*,
+                                       const adminpb::GetApprovalRequest* request,
+                                       adminpb::Approval* response) {
+  absl::StatusOr<ApprovalRegistry*> approvals = Approvals();
+  if (!approvals.ok()) return ToGrpcStatus(approvals.status());
+  auto approval = (*approvals)->Get(request->id());
+  if (!approval.ok()) return ToGrpcStatus(approval.status());
+  FillApproval(*approval, response);
+  return grpc::Status::OK;
+}
+
+grpc::Status AdminService::DecideApproval(grpc::ServerContext* context,
+                                          const adminpb::DecideApprovalRequest* request,
+                                          adminpb::Approval* response) {
+  absl::StatusOr<ApprovalRegistry*> approvals = Approvals();
+  if (!approvals.ok()) return ToGrpcStatus(approvals.status());
+  absl::StatusOr<std::string> caller = CallerOf(context);
+  if (!caller.ok()) return ToGrpcStatus(caller.status());
+  auto decided =
+      (*approvals)->Decide(request->id(), request->approve(), *caller, request->reason());
+  if (!decided.ok()) return ToGrpcStatus(decided.status());
+  FillApproval(decided->approval, response);
+  return grpc::Status::OK;
+}
+
+grpc::Status AdminService::ReloadPolicy(grpc::ServerContext* context,
+                                        const adminpb::ReloadPolicyRequest*,
+                                        adminpb::ReloadPolicyResponse*) {
+  std::function<absl::Status()> reload;
+  {
+    absl::MutexLock lock(&wiring_mu_);
+    reload = reload_policy_;
+  }
+  if (!reload) {
+    return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION,
+                        "no --policy-file: this broker has no policy rules file to reload");
+  }
+  absl::StatusOr<std::string> caller = CallerOf(context);
+  const std::string who = caller.ok() ? *caller : "unknown";
+  absl::Status reloaded = reload();
+  if (reloaded.ok()) {
+    spdlog::info("policy reloaded by {}", log::EscapeForLog(who));
+  } else {
+    spdlog::warn("policy reload by {} failed: {}", log::EscapeForLog(who),
+                 log::EscapeForLog(std::string(reloaded.message())));
+  }
+  grpc::Status audited = Audited(
+      {.event = "policy_reloaded",
+       .outcome = reloaded.ok() ? "ok" : "error",
+       .detail = AuditDetail({{"decided_by", who}, {"error", std::string(reloaded.message())}})});
+  if (!reloaded.ok()) {
+    return ToGrpcStatus(absl::Status(
+        reloaded.code(), absl::StrCat("the policy was not reloaded (the rules in force stay): ",
+                                      reloaded.message())));
+  }
+  return audited;
 }
 
 }  // namespace mandate::broker

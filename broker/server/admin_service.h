@@ -5,6 +5,12 @@
 #ifndef MANDATE_BROKER_SERVER_ADMIN_SERVICE_H_
 #define MANDATE_BROKER_SERVER_ADMIN_SERVICE_H_
 
+#include <functional>
+#include <string>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
 #include "broker/common/store/store.h"
 #include "broker/server/audit/audit_log.h"
 #include "broker/server/entry_registry.h"
@@ -12,6 +18,8 @@
 #include "mandate/admin/v1/admin.grpc.pb.h"
 
 namespace mandate::broker {
+
+class ApprovalRegistry;
 
 struct AdminLimits {
   int64_t default_join_token_ttl_seconds = 600;
@@ -58,12 +66,43 @@ class AdminService final : public mandate::admin::v1::Admin::Service {
   grpc::Status VerifyAudit(grpc::ServerContext*, const mandate::admin::v1::VerifyAuditRequest*,
                            mandate::admin::v1::VerifyAuditResponse*) override;
 
+  // Approvals: list, show, decide. FAILED_PRECONDITION when approvals are not enabled
+  // (EnableApprovals); a decision needs the caller's identity (SetCallerIdentifier).
+  grpc::Status ListApprovals(grpc::ServerContext*, const mandate::admin::v1::ListApprovalsRequest*,
+                             mandate::admin::v1::ListApprovalsResponse*) override;
+  grpc::Status GetApproval(grpc::ServerContext*, const mandate::admin::v1::GetApprovalRequest*,
+                           mandate::admin::v1::Approval*) override;
+  grpc::Status DecideApproval(grpc::ServerContext*,
+                              const mandate::admin::v1::DecideApprovalRequest*,
+                              mandate::admin::v1::Approval*) override;
+  // Calls the reloader (SetPolicyReloader); FAILED_PRECONDITION("no --policy-file ...") without
+  // one. Audited as "policy_reloaded" (outcome "ok" or "error") with the operator.
+  grpc::Status ReloadPolicy(grpc::ServerContext*, const mandate::admin::v1::ReloadPolicyRequest*,
+                            mandate::admin::v1::ReloadPolicyResponse*) override;
+
+  // Who is calling, as recorded in decisions: e.g. "uid:1000" from the admin socket's peer
+  // credentials. Receives the call's context (null in unit tests that call handlers directly).
+  using CallerIdentifier = std::function<absl::StatusOr<std::string>(const grpc::ServerContext*)>;
+
+  // Wiring, done by main() before or while serving (each setter is thread-safe; a call arriving
+  // before a setter ran sees the feature as absent and is refused, never half-served).
+  // `approvals` is borrowed and must outlive the service; null disables approvals.
+  void EnableApprovals(ApprovalRegistry* approvals);
+  void SetPolicyReloader(std::function<absl::Status()> reload);
+  void SetCallerIdentifier(CallerIdentifier identify);
+
   // Checks an entry from an operator; returns InvalidArgument naming the broken rule.
   absl::Status ValidateEntry(const mandate::common::v1::Entry& entry) const;
 
  private:
   // Records an applied change; OK, or UNAVAILABLE saying the change stands unaudited.
   grpc::Status Audited(AuditEvent event);
+  // The approval registry, or FAILED_PRECONDITION when approvals are not enabled.
+  absl::StatusOr<ApprovalRegistry*> Approvals();
+  // The caller's identity; UNAUTHENTICATED-style FailedPrecondition when it cannot be told.
+  absl::StatusOr<std::string> CallerOf(const grpc::ServerContext* context);
+  // The approval with its task, for answers.
+  void FillApproval(const store::Approval& approval, mandate::admin::v1::Approval* out);
 
   const TrustAuthority& authority_;
   store::Store& store_;
@@ -71,6 +110,11 @@ class AdminService final : public mandate::admin::v1::Admin::Service {
   AuditLog& audit_;
   const Clock& clock_;
   const AdminLimits limits_;
+
+  absl::Mutex wiring_mu_;
+  ApprovalRegistry* approvals_ ABSL_GUARDED_BY(wiring_mu_) = nullptr;
+  std::function<absl::Status()> reload_policy_ ABSL_GUARDED_BY(wiring_mu_);
+  CallerIdentifier identify_ ABSL_GUARDED_BY(wiring_mu_);
 };
 
 }  // namespace mandate::broker

@@ -35,6 +35,7 @@
 #include "broker/common/util/runtime.h"
 #include "broker/common/util/status_macros.h"
 #include "broker/server/admin_service.h"
+#include "broker/server/approvals/approval_registry.h"
 #include "broker/server/audit/audit_checkpoint.h"
 #include "broker/server/audit/audit_log.h"
 #include "broker/server/entry_registry.h"
@@ -81,6 +82,7 @@ struct BrokerFlags {
   int64_t dpop_proof_max_age = 60;
   int64_t dpop_proof_max_future = 5;
   int64_t audit_checkpoint_interval = 60;
+  int64_t approval_ttl = 900;
   int64_t policy_timeout_ms = 500;
   std::string policy_file;
   std::string policy_grpc;
@@ -158,6 +160,7 @@ absl::Status ApplyConfigFile(const std::string& path, CLI::App& app, BrokerFlags
                               flags.dpop_proof_max_future));
   RETURN_IF_ERROR(file.GetInt("audit_checkpoint_interval", given("--audit-checkpoint-interval"),
                               flags.audit_checkpoint_interval));
+  RETURN_IF_ERROR(file.GetInt("approval_ttl", given("--approval-ttl"), flags.approval_ttl));
   RETURN_IF_ERROR(
       file.GetInt("policy_timeout_ms", given("--policy-timeout-ms"), flags.policy_timeout_ms));
   for (auto [key, flag, out] : {
@@ -409,7 +412,13 @@ int Run(const BrokerFlags& flags) {
   TaskLimits task_limits;
   task_limits.max_ttl_seconds = flags.max_task_ttl;
   task_limits.default_ttl_seconds = std::min(task_limits.default_ttl_seconds, flags.max_task_ttl);
-  TaskRegistry task_registry(**store, **audit, clock, task_limits);
+  metrics::BrokerMetrics broker_metrics;
+  // Task declarations the policy hook sends to a human wait here (--approval-ttl).
+  auto approvals = ApprovalRegistry::Create(**store, **audit, clock, &broker_metrics,
+                                            {.ttl_seconds = flags.approval_ttl});
+  if (!approvals.ok()) return Fail(approvals.status());
+  (*approvals)->Start(std::chrono::seconds(10));
+  TaskRegistry task_registry(**store, **audit, clock, task_limits, approvals->get());
   // One cache for every path that accepts token-request proofs, so a proof is used once.
   dpop::ReplayCache replay_cache;
   // Proofs the previous instance may have accepted are refused (dpop::FirstAcceptableIat).
@@ -428,7 +437,6 @@ int Run(const BrokerFlags& flags) {
                                              .replay_cache = &replay_cache,
                                              .nonces = dpop_nonces.get()}};
   TaskTokenExchange exchange(**authority, **entries, task_registry, clock, exchange_options);
-  metrics::BrokerMetrics broker_metrics;
   std::shared_ptr<policy::RulesPolicy> rules;
   auto hooks = PolicyHooksFromFlags(flags, **store, clock, &broker_metrics, &rules);
   if (!hooks.ok()) return Fail(hooks.status());
@@ -450,6 +458,9 @@ int Run(const BrokerFlags& flags) {
   NodeService node_service(**authority, **entries, node_authenticator, pipeline, &task_registry,
                            node_attestors, issuer_url);
   AdminService admin_service(**authority, **store, **entries, **audit, clock);
+  admin_service.EnableApprovals(approvals->get());
+  // `mandate policy reload` does what SIGHUP does.
+  if (rules != nullptr) admin_service.SetPolicyReloader([rules] { return rules->Reload(); });
 
   // TLS for the agent-facing port: a fresh key each start, certificate from our CA.
   auto server_key = crypto::PrivateKey::GenerateP256();
@@ -494,6 +505,14 @@ int Run(const BrokerFlags& flags) {
       admin_server.get(), admin_path, 0600,
       [self](const grpcutil::PeerCredentials& peer) { return peer.uid == self || peer.uid == 0; });
   if (!admin_listener.ok()) return Fail(admin_listener.status());
+  // Decisions record who made them: the admin socket's peer (SO_PEERCRED at accept).
+  admin_service.SetCallerIdentifier(
+      [listener = admin_listener->get()](
+          const grpc::ServerContext* context) -> absl::StatusOr<std::string> {
+        if (context == nullptr) return absl::UnauthenticatedError("no call context");
+        ASSIGN_OR_RETURN(grpcutil::PeerCredentials peer, listener->PeerOf(*context));
+        return absl::StrCat("uid:", peer.uid);
+      });
 
   // Signs the audit chain's head now and then; its destructor (before the audit log's) signs
   // the final head of this run.
@@ -550,6 +569,7 @@ int Run(const BrokerFlags& flags) {
   admin_server->Shutdown(deadline);
   http.Stop();
   checkpointer.Stop();
+  (*approvals)->Stop();
   spdlog::info("mandate-broker stopped");
   return 0;
 }
@@ -653,6 +673,11 @@ int main(int argc, char** argv) {
                  "PEM client key for the webhook (mTLS)");
   app.add_option("--policy-webhook-kinds", flags.policy_webhook_kinds,
                  "Comma-separated kinds the webhook decides (default: all)");
+  app.add_option("--approval-ttl", flags.approval_ttl,
+                 "Seconds an operator has to approve a task declaration the policy hook sent "
+                 "to a human; then it expires and the task is refused")
+      ->capture_default_str()
+      ->check(CLI::Range(int64_t{1}, int64_t{7 * 24 * 3600}));
   app.add_option("--tpm-ek-ca", flags.tpm_ek_ca_files,
                  "PEM bundle of TPM EK CA certificates to trust (repeatable; enables TPM "
                  "attestation)");

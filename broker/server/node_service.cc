@@ -213,6 +213,7 @@ void NodeService::FillTask(const store::Task& task, workloadpb::Task* out) const
   for (const auto& s : task.scopes) out->add_scopes(s);
   for (const auto& a : task.audiences) out->add_audiences(a);
   out->set_status(task.status);
+  out->set_approval_id(task.approval_id);
   out->set_created_at(task.created_at);
   out->set_expires_at(task.expires_at);
   out->set_token_endpoint(TokenEndpointUrl(issuer_url_));

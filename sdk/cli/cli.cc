@@ -15,6 +15,7 @@
 #include <memory>
 #include <string>
 #include <string_view>
+#include <thread>
 #include <vector>
 
 #include "CLI/CLI.hpp"
@@ -51,10 +52,11 @@ struct GlobalOptions {
   std::string output = "text";
 };
 
-// What a command handler writes to.
+// What a command handler writes to: results to `out`, progress notes to `err`.
 struct Io {
   std::ostream& out;
   const GlobalOptions& global;
+  std::ostream& err;
   bool json() const { return global.output == "json"; }
 };
 
@@ -91,6 +93,80 @@ std::string Printable(std::string_view s) {
 // JSON output never throws on invalid UTF-8 from the server: bad bytes become U+FFFD.
 void PrintJson(std::ostream& out, const json& doc) {
   out << doc.dump(2, ' ', false, json::error_handler_t::replace) << "\n";
+}
+
+// As PrintJson with every non-ASCII character written as \uXXXX, for documents holding text an
+// agent chose that a human decides on: a bidirectional override cannot reorder what is shown.
+void PrintJsonAscii(std::ostream& out, const json& doc) {
+  out << doc.dump(2, ' ', true, json::error_handler_t::replace) << "\n";
+}
+
+// Decodes one UTF-8 code point at s[*pos], advancing *pos; -1 (advancing one byte) when the
+// bytes there are not UTF-8.
+int32_t NextUtf8(std::string_view s, size_t* pos) {
+  const unsigned char lead = static_cast<unsigned char>(s[*pos]);
+  const size_t length = lead < 0x80             ? 1
+                        : (lead & 0xE0) == 0xC0 ? 2
+                        : (lead & 0xF0) == 0xE0 ? 3
+                        : (lead & 0xF8) == 0xF0 ? 4
+                                                : 0;
+  if (length == 0 || s.size() - *pos < length) {
+    ++*pos;
+    return -1;
+  }
+  int32_t c = length == 1 ? lead : lead & (0x7F >> length);
+  for (size_t k = 1; k < length; ++k) {
+    const unsigned char next = static_cast<unsigned char>(s[*pos + k]);
+    if ((next & 0xC0) != 0x80) {
+      ++*pos;
+      return -1;
+    }
+    c = (c << 6) | (next & 0x3F);
+  }
+  constexpr int32_t kMin[] = {0, 0, 0x80, 0x800, 0x10000};
+  if (c < kMin[length] || c > 0x10FFFF || (c >= 0xD800 && c <= 0xDFFF)) {
+    ++*pos;
+    return -1;
+  }
+  *pos += length;
+  return c;
+}
+
+// Characters that would let text look other than it is: controls (C0, DEL, C1), bidirectional
+// marks, embeddings, overrides and isolates, and invisible format characters.
+bool IsDeceptive(int32_t c) {
+  return c < 0x20 || (c >= 0x7F && c <= 0x9F) || c == 0x061C || (c >= 0x200B && c <= 0x200F) ||
+         (c >= 0x202A && c <= 0x202E) || (c >= 0x2060 && c <= 0x2069) || c == 0xFEFF;
+}
+
+// Text an agent chose (a task's purpose), shown to a human who decides on it (DESIGN.md §10):
+// in double quotes, with quotes and backslashes escaped, deceptive characters as \uXXXX (\t, \n,
+// \r by name) and bytes that are not UTF-8 as \xNN, so the human sees exactly what is there and
+// where it ends.
+std::string QuotedAgentText(std::string_view s) {
+  std::string out = "\"";
+  for (size_t pos = 0; pos < s.size();) {
+    const size_t start = pos;
+    const int32_t c = NextUtf8(s, &pos);
+    if (c < 0) {
+      out += absl::StrFormat("\\x%02x", static_cast<unsigned char>(s[start]));
+    } else if (c == '"' || c == '\\') {
+      out += '\\';
+      out += static_cast<char>(c);
+    } else if (c == '\t') {
+      out += "\\t";
+    } else if (c == '\n') {
+      out += "\\n";
+    } else if (c == '\r') {
+      out += "\\r";
+    } else if (IsDeceptive(c)) {
+      out += absl::StrFormat("\\u%04x", c);
+    } else {
+      out.append(s.substr(start, pos - start));
+    }
+  }
+  out += '"';
+  return out;
 }
 
 json StringsJson(const google::protobuf::RepeatedPtrField<std::string>& values) {
@@ -646,6 +722,156 @@ absl::Status BundleShow(const Io& io, const std::string& format) {
   return absl::OkStatus();
 }
 
+// ---------------------------------------------------------------------------- approvals
+
+json ApprovalJson(const adminpb::Approval& a) {
+  json input = json::parse(a.input_document(), nullptr, /*allow_exceptions=*/false);
+  if (input.is_discarded()) input = a.input_document();  // shown as stored rather than hidden
+  return json{{"id", a.id()},
+              {"status", a.status()},
+              {"task_id", a.task_id()},
+              {"spiffe_id", a.spiffe_id()},
+              {"purpose", a.purpose()},
+              {"scopes", StringsJson(a.scopes())},
+              {"audiences", StringsJson(a.audiences())},
+              {"task_ttl_seconds", a.task_ttl_seconds()},
+              {"task_status", a.task_status()},
+              {"task_expires_at", TimeJson(a.task_expires_at())},
+              {"created_at", TimeJson(a.created_at())},
+              {"expires_at", TimeJson(a.expires_at())},
+              {"decided_at", TimeJson(a.decided_at())},
+              {"decided_by", a.decided_by()},
+              {"reason", a.reason()},
+              {"input", input}};
+}
+
+// Approval ids are "appr_" + 22 base64url characters; checked here for a clearer message (the
+// broker is the authority).
+absl::Status CheckApprovalIdArg(const std::string& id) {
+  const bool ok = absl::StartsWith(id, "appr_") && id.size() == 27 &&
+                  std::all_of(id.begin() + 5, id.end(), [](unsigned char c) {
+                    return absl::ascii_isalnum(c) || c == '-' || c == '_';
+                  });
+  if (!ok) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("'", Printable(id),
+                     "' is not an approval ID (appr_ followed by 22 characters; see mandate "
+                     "approval list)"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ApprovalList(const Io& io, const std::string& status, int64_t limit) {
+  ASSIGN_OR_RETURN(AdminClient admin, AdminClient::Open(io.global.admin_socket));
+  adminpb::ListApprovalsRequest req;
+  req.set_status(status);
+  adminpb::ListApprovalsResponse resp;
+  RETURN_IF_ERROR(admin.Call("listing approvals", [&](grpc::ClientContext* ctx) {
+    return admin.stub().ListApprovals(ctx, req, &resp);
+  }));
+  size_t n = resp.approvals_size();
+  if (limit > 0 && static_cast<size_t>(limit) < n) n = static_cast<size_t>(limit);
+  if (io.json()) {
+    json arr = json::array();
+    for (size_t i = 0; i < n; ++i) arr.push_back(ApprovalJson(resp.approvals(i)));
+    PrintJsonAscii(io.out, json{{"approvals", arr}});
+    return absl::OkStatus();
+  }
+  std::vector<std::vector<std::string>> rows;
+  for (size_t i = 0; i < n; ++i) {
+    const adminpb::Approval& a = resp.approvals(i);
+    rows.push_back({Printable(a.id()), Printable(a.status()), TimeText(a.expires_at()),
+                    Printable(a.spiffe_id()), JoinPrintable(a.scopes()),
+                    QuotedAgentText(a.purpose())});
+  }
+  PrintTable(io.out, {"ID", "STATUS", "EXPIRES", "SPIFFE ID", "SCOPES", "PURPOSE"}, rows);
+  return absl::OkStatus();
+}
+
+void PrintApprovalText(std::ostream& out, const adminpb::Approval& a) {
+  out << "Approval:   " << Printable(a.id()) << "\n"
+      << "Status:     " << Printable(a.status()) << "\n"
+      << "Expires:    " << TimeText(a.expires_at()) << "\n"
+      << "Task:       " << Printable(a.task_id()) << " (" << Printable(a.task_status()) << ")\n"
+      << "SPIFFE ID:  " << Printable(a.spiffe_id()) << "\n"
+      << "Purpose:    " << QuotedAgentText(a.purpose()) << "  (agent-supplied text)\n"
+      << "Scopes:     " << JoinPrintable(a.scopes()) << "\n"
+      << "Audiences:  " << JoinPrintable(a.audiences()) << "\n"
+      << "Lifetime:   " << a.task_ttl_seconds() << "s from approval\n"
+      << "Created:    " << TimeText(a.created_at()) << "\n";
+  if (a.decided_at() != 0) {
+    out << "Decided:    " << TimeText(a.decided_at());
+    if (!a.decided_by().empty()) out << " by " << Printable(a.decided_by());
+    out << "\n";
+  }
+  if (!a.reason().empty()) out << "Reason:     " << QuotedAgentText(a.reason()) << "\n";
+  if (a.task_status() == "active") out << "Task until: " << TimeText(a.task_expires_at()) << "\n";
+}
+
+absl::Status ApprovalShow(const Io& io, const std::string& id) {
+  RETURN_IF_ERROR(CheckApprovalIdArg(id));
+  ASSIGN_OR_RETURN(AdminClient admin, AdminClient::Open(io.global.admin_socket));
+  adminpb::GetApprovalRequest req;
+  req.set_id(id);
+  adminpb::Approval approval;
+  RETURN_IF_ERROR(admin.Call(absl::StrCat("showing approval ", id), [&](grpc::ClientContext* ctx) {
+    return admin.stub().GetApproval(ctx, req, &approval);
+  }));
+  if (io.json()) {
+    PrintJsonAscii(io.out, ApprovalJson(approval));
+    return absl::OkStatus();
+  }
+  PrintApprovalText(io.out, approval);
+  // The whole document the policy hook was asked about. Every non-ASCII character is written as
+  // \uXXXX and every control character escaped, so strings the agent chose are shown as data.
+  io.out << "Input document (the policy input; non-ASCII and control characters escaped):\n";
+  json input = json::parse(approval.input_document(), nullptr, /*allow_exceptions=*/false);
+  if (input.is_discarded()) {
+    io.out << QuotedAgentText(approval.input_document()) << "\n";
+  } else {
+    PrintJsonAscii(io.out, input);
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ApprovalDecide(const Io& io, const std::string& id, bool approve,
+                            const std::string& reason) {
+  RETURN_IF_ERROR(CheckApprovalIdArg(id));
+  ASSIGN_OR_RETURN(AdminClient admin, AdminClient::Open(io.global.admin_socket));
+  adminpb::DecideApprovalRequest req;
+  req.set_id(id);
+  req.set_approve(approve);
+  req.set_reason(reason);
+  adminpb::Approval approval;
+  RETURN_IF_ERROR(admin.Call(
+      absl::StrCat(approve ? "approving " : "denying ", id),
+      [&](grpc::ClientContext* ctx) { return admin.stub().DecideApproval(ctx, req, &approval); }));
+  if (io.json()) {
+    PrintJsonAscii(io.out, ApprovalJson(approval));
+  } else if (approve) {
+    io.out << "Approved " << Printable(approval.id()) << ": task " << Printable(approval.task_id())
+           << " is active until " << TimeText(approval.task_expires_at()) << "\n";
+  } else {
+    io.out << "Denied " << Printable(approval.id()) << ": task " << Printable(approval.task_id())
+           << " is refused\n";
+  }
+  return absl::OkStatus();
+}
+
+absl::Status PolicyReload(const Io& io) {
+  ASSIGN_OR_RETURN(AdminClient admin, AdminClient::Open(io.global.admin_socket));
+  adminpb::ReloadPolicyResponse resp;
+  RETURN_IF_ERROR(admin.Call("reloading the policy", [&](grpc::ClientContext* ctx) {
+    return admin.stub().ReloadPolicy(ctx, adminpb::ReloadPolicyRequest(), &resp);
+  }));
+  if (io.json()) {
+    PrintJson(io.out, json{{"reloaded", true}});
+  } else {
+    io.out << "Policy reloaded\n";
+  }
+  return absl::OkStatus();
+}
+
 // ---------------------------------------------------------------------------- workload commands
 
 absl::StatusOr<std::unique_ptr<WorkloadClient>> ConnectWorkload(const Io& io) {
@@ -793,8 +1019,9 @@ void PrintTask(const Io& io, const TaskInfo& task) {
   io.out << "Task:      " << Printable(task.id) << "\n"
          << "SPIFFE ID: " << Printable(task.spiffe_id) << "\n"
          << "Purpose:   " << Printable(task.purpose) << "\n"
-         << "Status:    " << Printable(task.status) << "\n"
-         << "Scopes:    " << JoinPrintable(task.scopes) << "\n"
+         << "Status:    " << Printable(task.status) << "\n";
+  if (!task.approval_id.empty()) io.out << "Approval:  " << Printable(task.approval_id) << "\n";
+  io.out << "Scopes:    " << JoinPrintable(task.scopes) << "\n"
          << "Audiences: " << JoinPrintable(task.audiences) << "\n"
          << "Expires:   " << TimeText(task.expires_at) << "\n";
 }
@@ -805,12 +1032,66 @@ struct TaskStartArgs {
   std::vector<std::string> audiences;
   int64_t ttl = 0;
   std::string spiffe_id;
+  bool wait = false;
+  int64_t wait_timeout = 0;  // seconds; 0: until the approval is decided or expires
+  // Polling interval: the first, doubled after each poll up to the last.
+  std::chrono::milliseconds first_poll{250};
+  std::chrono::milliseconds max_poll{5000};
 };
+
+// The broker's answer for a task still awaiting approval (TaskRegistry::GetUsable), as the SDK
+// passes it on: FailedPrecondition whose message starts with "authorization_pending" after the
+// SDK's own prefix.
+bool IsAuthorizationPending(const absl::Status& status) {
+  return absl::IsFailedPrecondition(status) &&
+         (absl::StartsWith(status.message(), "authorization_pending") ||
+          absl::StrContains(status.message(), ": authorization_pending"));
+}
+
+// Polls GetTask with backoff until the task is no longer awaiting approval; returns it once
+// usable, or why it is not (denied, expired, gone) or that the wait timed out. A Workload API
+// that is briefly unreachable (agent restart) is waited for like a pending answer.
+absl::StatusOr<TaskInfo> WaitForApproval(const Io& io, WorkloadClient& client,
+                                         const TaskInfo& pending, const TaskStartArgs& a) {
+  const auto started = std::chrono::steady_clock::now();
+  const auto deadline = started + std::chrono::seconds(a.wait_timeout);
+  if (!io.json()) {
+    io.err << "task " << Printable(pending.id) << " awaits approval "
+           << Printable(pending.approval_id) << "; waiting (an operator runs: mandate approval "
+           << "show " << Printable(pending.approval_id) << ")\n";
+  }
+  std::chrono::milliseconds interval = a.first_poll;
+  absl::Status last = absl::OkStatus();
+  while (true) {
+    auto now = std::chrono::steady_clock::now();
+    if (a.wait_timeout > 0 && now + interval > deadline) {
+      return absl::DeadlineExceededError(
+          absl::StrCat("task ", pending.id, " still awaits approval ", pending.approval_id,
+                       " after --wait-timeout ", a.wait_timeout, "s",
+                       last.ok() ? "" : absl::StrCat(" (last answer: ", last.message(), ")")));
+    }
+    std::this_thread::sleep_for(interval);
+    interval = std::min(interval * 2, a.max_poll);
+    absl::StatusOr<TaskInfo> task = client.GetTask(pending.id, a.spiffe_id);
+    if (task.ok() && task->status != "pending_approval") return task;
+    if (task.ok() || IsAuthorizationPending(task.status()) || absl::IsUnavailable(task.status()) ||
+        absl::IsDeadlineExceeded(task.status())) {
+      last = task.status();
+      continue;
+    }
+    return absl::Status(
+        task.status().code(),
+        absl::StrCat("task ", pending.id, " was not approved: ", task.status().message()));
+  }
+}
 
 absl::Status TaskStart(const Io& io, const TaskStartArgs& a) {
   ASSIGN_OR_RETURN(auto client, ConnectWorkload(io));
   ASSIGN_OR_RETURN(TaskInfo task, client->DeclareTask(a.purpose, a.scopes, a.audiences,
                                                       std::chrono::seconds(a.ttl), a.spiffe_id));
+  if (a.wait && task.status == "pending_approval") {
+    ASSIGN_OR_RETURN(task, WaitForApproval(io, *client, task, a));
+  }
   PrintTask(io, task);
   return absl::OkStatus();
 }
@@ -1098,6 +1379,13 @@ int RunCliImpl(int argc, char** argv, std::ostream& out, std::ostream& err) {
       ->check(CLI::NonNegativeNumber);
   task_start->add_option("--spiffe-id", task_start_args.spiffe_id,
                          "Which identity, when this process has several");
+  task_start->add_flag("--wait", task_start_args.wait,
+                       "When the task needs a human's approval, wait until it is decided; exit "
+                       "non-zero when it is denied or expires");
+  task_start
+      ->add_option("--wait-timeout", task_start_args.wait_timeout,
+                   "With --wait: give up after this many seconds (0: until decided or expired)")
+      ->check(CLI::NonNegativeNumber);
   set_action(task_start, [&](const Io& io) { return TaskStart(io, task_start_args); });
   std::string task_id;
   std::string task_spiffe_id;
@@ -1130,6 +1418,47 @@ int RunCliImpl(int argc, char** argv, std::ostream& out, std::ostream& err) {
   });
   task->require_subcommand(0, 1);
 
+  // approval list|show|approve|deny (admin)
+  auto* approval = app.add_subcommand("approval", "Task declarations awaiting a human's approval");
+  std::string approval_status;
+  int64_t approval_limit = 0;
+  auto* approval_list = approval->add_subcommand("list", "List approvals, oldest first");
+  approval_list
+      ->add_option("--status", approval_status, "Only approvals with this status (default: all)")
+      ->check(CLI::IsMember({"pending", "approved", "denied", "expired"}));
+  approval_list->add_option("--limit", approval_limit, "Show at most N approvals (default: all)")
+      ->check(CLI::NonNegativeNumber);
+  set_action(approval_list,
+             [&](const Io& io) { return ApprovalList(io, approval_status, approval_limit); });
+  std::string approval_id;
+  auto* approval_show = approval->add_subcommand(
+      "show", "Show one approval: the task, who asked, and the whole policy input document");
+  approval_show->add_option("id", approval_id, "Approval ID (appr_...)")->required();
+  set_action(approval_show, [&](const Io& io) { return ApprovalShow(io, approval_id); });
+  std::string approval_reason;
+  auto* approval_approve =
+      approval->add_subcommand("approve", "Approve: the task becomes usable for its lifetime");
+  approval_approve->add_option("id", approval_id, "Approval ID (appr_...)")->required();
+  approval_approve->add_option("--reason", approval_reason, "Why (recorded in the audit log)");
+  set_action(approval_approve,
+             [&](const Io& io) { return ApprovalDecide(io, approval_id, true, approval_reason); });
+  auto* approval_deny = approval->add_subcommand("deny", "Deny: the task is refused for good");
+  approval_deny->add_option("id", approval_id, "Approval ID (appr_...)")->required();
+  approval_deny->add_option("--reason", approval_reason,
+                            "Why (recorded in the audit log and shown to the agent)");
+  set_action(approval_deny,
+             [&](const Io& io) { return ApprovalDecide(io, approval_id, false, approval_reason); });
+  approval->require_subcommand(0, 1);
+
+  // policy reload (admin)
+  auto* policy = app.add_subcommand("policy", "The broker's policy hook");
+  auto* policy_reload =
+      policy->add_subcommand("reload",
+                             "Re-read --policy-file (the rules in force stay if it "
+                             "does not load)");
+  set_action(policy_reload, [&](const Io& io) { return PolicyReload(io); });
+  policy->require_subcommand(0, 1);
+
   token->require_subcommand(0, 1);
   app.require_subcommand(0, 1);
 
@@ -1160,7 +1489,7 @@ int RunCliImpl(int argc, char** argv, std::ostream& out, std::ostream& err) {
         << path << " --help)\n";
     return 1;
   }
-  Io io{out, global};
+  Io io{out, global, err};
   absl::Status status = action(io);
   if (!status.ok()) {
     err << "mandate: " << status.message() << "\n";

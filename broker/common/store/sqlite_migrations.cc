@@ -179,7 +179,33 @@ CREATE TABLE policy_counters (
 CREATE INDEX policy_counters_by_expiry ON policy_counters (expires_at);
 )sql";
 
-constexpr std::array<SqliteMigration, 7> kMigrations = {{
+
+// Version 8: approvals (DESIGN.md §5) - task declarations the policy hook sent to a human.
+//
+// One approval per task (`task_id` UNIQUE), deleted with it. `status` is free text checked by
+// the store (approval_rules.h), like the task status. Pending approvals are swept by deadline
+// and listed by status, hence the (status, expires_at) index. A task names the approval it was
+// declared under in `approval_id` (empty for the tasks that never needed one, including every
+// task stored before this version).
+constexpr char kV8Sql[] = R"sql(
+CREATE TABLE approvals (
+  id TEXT PRIMARY KEY NOT NULL,
+  task_id TEXT NOT NULL UNIQUE REFERENCES tasks (id) ON DELETE CASCADE,
+  spiffe_id TEXT NOT NULL,
+  input_document TEXT NOT NULL,
+  status TEXT NOT NULL,
+  created_at INTEGER NOT NULL,
+  expires_at INTEGER NOT NULL,
+  decided_at INTEGER NOT NULL,
+  decided_by TEXT NOT NULL,
+  reason TEXT NOT NULL
+) STRICT;
+CREATE INDEX approvals_by_status ON approvals (status, expires_at);
+CREATE INDEX approvals_by_created_at ON approvals (created_at, id);
+ALTER TABLE tasks ADD COLUMN approval_id TEXT NOT NULL DEFAULT '';
+)sql";
+
+constexpr std::array<SqliteMigration, 8> kMigrations = {{
     {1, "entries, nodes, join tokens", kV1Sql},
     {2, "previous node certificate serial", kV2Sql},
     {3, "TPM boot counters per EK", kV3Sql},
@@ -187,6 +213,7 @@ constexpr std::array<SqliteMigration, 7> kMigrations = {{
     {5, "audit log", kV5Sql},
     {6, "audit checkpoints", kV6Sql},
     {7, "policy counters", kV7Sql},
+    {8, "approvals", kV8Sql},
 }};
 
 }  // namespace

@@ -16,6 +16,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/string_view.h"
+#include "broker/common/store/approval_rules.h"
 #include "broker/common/util/status_macros.h"
 
 namespace mandate::store {
@@ -499,8 +500,9 @@ absl::Status InsertListRows(sqlite3* db, std::string_view sql, std::string_view 
   return absl::OkStatus();
 }
 
-#define MANDATE_TASK_COLUMNS \
-  "SELECT id, spiffe_id, purpose, status, created_at, expires_at, ended_at FROM tasks "
+#define MANDATE_TASK_COLUMNS                                                                   \
+  "SELECT id, spiffe_id, purpose, status, created_at, expires_at, ended_at, approval_id FROM " \
+  "tasks "
 
 constexpr std::string_view kTaskById = MANDATE_TASK_COLUMNS "WHERE id = ?1";
 constexpr std::string_view kAllTasks = MANDATE_TASK_COLUMNS "ORDER BY created_at, id";
@@ -532,6 +534,7 @@ absl::StatusOr<std::vector<Task>> LoadTasksInTransaction(sqlite3* db, std::strin
       task.created_at = stmt.ColumnInt64(4);
       task.expires_at = stmt.ColumnInt64(5);
       task.ended_at = stmt.ColumnInt64(6);
+      task.approval_id = stmt.ColumnText(7);
     }
   }
   if (tasks.empty()) return tasks;
@@ -570,6 +573,45 @@ absl::StatusOr<std::vector<Task>> LoadTasks(sqlite3* db, std::string_view tasks_
 
 absl::Status TaskNotFound(std::string_view id) {
   return absl::NotFoundError(absl::StrCat("task '", AbslView(id), "' not found"));
+}
+
+// The field checks CreateTask and CreateTaskAwaitingApproval share.
+absl::Status CheckTaskFields(const Task& task) {
+  if (task.id.empty()) return absl::InvalidArgumentError("task id is empty");
+  if (task.spiffe_id.empty()) return absl::InvalidArgumentError("task SPIFFE ID is empty");
+  if (task.status.empty()) return absl::InvalidArgumentError("task status is empty");
+  RETURN_IF_ERROR(CheckNoEmptyElement(task.scopes, "scope in task"));
+  return CheckNoEmptyElement(task.audiences, "audience in task");
+}
+
+// Inserts the task row and its lists; the caller holds a write transaction.
+absl::Status InsertTaskInTransaction(sqlite3* db, const Task& task) {
+  {
+    ASSIGN_OR_RETURN(Statement stmt,
+                     Statement::Prepare(db,
+                                        "INSERT INTO tasks (id, spiffe_id, purpose, status, "
+                                        "created_at, expires_at, ended_at, approval_id) "
+                                        "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"));
+    RETURN_IF_ERROR(stmt.BindText(1, task.id));
+    RETURN_IF_ERROR(stmt.BindText(2, task.spiffe_id));
+    RETURN_IF_ERROR(stmt.BindText(3, task.purpose));
+    RETURN_IF_ERROR(stmt.BindText(4, task.status));
+    RETURN_IF_ERROR(stmt.BindInt64(5, task.created_at));
+    RETURN_IF_ERROR(stmt.BindInt64(6, task.expires_at));
+    RETURN_IF_ERROR(stmt.BindInt64(7, task.ended_at));
+    RETURN_IF_ERROR(stmt.BindText(8, task.approval_id));
+    absl::Status status = stmt.Run();
+    if (absl::IsAlreadyExists(status)) {
+      return absl::AlreadyExistsError(absl::StrCat("task '", task.id, "' already exists"));
+    }
+    RETURN_IF_ERROR(status);
+  }
+  RETURN_IF_ERROR(
+      InsertListRows(db, "INSERT INTO task_scopes (task_id, position, scope) VALUES (?1, ?2, ?3)",
+                     task.id, DedupeKeepingOrder(task.scopes)));
+  return InsertListRows(
+      db, "INSERT INTO task_audiences (task_id, position, audience) VALUES (?1, ?2, ?3)", task.id,
+      DedupeKeepingOrder(task.audiences));
 }
 
 // ---- Opening ----
@@ -1130,41 +1172,14 @@ absl::Status SqliteStore::ResetTpmCounters(std::string_view ek_hash) {
 }
 
 absl::Status SqliteStore::CreateTask(const Task& task) {
-  if (task.id.empty()) return absl::InvalidArgumentError("task id is empty");
-  if (task.spiffe_id.empty()) return absl::InvalidArgumentError("task SPIFFE ID is empty");
-  if (task.status.empty()) return absl::InvalidArgumentError("task status is empty");
-  RETURN_IF_ERROR(CheckNoEmptyElement(task.scopes, "scope in task"));
-  RETURN_IF_ERROR(CheckNoEmptyElement(task.audiences, "audience in task"));
-  const std::vector<std::string> scopes = DedupeKeepingOrder(task.scopes);
-  const std::vector<std::string> audiences = DedupeKeepingOrder(task.audiences);
-
+  RETURN_IF_ERROR(CheckTaskFields(task));
+  if (!task.approval_id.empty() || task.status == kTaskPendingApproval) {
+    return absl::InvalidArgumentError(
+        "a task awaiting approval is stored with CreateTaskAwaitingApproval");
+  }
   absl::MutexLock lock(&mu_);
   ASSIGN_OR_RETURN(Transaction txn, Transaction::BeginWrite(db_));
-  {
-    ASSIGN_OR_RETURN(Statement stmt,
-                     Statement::Prepare(db_,
-                                        "INSERT INTO tasks (id, spiffe_id, purpose, status, "
-                                        "created_at, expires_at, ended_at) "
-                                        "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"));
-    RETURN_IF_ERROR(stmt.BindText(1, task.id));
-    RETURN_IF_ERROR(stmt.BindText(2, task.spiffe_id));
-    RETURN_IF_ERROR(stmt.BindText(3, task.purpose));
-    RETURN_IF_ERROR(stmt.BindText(4, task.status));
-    RETURN_IF_ERROR(stmt.BindInt64(5, task.created_at));
-    RETURN_IF_ERROR(stmt.BindInt64(6, task.expires_at));
-    RETURN_IF_ERROR(stmt.BindInt64(7, task.ended_at));
-    absl::Status status = stmt.Run();
-    if (absl::IsAlreadyExists(status)) {
-      return absl::AlreadyExistsError(absl::StrCat("task '", task.id, "' already exists"));
-    }
-    RETURN_IF_ERROR(status);
-  }
-  RETURN_IF_ERROR(
-      InsertListRows(db_, "INSERT INTO task_scopes (task_id, position, scope) VALUES (?1, ?2, ?3)",
-                     task.id, scopes));
-  RETURN_IF_ERROR(InsertListRows(
-      db_, "INSERT INTO task_audiences (task_id, position, audience) VALUES (?1, ?2, ?3)", task.id,
-      audiences));
+  RETURN_IF_ERROR(InsertTaskInTransaction(db_, task));
   return txn.Commit();
 }
 
@@ -1207,6 +1222,201 @@ absl::StatusOr<std::vector<Task>> SqliteStore::ListTasks(std::string_view spiffe
     return LoadTasks(db_, active_only ? kAllActiveTasks : kAllTasks, std::nullopt);
   }
   return LoadTasks(db_, active_only ? kActiveTasksOfSpiffeId : kTasksOfSpiffeId, spiffe_id);
+}
+
+// ---- Approvals ----
+
+namespace {
+
+#define MANDATE_APPROVAL_COLUMNS                                                                \
+  "SELECT id, task_id, spiffe_id, input_document, status, created_at, expires_at, decided_at, " \
+  "decided_by, reason FROM approvals "
+
+constexpr std::string_view kApprovalById = MANDATE_APPROVAL_COLUMNS "WHERE id = ?1";
+constexpr std::string_view kAllApprovals = MANDATE_APPROVAL_COLUMNS "ORDER BY created_at, id";
+constexpr std::string_view kApprovalsByStatus =
+    MANDATE_APPROVAL_COLUMNS "WHERE status = ?1 ORDER BY created_at, id";
+
+#undef MANDATE_APPROVAL_COLUMNS
+
+Approval ReadApproval(const Statement& stmt) {
+  Approval a;
+  a.id = stmt.ColumnText(0);
+  a.task_id = stmt.ColumnText(1);
+  a.spiffe_id = stmt.ColumnText(2);
+  a.input_document = stmt.ColumnText(3);
+  a.status = stmt.ColumnText(4);
+  a.created_at = stmt.ColumnInt64(5);
+  a.expires_at = stmt.ColumnInt64(6);
+  a.decided_at = stmt.ColumnInt64(7);
+  a.decided_by = stmt.ColumnText(8);
+  a.reason = stmt.ColumnText(9);
+  return a;
+}
+
+absl::StatusOr<std::vector<Approval>> LoadApprovals(sqlite3* db, std::string_view sql,
+                                                    std::optional<std::string_view> arg) {
+  ASSIGN_OR_RETURN(Statement stmt, Statement::Prepare(db, sql));
+  if (arg.has_value()) RETURN_IF_ERROR(stmt.BindText(1, *arg));
+  std::vector<Approval> out;
+  while (true) {
+    ASSIGN_OR_RETURN(bool has_row, stmt.Step());
+    if (!has_row) return out;
+    out.push_back(ReadApproval(stmt));
+  }
+}
+
+absl::Status ApprovalNotFound(std::string_view id) {
+  return absl::NotFoundError(absl::StrCat("approval '", AbslView(id), "' not found"));
+}
+
+// Moves task `task_id` out of "pending_approval" (and only out of it) to `status` with deadline
+// `expires_at`; FailedPrecondition when the task is not awaiting `approval_id`. The caller holds
+// a write transaction and rolls it back on error.
+absl::Status SettlePendingTask(sqlite3* db, std::string_view task_id, std::string_view approval_id,
+                               std::string_view status, int64_t expires_at) {
+  ASSIGN_OR_RETURN(Statement stmt, Statement::Prepare(db,
+                                                      "UPDATE tasks SET status = ?3, "
+                                                      "expires_at = ?4 WHERE id = ?1 "
+                                                      "AND approval_id = ?2 "
+                                                      "AND status = 'pending_approval'"));
+  RETURN_IF_ERROR(stmt.BindText(1, task_id));
+  RETURN_IF_ERROR(stmt.BindText(2, approval_id));
+  RETURN_IF_ERROR(stmt.BindText(3, status));
+  RETURN_IF_ERROR(stmt.BindInt64(4, expires_at));
+  RETURN_IF_ERROR(stmt.Run());
+  if (sqlite3_changes(db) == 0) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "task '", AbslView(task_id), "' is no longer awaiting approval ", AbslView(approval_id)));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::Status SqliteStore::CreateTaskAwaitingApproval(const Task& task, const Approval& approval) {
+  RETURN_IF_ERROR(CheckTaskFields(task));
+  RETURN_IF_ERROR(ValidateNewApproval(task, approval));
+  absl::MutexLock lock(&mu_);
+  ASSIGN_OR_RETURN(Transaction txn, Transaction::BeginWrite(db_));
+  RETURN_IF_ERROR(InsertTaskInTransaction(db_, task));
+  {
+    ASSIGN_OR_RETURN(Statement stmt,
+                     Statement::Prepare(db_,
+                                        "INSERT INTO approvals (id, task_id, spiffe_id, "
+                                        "input_document, status, created_at, expires_at, "
+                                        "decided_at, decided_by, reason) "
+                                        "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 0, '', '')"));
+    RETURN_IF_ERROR(stmt.BindText(1, approval.id));
+    RETURN_IF_ERROR(stmt.BindText(2, approval.task_id));
+    RETURN_IF_ERROR(stmt.BindText(3, approval.spiffe_id));
+    RETURN_IF_ERROR(stmt.BindText(4, approval.input_document));
+    RETURN_IF_ERROR(stmt.BindText(5, approval.status));
+    RETURN_IF_ERROR(stmt.BindInt64(6, approval.created_at));
+    RETURN_IF_ERROR(stmt.BindInt64(7, approval.expires_at));
+    absl::Status status = stmt.Run();
+    if (absl::IsAlreadyExists(status)) {
+      return absl::AlreadyExistsError(absl::StrCat("approval '", approval.id, "' already exists"));
+    }
+    RETURN_IF_ERROR(status);
+  }
+  return txn.Commit();
+}
+
+absl::StatusOr<DecidedApproval> SqliteStore::DecideApproval(std::string_view id, bool approve,
+                                                            std::string_view decided_by,
+                                                            std::string_view reason, int64_t now) {
+  RETURN_IF_ERROR(ValidateDecision(decided_by, reason));
+  const std::string_view new_status = approve ? kApprovalApproved : kApprovalDenied;
+  absl::MutexLock lock(&mu_);
+  ASSIGN_OR_RETURN(Transaction txn, Transaction::BeginWrite(db_));
+  {
+    // The compare is part of the UPDATE, so of two deciders (threads or processes sharing the
+    // file) exactly one changes the row; the loser sees the winner's decision below.
+    ASSIGN_OR_RETURN(Statement stmt, Statement::Prepare(db_,
+                                                        "UPDATE approvals SET status = ?2, "
+                                                        "decided_at = ?3, decided_by = ?4, "
+                                                        "reason = ?5 WHERE id = ?1 "
+                                                        "AND status = 'pending' "
+                                                        "AND expires_at > ?3"));
+    RETURN_IF_ERROR(stmt.BindText(1, id));
+    RETURN_IF_ERROR(stmt.BindText(2, new_status));
+    RETURN_IF_ERROR(stmt.BindInt64(3, now));
+    RETURN_IF_ERROR(stmt.BindText(4, decided_by));
+    RETURN_IF_ERROR(stmt.BindText(5, reason));
+    RETURN_IF_ERROR(stmt.Run());
+  }
+  const bool decided_now = sqlite3_changes(db_) != 0;
+  ASSIGN_OR_RETURN(std::vector<Approval> approvals, LoadApprovals(db_, kApprovalById, id));
+  if (approvals.empty()) return ApprovalNotFound(id);
+  DecidedApproval result;
+  result.approval = std::move(approvals.front());
+  if (!decided_now) {
+    // Nothing was written: say why from the row as it stands.
+    absl::Status why = CheckApprovalOpen(result.approval, now);
+    return why.ok() ? absl::InternalError("approval update changed no row") : why;
+  }
+  ASSIGN_OR_RETURN(std::vector<Task> tasks,
+                   LoadTasksInTransaction(db_, kTaskById, result.approval.task_id));
+  if (tasks.empty()) return TaskNotFound(result.approval.task_id);
+  Task& task = tasks.front();
+  const int64_t expires_at = approve ? ApprovedTaskExpiry(task, now) : task.expires_at;
+  const std::string_view task_status = approve ? kTaskActive : kTaskDenied;
+  RETURN_IF_ERROR(SettlePendingTask(db_, task.id, result.approval.id, task_status, expires_at));
+  RETURN_IF_ERROR(txn.Commit());
+  task.status = std::string(task_status);
+  task.expires_at = expires_at;
+  result.task = std::move(task);
+  return result;
+}
+
+absl::StatusOr<std::vector<Approval>> SqliteStore::ExpireApprovals(int64_t now) {
+  absl::MutexLock lock(&mu_);
+  ASSIGN_OR_RETURN(Transaction txn, Transaction::BeginWrite(db_));
+  std::vector<Approval> expired;
+  {
+    ASSIGN_OR_RETURN(Statement stmt,
+                     Statement::Prepare(db_,
+                                        "UPDATE approvals SET status = 'expired', "
+                                        "decided_at = ?1 WHERE status = 'pending' "
+                                        "AND expires_at <= ?1 RETURNING id, task_id, spiffe_id, "
+                                        "input_document, status, created_at, expires_at, "
+                                        "decided_at, decided_by, reason"));
+    RETURN_IF_ERROR(stmt.BindInt64(1, now));
+    while (true) {
+      ASSIGN_OR_RETURN(bool has_row, stmt.Step());
+      if (!has_row) break;
+      expired.push_back(ReadApproval(stmt));
+    }
+  }
+  if (expired.empty()) return expired;  // The transaction wrote nothing; rolling back is fine.
+  ASSIGN_OR_RETURN(Statement task_update,
+                   Statement::Prepare(db_,
+                                      "UPDATE tasks SET status = 'denied' WHERE id = ?1 "
+                                      "AND approval_id = ?2 AND status = 'pending_approval'"));
+  for (const Approval& approval : expired) {
+    task_update.Reset();
+    RETURN_IF_ERROR(task_update.BindText(1, approval.task_id));
+    RETURN_IF_ERROR(task_update.BindText(2, approval.id));
+    RETURN_IF_ERROR(task_update.Run());
+  }
+  RETURN_IF_ERROR(txn.Commit());
+  std::sort(expired.begin(), expired.end(),
+            [](const Approval& a, const Approval& b) { return a.id < b.id; });
+  return expired;
+}
+
+absl::StatusOr<Approval> SqliteStore::GetApproval(std::string_view id) {
+  absl::MutexLock lock(&mu_);
+  ASSIGN_OR_RETURN(std::vector<Approval> approvals, LoadApprovals(db_, kApprovalById, id));
+  if (approvals.empty()) return ApprovalNotFound(id);
+  return std::move(approvals.front());
+}
+
+absl::StatusOr<std::vector<Approval>> SqliteStore::ListApprovals(std::string_view status) {
+  absl::MutexLock lock(&mu_);
+  if (status.empty()) return LoadApprovals(db_, kAllApprovals, std::nullopt);
+  return LoadApprovals(db_, kApprovalsByStatus, status);
 }
 
 // ---- Audit log ----

@@ -102,6 +102,14 @@ class SqliteStore final : public Store {
   absl::StatusOr<std::vector<Task>> ListTasks(std::string_view spiffe_id,
                                               bool active_only) override;
 
+  absl::Status CreateTaskAwaitingApproval(const Task& task, const Approval& approval) override;
+  absl::StatusOr<DecidedApproval> DecideApproval(std::string_view id, bool approve,
+                                                 std::string_view decided_by,
+                                                 std::string_view reason, int64_t now) override;
+  absl::StatusOr<std::vector<Approval>> ExpireApprovals(int64_t now) override;
+  absl::StatusOr<Approval> GetApproval(std::string_view id) override;
+  absl::StatusOr<std::vector<Approval>> ListApprovals(std::string_view status) override;
+
   absl::Status AppendAuditRecords(const std::vector<AuditRecord>& records) override;
   absl::StatusOr<AuditRecord> LastAuditRecord(std::string_view chain_id) override;
   absl::StatusOr<std::vector<AuditRecord>> ListAuditRecords(const AuditQuery& query) override;

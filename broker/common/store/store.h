@@ -4,7 +4,8 @@
 // record types below. Today there is `SqliteStore` (sqlite_store.h); a `PostgresStore` for several
 // brokers sharing one state will implement the same interface. Later work adds the issued
 // credential index, revocations, trusted issuers and approvals here, each as new record types +
-// methods and a new numbered schema migration in each implementation.
+// methods and a new numbered schema migration in each implementation. Rules that every
+// implementation must apply alike live beside this header (approval_rules.h), not in one of them.
 //
 // Conventions shared by all records:
 //   - Selectors are "type:value" strings (e.g. "unix:uid:1000", "join:name:web-1"); a selector list
@@ -96,15 +97,46 @@ struct Task {
   std::string purpose;    // Agent-controlled text: data, escaped wherever it is shown.
   std::vector<std::string> scopes;
   std::vector<std::string> audiences;
-  // "active" or "ended" today; approvals and revocation will add "pending_approval" and
-  // "revoked". The store treats the value as an opaque non-empty string, except that EndTask
-  // ends only "active" tasks, so readers must not assume the list is closed.
+  // "active", "ended", "pending_approval" (awaiting a human, see Approval) or "denied" (its
+  // approval was denied or expired); revocation will add "revoked". The store treats the value
+  // as an opaque non-empty string, except that EndTask ends only "active" tasks and the approval
+  // methods move only "pending_approval" ones, so readers must not assume the list is closed.
   std::string status;
   int64_t created_at = 0;
   int64_t expires_at = 0;  // Usable while now < expires_at (callers check; the store has no clock).
   int64_t ended_at = 0;    // 0 while not ended.
+  // The approval the task was declared under (CreateTaskAwaitingApproval); kept after the
+  // decision, so the task and its tokens can be traced to the human who admitted it. Empty for a
+  // task that never needed approval.
+  std::string approval_id;
 
   friend bool operator==(const Task&, const Task&) = default;
+};
+
+// A human decision a task declaration waits for (DESIGN.md §5: the policy hook may require
+// approval). Rules every Store implementation shares (id format, the statuses, the deadline
+// arithmetic) are in approval_rules.h.
+struct Approval {
+  std::string id;  // "appr_" + 22 base64url characters (128 random bits), chosen by the caller.
+  std::string task_id;    // The task awaiting it (status "pending_approval").
+  std::string spiffe_id;  // The task's owner.
+  // The policy input document (JSON text) the hook answered `require_approval` to: what the
+  // approver is shown. It holds agent-controlled text (the purpose): data, escaped when shown.
+  std::string input_document;
+  std::string status;  // "pending", "approved", "denied", "expired".
+  int64_t created_at = 0;
+  int64_t expires_at = 0;  // Decidable while now < expires_at.
+  int64_t decided_at = 0;  // 0 while pending; the sweep's time for "expired".
+  std::string decided_by;  // The operator identity (e.g. "uid:1000"); empty while pending/expired.
+  std::string reason;      // The operator's reason; may be empty.
+
+  friend bool operator==(const Approval&, const Approval&) = default;
+};
+
+// The result of DecideApproval: both records as the same transaction left them.
+struct DecidedApproval {
+  Approval approval;
+  Task task;
 };
 
 // One record of the broker's audit log (DESIGN.md §7, §10): a decision or an issuance. Records of
@@ -247,7 +279,8 @@ class Store {
   // ---- Tasks ----
 
   // Stores `task` as given (scopes and audiences deduplicated, order kept).
-  // InvalidArgument: empty id, spiffe_id or status, or an empty scope/audience string.
+  // InvalidArgument: empty id, spiffe_id or status, an empty scope/audience string, or a
+  // non-empty approval_id or status "pending_approval" (CreateTaskAwaitingApproval stores those).
   // AlreadyExists: a task with this id exists.
   virtual absl::Status CreateTask(const Task& task) = 0;
 
@@ -264,6 +297,39 @@ class Store {
   // since the store does not know the time.
   virtual absl::StatusOr<std::vector<Task>> ListTasks(std::string_view spiffe_id,
                                                       bool active_only) = 0;
+
+  // ---- Approvals (task declarations awaiting a human) ----
+
+  // Stores `task` (status "pending_approval", approval_id = approval.id) and `approval` (status
+  // "pending", task_id = task.id, same spiffe_id, expires_at > created_at, no decision yet) in one
+  // transaction. InvalidArgument: as CreateTask, or any of the above does not hold, or the
+  // approval id is malformed (ValidateNewApproval in approval_rules.h). AlreadyExists: a task or
+  // approval with this id exists; nothing is stored.
+  virtual absl::Status CreateTaskAwaitingApproval(const Task& task, const Approval& approval) = 0;
+
+  // Decides approval `id` as `decided_by` (non-empty) at `now`: a compare-and-set that changes
+  // only a "pending" approval with now < expires_at, to "approved" or "denied", and in the same
+  // transaction moves its task from "pending_approval" to "active" with expires_at =
+  // ApprovedTaskExpiry(task, now) (waiting for a human does not eat the task's lifetime), or to
+  // "denied". Of concurrent deciders (threads or processes) exactly one succeeds.
+  // NotFound when absent; FailedPrecondition when already decided or expired (the message says
+  // which), or when the task is no longer awaiting approval; InvalidArgument for an empty
+  // decided_by. Nothing changes on error.
+  virtual absl::StatusOr<DecidedApproval> DecideApproval(std::string_view id, bool approve,
+                                                         std::string_view decided_by,
+                                                         std::string_view reason, int64_t now) = 0;
+
+  // Marks every "pending" approval with expires_at <= now as "expired" (decided_at = now) and
+  // moves its task from "pending_approval" to "denied", in one transaction. Returns the approvals
+  // it expired (each exactly once, even with several brokers sweeping), ordered by id.
+  virtual absl::StatusOr<std::vector<Approval>> ExpireApprovals(int64_t now) = 0;
+
+  // NotFound when absent.
+  virtual absl::StatusOr<Approval> GetApproval(std::string_view id) = 0;
+
+  // Approvals whose status equals `status` (all when empty), ordered by created_at then id. A
+  // "pending" approval past its expires_at stays "pending" here until ExpireApprovals runs.
+  virtual absl::StatusOr<std::vector<Approval>> ListApprovals(std::string_view status) = 0;
 
   // ---- Audit log ----
 

@@ -524,12 +524,25 @@ Result<Issued> IssuancePipeline::Run(const TaskDeclarationRequest& request) cons
   }
   task->expires_at = task->created_at + CapTtl(task->expires_at - task->created_at, *decision);
   if (decision->require_approval) {
-    return Refuse(
-        subject, StatusRefusal(Step::kPolicy, absl::PermissionDeniedError(
-                                                  "the policy requires approval, which this broker "
-                                                  "cannot collect")));
+    // A human decides: the task is stored "pending_approval" with its approval in one
+    // transaction, and the approver sees the very input document the hook saw.
+    auto pending = deps_.tasks->CreatePendingApproval(
+        *task, policy::PolicyInputJson(input).dump(-1, ' ', false,
+                                                    nlohmann::json::error_handler_t::replace));
+    if (!pending.ok()) {
+      if (absl::IsFailedPrecondition(pending.status()) ||
+          absl::IsInvalidArgument(pending.status())) {
+        return Refuse(subject,
+                      StatusRefusal(Step::kPolicy, absl::PermissionDeniedError(absl::StrCat(
+                                                       "the policy requires approval: ",
+                                                       pending.status().message()))));
+      }
+      return RecordFailed(subject, pending.status());
+    }
+    *task = std::move(*pending);
+  } else if (auto s = deps_.tasks->Create(*task); !s.ok()) {
+    return RecordFailed(subject, s);
   }
-  if (auto s = deps_.tasks->Create(*task); !s.ok()) return RecordFailed(subject, s);
   subject.task_id = task->id;
   nlohmann::json detail = {{"purpose", task->purpose},
                            {"scopes", task->scopes},
@@ -537,8 +550,10 @@ Result<Issued> IssuancePipeline::Run(const TaskDeclarationRequest& request) cons
                            {"entry_id", entry->id},
                            {"expires_at", task->expires_at}};
   AddPolicyDetail(detail, *decision, PolicyAsked(deps_.policy));
+  const bool pending = !task->approval_id.empty();
+  if (pending) detail["approval_id"] = task->approval_id;
   if (auto s = deps_.audit->Record({.event = "task_declared",
-                                    .outcome = "ok",
+                                    .outcome = pending ? "pending_approval" : "ok",
                                     .spiffe_id = entry->spiffe_id,
                                     .node_id = subject.node_id,
                                     .task_id = task->id,

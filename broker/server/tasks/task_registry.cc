@@ -10,7 +10,10 @@
 #include "absl/strings/string_view.h"
 #include "broker/common/crypto/keys.h"
 #include "broker/common/jose/jose.h"
+#include "broker/common/log/log.h"
+#include "broker/common/store/approval_rules.h"
 #include "broker/common/util/status_macros.h"
+#include "broker/server/approvals/approval_registry.h"
 #include "broker/server/audit/audit_detail.h"
 
 namespace mandate::broker {
@@ -170,14 +173,8 @@ std::vector<std::string> DedupeKeepingOrder(const std::vector<std::string>& valu
 
 absl::Status TaskNotFound() { return absl::NotFoundError("task not found"); }
 
-// Why a task that is not usable cannot be used; OK when it is.
-absl::Status CheckUsable(const store::Task& task, int64_t now) {
-  if (task.status == kEnded) return absl::FailedPreconditionError("task ended");
-  if (task.status != kActive) {
-    return absl::FailedPreconditionError(absl::StrCat("task is ", task.status));
-  }
-  if (now >= task.expires_at) return absl::FailedPreconditionError("task expired");
-  return absl::OkStatus();
+absl::Status TaskIs(std::string_view status) {
+  return absl::FailedPreconditionError(absl::StrCat("task is ", AbslView(status)));
 }
 
 }  // namespace
@@ -213,8 +210,12 @@ absl::StatusOr<std::vector<std::string>> TokenScopesForTask(
 }
 
 TaskRegistry::TaskRegistry(store::Store& store, AuditLog& audit, const Clock& clock,
-                           TaskLimits limits)
-    : store_(store), audit_(audit), clock_(clock), limits_(std::move(limits)) {}
+                           TaskLimits limits, ApprovalRegistry* approvals)
+    : store_(store),
+      audit_(audit),
+      clock_(clock),
+      limits_(std::move(limits)),
+      approvals_(approvals) {}
 
 absl::StatusOr<store::Task> TaskRegistry::Prepare(const std::string& spiffe_id,
                                                   const std::vector<std::string>& entitled_scopes,
@@ -244,9 +245,9 @@ absl::StatusOr<store::Task> TaskRegistry::Prepare(const std::string& spiffe_id,
   task.id = absl::StrCat("task_", jose::Base64UrlEncode(random));
   task.spiffe_id = spiffe_id;
   task.purpose = request.purpose;
-  task.status = std::string(kActive);
   const int64_t requested_ttl =
       request.ttl_seconds == 0 ? limits_.default_ttl_seconds : request.ttl_seconds;
+  task.status = std::string(kActive);
   task.created_at = clock_.NowSeconds();
   task.expires_at = task.created_at + std::min(requested_ttl, limits_.max_ttl_seconds);
   return task;
@@ -254,9 +255,9 @@ absl::StatusOr<store::Task> TaskRegistry::Prepare(const std::string& spiffe_id,
 
 absl::Status TaskRegistry::Create(const store::Task& task) { return store_.CreateTask(task); }
 
-absl::StatusOr<store::Task> TaskRegistry::Declare(const std::string& spiffe_id,
-                                                  const std::vector<std::string>& entitled_scopes,
-                                                  const TaskRequest& request) {
+absl::StatusOr<store::Task> TaskRegistry::PrepareAudited(
+    const std::string& spiffe_id, const std::vector<std::string>& entitled_scopes,
+    const TaskRequest& request) {
   absl::StatusOr<store::Task> prepared = Prepare(spiffe_id, entitled_scopes, request);
   if (absl::IsPermissionDenied(prepared.status())) {
     nlohmann::json detail = {{"scopes", request.scopes},
@@ -269,6 +270,27 @@ absl::StatusOr<store::Task> TaskRegistry::Declare(const std::string& spiffe_id,
       spdlog::error("refusal not audited: {}", std::string(s.message()));
     }
   }
+  return prepared;
+}
+
+absl::StatusOr<store::Task> TaskRegistry::CreatePendingApproval(const store::Task& prepared,
+                                                                std::string input_document) {
+  if (approvals_ == nullptr) {
+    return absl::FailedPreconditionError("approvals are not enabled on this broker");
+  }
+  const nlohmann::json input = nlohmann::json::parse(input_document, nullptr, false);
+  if (input.is_discarded() || !input.is_object()) {
+    return absl::InvalidArgumentError("the approval's input document is not a JSON object");
+  }
+  store::Task task = prepared;
+  RETURN_IF_ERROR(approvals_->Open(task, std::move(input_document)).status());
+  return task;
+}
+
+absl::StatusOr<store::Task> TaskRegistry::Declare(const std::string& spiffe_id,
+                                                  const std::vector<std::string>& entitled_scopes,
+                                                  const TaskRequest& request) {
+  absl::StatusOr<store::Task> prepared = PrepareAudited(spiffe_id, entitled_scopes, request);
   if (!prepared.ok()) return prepared.status();
   store::Task& task = *prepared;
   RETURN_IF_ERROR(store_.CreateTask(task));
@@ -281,6 +303,49 @@ absl::StatusOr<store::Task> TaskRegistry::Declare(const std::string& spiffe_id,
                                                         {"audiences", task.audiences},
                                                         {"expires_at", task.expires_at}})}));
   return task;
+}
+
+absl::StatusOr<store::Task> TaskRegistry::DeclarePendingApproval(
+    const std::string& spiffe_id, const std::vector<std::string>& entitled_scopes,
+    const TaskRequest& request, std::string input_document) {
+  if (approvals_ == nullptr) {
+    return absl::FailedPreconditionError("approvals are not enabled on this broker");
+  }
+  ASSIGN_OR_RETURN(store::Task prepared, PrepareAudited(spiffe_id, entitled_scopes, request));
+  ASSIGN_OR_RETURN(store::Task task, CreatePendingApproval(prepared, std::move(input_document)));
+  RETURN_IF_ERROR(audit_.Record({.event = "task_declared",
+                                 .outcome = "pending_approval",
+                                 .spiffe_id = spiffe_id,
+                                 .task_id = task.id,
+                                 .detail = AuditDetail({{"purpose", task.purpose},
+                                                        {"scopes", task.scopes},
+                                                        {"audiences", task.audiences},
+                                                        {"approval_id", task.approval_id}})}));
+  return task;
+}
+
+absl::Status TaskRegistry::NotUsable(const store::Task& task, int64_t now) const {
+  if (task.status == kEnded) return absl::FailedPreconditionError("task ended");
+  const bool under_approval = task.status == store::kTaskPendingApproval ||
+                              (task.status == store::kTaskDenied && !task.approval_id.empty());
+  if (!under_approval) return TaskIs(task.status);
+  absl::StatusOr<store::Approval> approval = store_.GetApproval(task.approval_id);
+  if (absl::IsNotFound(approval.status())) return TaskIs(task.status);
+  if (!approval.ok()) return approval.status();
+  const std::string_view status = store::EffectiveApprovalStatus(*approval, now);
+  if (status == store::kApprovalPending && task.status == store::kTaskPendingApproval) {
+    return absl::FailedPreconditionError(
+        absl::StrCat(AbslView(kAuthorizationPending), ": task awaits approval ", approval->id));
+  }
+  if (status == store::kApprovalExpired) {
+    return absl::FailedPreconditionError("task approval expired");
+  }
+  if (status == store::kApprovalDenied) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "task approval denied: ",
+        approval->reason.empty() ? "no reason given" : log::EscapeForLog(approval->reason)));
+  }
+  return TaskIs(task.status);
 }
 
 absl::StatusOr<store::Task> TaskRegistry::GetOwned(const std::string& spiffe_id,
@@ -296,7 +361,9 @@ absl::StatusOr<store::Task> TaskRegistry::GetOwned(const std::string& spiffe_id,
 absl::StatusOr<store::Task> TaskRegistry::GetUsable(const std::string& spiffe_id,
                                                     std::string_view task_id) const {
   ASSIGN_OR_RETURN(store::Task task, GetOwned(spiffe_id, task_id));
-  RETURN_IF_ERROR(CheckUsable(task, clock_.NowSeconds()));
+  const int64_t now = clock_.NowSeconds();
+  if (task.status != kActive) return NotUsable(task, now);
+  if (now >= task.expires_at) return absl::FailedPreconditionError("task expired");
   return task;
 }
 

@@ -6,9 +6,17 @@
 // asked for; requested scopes outside the entitlement are dropped silently rather than refusing
 // the whole task, because an agent often asks for a superset and the answer (which shows the
 // granted scopes) tells it what it got. Only when nothing at all is granted is the declaration
-// refused. The policy hook, when it exists, narrows the grant further; approvals and revocation
-// will add the statuses "pending_approval" and "revoked" (store.h): code here treats any status
-// other than "active" as unusable, so new statuses need no change to be refused.
+// refused. The policy hook, when it exists, narrows the grant further; revocation will add the
+// status "revoked" (store.h): code here treats any status other than "active" as unusable, so
+// new statuses need no change to be refused.
+//
+// A declaration the policy hook sends to a human (`require_approval`) is stored with
+// DeclarePendingApproval (the pipeline: Prepare, then CreatePendingApproval): status
+// "pending_approval" until an operator decides (ApprovalRegistry,
+// approvals/approval_registry.h), then "active" - for its whole declared lifetime, counted from
+// the approval - or "denied". GetUsable says which, with messages the transports map: one that
+// starts with "authorization_pending" means "ask again later" (/token answers RFC 8628's
+// authorization_pending, the Workload API FAILED_PRECONDITION).
 //
 // Declarations (granted or refused) and endings are audited (audit/audit_log.h); a declaration
 // whose record cannot be stored is answered Unavailable.
@@ -32,6 +40,11 @@
 #include "broker/server/audit/audit_log.h"
 
 namespace mandate::broker {
+
+class ApprovalRegistry;
+
+// The prefix of GetUsable's answer for a task still awaiting approval.
+inline constexpr std::string_view kAuthorizationPending = "authorization_pending";
 
 struct TaskLimits {
   // A request with ttl 0 gets this lifetime (15 minutes), capped like any other by max_ttl.
@@ -71,7 +84,10 @@ absl::StatusOr<std::vector<std::string>> TokenScopesForTask(
 
 class TaskRegistry {
  public:
-  TaskRegistry(store::Store& store, AuditLog& audit, const Clock& clock, TaskLimits limits);
+  // `approvals` (borrowed, may be null: then DeclarePendingApproval is refused) opens the
+  // approvals of tasks declared with DeclarePendingApproval.
+  TaskRegistry(store::Store& store, AuditLog& audit, const Clock& clock, TaskLimits limits,
+               ApprovalRegistry* approvals = nullptr);
 
   TaskRegistry(const TaskRegistry&) = delete;
   TaskRegistry& operator=(const TaskRegistry&) = delete;
@@ -106,12 +122,30 @@ class TaskRegistry {
                                       const TaskRequest& request) const;
   // Stores a prepared task durably (store errors passed through).
   absl::Status Create(const store::Task& task);
+  // Stores a prepared task (Prepare) that a human must approve first: status "pending_approval"
+  // and a new approval (id in the returned task's approval_id) holding `input_document` - the
+  // policy input document as JSON text, what the approver is shown - in one transaction; the
+  // approval expires after the approval registry's --approval-ttl. Not audited: the caller
+  // (the issuance pipeline) records "task_declared" with outcome "pending_approval" and the
+  // approval id. The task's lifetime (expires_at - created_at) starts when it is approved.
+  // InvalidArgument when `input_document` is not a JSON object; FailedPrecondition("approvals
+  // are not enabled on this broker") without an approval registry; store errors passed through.
+  absl::StatusOr<store::Task> CreatePendingApproval(const store::Task& prepared,
+                                                    std::string input_document);
+  // Declare for a declaration a human must approve first: Prepare + CreatePendingApproval,
+  // audited as "task_declared" with outcome "pending_approval" and the approval id (refusals as
+  // Declare's). Errors as theirs.
+  absl::StatusOr<store::Task> DeclarePendingApproval(
+      const std::string& spiffe_id, const std::vector<std::string>& entitled_scopes,
+      const TaskRequest& request, std::string input_document);
 
   // The task `task_id` if it belongs to `spiffe_id` and is usable now (status "active" and
   // now < expires_at). NotFound("task not found") both for an unknown id and for another
   // identity's task, so a caller cannot probe for others' tasks. FailedPrecondition("task ended")
-  // when ended, ("task expired") when past its deadline, ("task is <status>") for any other
-  // status.
+  // when ended, ("task expired") when past its deadline; for a task declared under an approval:
+  // ("authorization_pending: task awaits approval appr_...") while the approval is open, ("task
+  // approval denied: <reason, escaped>") when denied, ("task approval expired") when nobody
+  // decided in time; ("task is <status>") for any other status.
   absl::StatusOr<store::Task> GetUsable(const std::string& spiffe_id,
                                         std::string_view task_id) const;
 
@@ -121,6 +155,12 @@ class TaskRegistry {
   absl::StatusOr<store::Task> End(const std::string& spiffe_id, std::string_view task_id);
 
  private:
+  // Prepare, auditing a refusal for want of granted scopes (as Declare always has).
+  absl::StatusOr<store::Task> PrepareAudited(const std::string& spiffe_id,
+                                             const std::vector<std::string>& entitled_scopes,
+                                             const TaskRequest& request);
+  // Why a task that is not "active" cannot be used, from its approval when it has one.
+  absl::Status NotUsable(const store::Task& task, int64_t now) const;
   // The task if it exists and belongs to `spiffe_id`; NotFound("task not found") otherwise.
   absl::StatusOr<store::Task> GetOwned(const std::string& spiffe_id,
                                        std::string_view task_id) const;
@@ -129,6 +169,7 @@ class TaskRegistry {
   AuditLog& audit_;
   const Clock& clock_;
   const TaskLimits limits_;
+  ApprovalRegistry* const approvals_;
 };
 
 }  // namespace mandate::broker

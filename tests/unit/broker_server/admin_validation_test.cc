@@ -1,6 +1,9 @@
 #include <gtest/gtest.h>
 
 #include "broker/server/admin_service.h"
+#include "broker/server/approvals/approval_registry.h"
+#include "broker/server/tasks/task_registry.h"
+#include "nlohmann/json.hpp"
 #include "tests/unit/broker_server/test_env.h"
 
 namespace mandate::broker {
@@ -175,6 +178,163 @@ TEST_F(AdminValidationTest, JoinTokenMustNameAJoinNode) {
   ASSERT_TRUE(admin_->CreateJoinToken(&context, &request, &response).ok());
   EXPECT_EQ(response.expires_at(), 1'800'000'060);
   EXPECT_GE(response.token().size(), 43u);
+}
+
+// ---- Approvals and policy reload ----
+
+class AdminApprovalsTest : public AdminValidationTest {
+ protected:
+  void SetUp() override {
+    AdminValidationTest::SetUp();
+    approvals_ = std::move(ApprovalRegistry::Create(*store_, *audit_, clock_, nullptr)).value();
+    tasks_ =
+        std::make_unique<TaskRegistry>(*store_, *audit_, clock_, TaskLimits{}, approvals_.get());
+  }
+
+  // A task declaration awaiting approval; returns its approval id.
+  std::string Pending(const std::string& purpose = "deploy \"v7\" now") {
+    TaskRequest request;
+    request.purpose = purpose;
+    request.scopes = {"deploy:prod"};
+    request.audiences = {"https://deploy.example.org"};
+    request.ttl_seconds = 600;
+    auto task = tasks_->DeclarePendingApproval("spiffe://example.org/agent/bot", {"deploy:prod"},
+                                               request, R"({"kind":"task"})");
+    EXPECT_TRUE(task.ok()) << task.status();
+    return task.ok() ? task->approval_id : "";
+  }
+
+  grpc::Status Decide(const std::string& id, bool approve, const std::string& reason,
+                      mandate::admin::v1::Approval* out) {
+    mandate::admin::v1::DecideApprovalRequest request;
+    request.set_id(id);
+    request.set_approve(approve);
+    request.set_reason(reason);
+    return admin_->DecideApproval(nullptr, &request, out);
+  }
+
+  std::unique_ptr<ApprovalRegistry> approvals_;
+  std::unique_ptr<TaskRegistry> tasks_;
+};
+
+TEST_F(AdminApprovalsTest, WithoutApprovalsEnabledTheRpcsSaySo) {
+  mandate::admin::v1::ListApprovalsResponse list;
+  grpc::Status status = admin_->ListApprovals(nullptr, nullptr, &list);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  EXPECT_NE(status.error_message().find("not enabled"), std::string::npos);
+  mandate::admin::v1::Approval out;
+  EXPECT_EQ(Decide(Pending(), true, "", &out).error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+}
+
+TEST_F(AdminApprovalsTest, ADecisionNeedsToKnowTheCaller) {
+  admin_->EnableApprovals(approvals_.get());
+  const std::string id = Pending();
+  mandate::admin::v1::Approval out;
+  EXPECT_EQ(Decide(id, true, "", &out).error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  admin_->SetCallerIdentifier([](const grpc::ServerContext*) -> absl::StatusOr<std::string> {
+    return absl::UnauthenticatedError("call did not come through the admin socket");
+  });
+  EXPECT_EQ(Decide(id, true, "", &out).error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  EXPECT_EQ(approvals_->Get(id)->status, "pending") << "nothing decided without a decider";
+}
+
+TEST_F(AdminApprovalsTest, ListShowAndDecideRecordTheCaller) {
+  admin_->EnableApprovals(approvals_.get());
+  admin_->SetCallerIdentifier(
+      [](const grpc::ServerContext*) -> absl::StatusOr<std::string> { return "uid:1000"; });
+  const std::string id = Pending();
+
+  mandate::admin::v1::ListApprovalsRequest list_request;
+  list_request.set_status("pending");
+  mandate::admin::v1::ListApprovalsResponse list;
+  ASSERT_TRUE(admin_->ListApprovals(nullptr, &list_request, &list).ok());
+  ASSERT_EQ(list.approvals_size(), 1);
+  const mandate::admin::v1::Approval& listed = list.approvals(0);
+  EXPECT_EQ(listed.id(), id);
+  EXPECT_EQ(listed.status(), "pending");
+  EXPECT_EQ(listed.purpose(), "deploy \"v7\" now");
+  EXPECT_EQ(listed.scopes(0), "deploy:prod");
+  EXPECT_EQ(listed.task_status(), "pending_approval");
+  EXPECT_EQ(listed.task_ttl_seconds(), 600);
+  EXPECT_EQ(listed.input_document(), R"({"kind":"task"})");
+
+  clock_.Set(clock_.NowSeconds() + 100);
+  mandate::admin::v1::Approval decided;
+  grpc::Status status = Decide(id, true, "CHG-7", &decided);
+  ASSERT_TRUE(status.ok()) << status.error_message();
+  EXPECT_EQ(decided.status(), "approved");
+  EXPECT_EQ(decided.decided_by(), "uid:1000");
+  EXPECT_EQ(decided.reason(), "CHG-7");
+  EXPECT_EQ(decided.task_status(), "active");
+  EXPECT_EQ(decided.task_ttl_seconds(), 600) << "lifetime counted from the approval";
+  EXPECT_EQ(decided.task_expires_at(), clock_.NowSeconds() + 600);
+
+  mandate::admin::v1::Approval again;
+  status = Decide(id, false, "", &again);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  EXPECT_NE(status.error_message().find("already approved"), std::string::npos);
+
+  mandate::admin::v1::GetApprovalRequest get;
+  get.set_id(id);
+  mandate::admin::v1::Approval shown;
+  ASSERT_TRUE(admin_->GetApproval(nullptr, &get, &shown).ok());
+  EXPECT_EQ(shown.decided_by(), "uid:1000");
+  auto records = std::move(store_->ListAuditRecords({})).value();
+  ASSERT_FALSE(records.empty());
+  EXPECT_EQ(records.back().event, "approval");
+  EXPECT_EQ(records.back().outcome, "approved");
+  EXPECT_EQ(nlohmann::json::parse(records.back().detail)["decided_by"], "uid:1000");
+}
+
+TEST_F(AdminApprovalsTest, MalformedRequestsAreRefusedByRule) {
+  admin_->EnableApprovals(approvals_.get());
+  admin_->SetCallerIdentifier(
+      [](const grpc::ServerContext*) -> absl::StatusOr<std::string> { return "uid:0"; });
+  const std::string id = Pending();
+  mandate::admin::v1::Approval out;
+  EXPECT_EQ(Decide("appr_../../etc", true, "", &out).error_code(),
+            grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_EQ(Decide("appr_" + std::string(21, 'Q') + "A", true, "", &out).error_code(),
+            grpc::StatusCode::NOT_FOUND);
+  EXPECT_EQ(Decide(id, false, std::string(2000, 'r'), &out).error_code(),
+            grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_EQ(Decide(id, false, "two\nlines", &out).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  mandate::admin::v1::ListApprovalsRequest list_request;
+  list_request.set_status("PENDING; DROP TABLE");
+  mandate::admin::v1::ListApprovalsResponse list;
+  EXPECT_EQ(admin_->ListApprovals(nullptr, &list_request, &list).error_code(),
+            grpc::StatusCode::INVALID_ARGUMENT);
+  mandate::admin::v1::GetApprovalRequest get;
+  get.set_id("");
+  EXPECT_EQ(admin_->GetApproval(nullptr, &get, &out).error_code(),
+            grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_EQ(approvals_->Get(id)->status, "pending");
+}
+
+TEST_F(AdminApprovalsTest, ReloadPolicyCallsTheReloaderAndAuditsIt) {
+  mandate::admin::v1::ReloadPolicyResponse response;
+  grpc::Status status = admin_->ReloadPolicy(nullptr, nullptr, &response);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  EXPECT_NE(status.error_message().find("no --policy-file"), std::string::npos);
+
+  int calls = 0;
+  absl::Status next = absl::InvalidArgumentError("rules.toml:3: unknown kind \"nope\"");
+  admin_->SetPolicyReloader([&] {
+    ++calls;
+    return next;
+  });
+  status = admin_->ReloadPolicy(nullptr, nullptr, &response);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(status.error_message().find("rules in force stay"), std::string::npos);
+  EXPECT_NE(status.error_message().find("rules.toml:3"), std::string::npos);
+  next = absl::OkStatus();
+  EXPECT_TRUE(admin_->ReloadPolicy(nullptr, nullptr, &response).ok());
+  EXPECT_EQ(calls, 2);
+  auto records = std::move(store_->ListAuditRecords({})).value();
+  ASSERT_EQ(records.size(), 2u);
+  EXPECT_EQ(records[0].event, "policy_reloaded");
+  EXPECT_EQ(records[0].outcome, "error");
+  EXPECT_EQ(records[1].outcome, "ok");
 }
 
 }  // namespace

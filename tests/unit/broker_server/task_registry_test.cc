@@ -242,13 +242,13 @@ TEST_F(TaskRegistryTest, TaskWithAnyOtherStatusIsNotUsable) {
   pending.purpose = "wait for a human";
   pending.scopes = {"tickets:read"};
   pending.audiences = {"https://tickets.example.org"};
-  pending.status = "pending_approval";
+  pending.status = "revoked";  // a status this code does not know yet
   pending.created_at = kNow;
   pending.expires_at = kNow + 900;
   ASSERT_TRUE(store_->CreateTask(pending).ok());
   absl::Status status = registry_.GetUsable(kAgent, "task_pending").status();
   EXPECT_EQ(status.code(), absl::StatusCode::kFailedPrecondition);
-  EXPECT_EQ(status.message(), "task is pending_approval");
+  EXPECT_EQ(status.message(), "task is revoked");
 }
 
 TEST_F(TaskRegistryTest, TasksSurviveANewRegistryOnTheSameStore) {

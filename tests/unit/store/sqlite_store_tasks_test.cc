@@ -140,12 +140,12 @@ TEST_F(SqliteStoreTasksTest, EndTwiceIsFailedPreconditionAndKeepsFirstEndTime) {
 }
 
 TEST_F(SqliteStoreTasksTest, EndOnlyEndsActiveTasks) {
-  Task pending = MakeTask("task_p");
-  pending.status = "pending_approval";
-  ASSERT_TRUE(store_->CreateTask(pending).ok());
-  EXPECT_EQ(store_->EndTask("task_p", 1700000100).status().code(),
+  Task revoked = MakeTask("task_r");
+  revoked.status = "revoked";  // any status but "active"
+  ASSERT_TRUE(store_->CreateTask(revoked).ok());
+  EXPECT_EQ(store_->EndTask("task_r", 1700000100).status().code(),
             absl::StatusCode::kFailedPrecondition);
-  EXPECT_EQ(store_->GetTask("task_p")->status, "pending_approval");
+  EXPECT_EQ(store_->GetTask("task_r")->status, "revoked");
 }
 
 TEST_F(SqliteStoreTasksTest, EndUnknownTaskIsNotFound) {
