@@ -9,6 +9,7 @@
 #include "broker/common/crypto/keys.h"
 #include "broker/common/grpcutil/status.h"
 #include "broker/common/log/log.h"
+#include "broker/common/registration/entry_rules.h"
 #include "broker/common/spiffe/selector.h"
 #include "broker/common/spiffe/spiffe_id.h"
 #include "broker/common/store/approval_rules.h"
@@ -17,6 +18,7 @@
 #include "broker/server/audit/audit_checkpoint.h"
 #include "broker/server/audit/audit_detail.h"
 #include "broker/server/audit/audit_log.h"
+#include "broker/server/entry_proto.h"
 #include "broker/server/tasks/task_registry.h"
 
 namespace mandate::broker {
@@ -26,21 +28,8 @@ namespace adminpb = mandate::admin::v1;
 namespace commonpb = mandate::common::v1;
 using grpcutil::ToGrpcStatus;
 
-constexpr size_t kMaxSelectors = 64;
-constexpr size_t kMaxScopes = 64;
-constexpr size_t kMaxScopeLength = 256;
-
 void ToProto(const store::RegistrationEntry& entry, commonpb::Entry* out) {
-  out->set_id(entry.id);
-  out->set_spiffe_id(entry.spiffe_id);
-  out->set_parent_id(entry.parent_id);
-  for (const auto& s : entry.selectors) out->add_selectors(s);
-  for (const auto& s : entry.scopes) out->add_scopes(s);
-  out->set_x509_ttl_seconds(entry.x509_ttl_s);
-  out->set_jwt_ttl_seconds(entry.jwt_ttl_s);
-  out->set_token_ttl_seconds(entry.token_ttl_s);
-  out->set_created_at(entry.created_at);
-  out->set_revision(entry.revision);
+  EntryToProto(entry, out);
 }
 
 void ToProto(const store::AttestedNode& node, commonpb::Node* out) {
@@ -66,62 +55,8 @@ absl::StatusOr<std::string> NewEntryId() {
 }  // namespace
 
 absl::Status AdminService::ValidateEntry(const commonpb::Entry& entry) const {
-  const spiffe::TrustDomain& td = authority_.trust_domain();
-  auto id = spiffe::SpiffeId::Parse(entry.spiffe_id());
-  if (!id.ok()) {
-    return absl::InvalidArgumentError(absl::StrCat("--spiffe-id: ", id.status().message()));
-  }
-  if (!id->MemberOf(td)) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("--spiffe-id must be in this broker's trust domain ", td.IdString()));
-  }
-  if (spiffe::IsReservedPath(*id)) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("--spiffe-id ", id->str(),
-                     " is reserved (/broker and /node/... belong to the broker "
-                     "and node agents); pick another path, e.g. /agent/<name>"));
-  }
-  auto parent = spiffe::SpiffeId::Parse(entry.parent_id());
-  if (!parent.ok()) {
-    return absl::InvalidArgumentError(absl::StrCat("--parent-id: ", parent.status().message()));
-  }
-  if (!parent->MemberOf(td)) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("--parent-id must be in this broker's trust domain ", td.IdString()));
-  }
-  if (entry.selectors().empty()) {
-    return absl::InvalidArgumentError("at least one --selector is required");
-  }
-  if (static_cast<size_t>(entry.selectors_size()) > kMaxSelectors) {
-    return absl::InvalidArgumentError(absl::StrCat("at most ", kMaxSelectors, " selectors"));
-  }
-  for (const auto& text : entry.selectors()) {
-    auto selector = spiffe::Selector::Parse(text);
-    if (!selector.ok()) return selector.status();
-    RETURN_IF_ERROR(spiffe::ValidateSelector(*selector));
-  }
-  if (static_cast<size_t>(entry.scopes_size()) > kMaxScopes) {
-    return absl::InvalidArgumentError(absl::StrCat("at most ", kMaxScopes, " scopes"));
-  }
-  for (const auto& scope : entry.scopes()) {
-    if (scope.size() > kMaxScopeLength || !IsScopeToken(scope)) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "--scope \"", log::EscapeForLog(scope),
-          "\" is not an OAuth scope token (1-256 printable ASCII characters, no spaces, quotes "
-          "or backslashes)"));
-    }
-  }
-  for (auto [name, value] : {std::pair{"--x509-ttl", entry.x509_ttl_seconds()},
-                             std::pair{"--jwt-ttl", entry.jwt_ttl_seconds()},
-                             std::pair{"--token-ttl", entry.token_ttl_seconds()}}) {
-    // Below a minute, half-life rotation would outpace the broker round trip.
-    if (value < 0 || (value > 0 && value < 60) || value > limits_.max_svid_ttl_seconds) {
-      return absl::InvalidArgumentError(
-          absl::StrCat(name, " must be 0 (broker default) or between 60 and ",
-                       limits_.max_svid_ttl_seconds, " seconds"));
-    }
-  }
-  return absl::OkStatus();
+  return registration::ValidateEntry(entry, &authority_.trust_domain(),
+                                     limits_.max_svid_ttl_seconds);
 }
 
 grpc::Status AdminService::Audited(AuditEvent event) {

@@ -14,9 +14,9 @@
 #include <cstring>
 #include <filesystem>
 #include <iostream>
+#include <nlohmann/json.hpp>
 #include <set>
 #include <tuple>
-#include <nlohmann/json.hpp>
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/numbers.h"
@@ -163,21 +163,21 @@ absl::Status ApplyConfigFile(const std::string& path, CLI::App& app, BrokerFlags
   RETURN_IF_ERROR(file.GetInt("approval_ttl", given("--approval-ttl"), flags.approval_ttl));
   RETURN_IF_ERROR(
       file.GetInt("policy_timeout_ms", given("--policy-timeout-ms"), flags.policy_timeout_ms));
-  for (auto [key, flag, out] : {
-           std::tuple{"policy_file", "--policy-file", &flags.policy_file},
-           std::tuple{"policy_grpc", "--policy-grpc", &flags.policy_grpc},
-           std::tuple{"policy_grpc_ca", "--policy-grpc-ca", &flags.policy_grpc_ca},
-           std::tuple{"policy_grpc_cert", "--policy-grpc-cert", &flags.policy_grpc_cert},
-           std::tuple{"policy_grpc_key", "--policy-grpc-key", &flags.policy_grpc_key},
-           std::tuple{"policy_grpc_server_name", "--policy-grpc-server-name",
-                      &flags.policy_grpc_server_name},
-           std::tuple{"policy_grpc_kinds", "--policy-grpc-kinds", &flags.policy_grpc_kinds},
-           std::tuple{"policy_webhook", "--policy-webhook", &flags.policy_webhook},
-           std::tuple{"policy_webhook_ca", "--policy-webhook-ca", &flags.policy_webhook_ca},
-           std::tuple{"policy_webhook_cert", "--policy-webhook-cert", &flags.policy_webhook_cert},
-           std::tuple{"policy_webhook_key", "--policy-webhook-key", &flags.policy_webhook_key},
-           std::tuple{"policy_webhook_kinds", "--policy-webhook-kinds",
-                      &flags.policy_webhook_kinds}}) {
+  for (auto [key, flag, out] :
+       {std::tuple{"policy_file", "--policy-file", &flags.policy_file},
+        std::tuple{"policy_grpc", "--policy-grpc", &flags.policy_grpc},
+        std::tuple{"policy_grpc_ca", "--policy-grpc-ca", &flags.policy_grpc_ca},
+        std::tuple{"policy_grpc_cert", "--policy-grpc-cert", &flags.policy_grpc_cert},
+        std::tuple{"policy_grpc_key", "--policy-grpc-key", &flags.policy_grpc_key},
+        std::tuple{"policy_grpc_server_name", "--policy-grpc-server-name",
+                   &flags.policy_grpc_server_name},
+        std::tuple{"policy_grpc_kinds", "--policy-grpc-kinds", &flags.policy_grpc_kinds},
+        std::tuple{"policy_webhook", "--policy-webhook", &flags.policy_webhook},
+        std::tuple{"policy_webhook_ca", "--policy-webhook-ca", &flags.policy_webhook_ca},
+        std::tuple{"policy_webhook_cert", "--policy-webhook-cert", &flags.policy_webhook_cert},
+        std::tuple{"policy_webhook_key", "--policy-webhook-key", &flags.policy_webhook_key},
+        std::tuple{"policy_webhook_kinds", "--policy-webhook-kinds",
+                   &flags.policy_webhook_kinds}}) {
     RETURN_IF_ERROR(file.GetString(key, given(flag), *out));
   }
   RETURN_IF_ERROR(file.GetBool("policy_grpc_plaintext", given("--policy-grpc-plaintext"),
@@ -264,16 +264,15 @@ absl::StatusOr<std::vector<policy::HookBinding>> PolicyHooksFromFlags(
   std::vector<policy::HookBinding> hooks;
   if (!flags.policy_grpc.empty()) {
     ASSIGN_OR_RETURN(auto kinds, ParseKinds("--policy-grpc-kinds", flags.policy_grpc_kinds));
-    auto hook = policy::GrpcPolicyHook::Create(
-        {.target = flags.policy_grpc,
-         .plaintext = flags.policy_grpc_plaintext,
-         .ca_file = flags.policy_grpc_ca,
-         .client_cert_file = flags.policy_grpc_cert,
-         .client_key_file = flags.policy_grpc_key,
-         .server_name_override = flags.policy_grpc_server_name});
+    auto hook =
+        policy::GrpcPolicyHook::Create({.target = flags.policy_grpc,
+                                        .plaintext = flags.policy_grpc_plaintext,
+                                        .ca_file = flags.policy_grpc_ca,
+                                        .client_cert_file = flags.policy_grpc_cert,
+                                        .client_key_file = flags.policy_grpc_key,
+                                        .server_name_override = flags.policy_grpc_server_name});
     if (!hook.ok()) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("--policy-grpc: ", hook.status().message()));
+      return absl::InvalidArgumentError(absl::StrCat("--policy-grpc: ", hook.status().message()));
     }
     hooks.push_back({.hook = std::move(*hook), .kinds = std::move(kinds)});
     spdlog::info("policy hook: gRPC {}{}", flags.policy_grpc,
@@ -299,8 +298,7 @@ absl::StatusOr<std::vector<policy::HookBinding>> PolicyHooksFromFlags(
   if (!flags.policy_file.empty()) {
     auto loaded = policy::RulesPolicy::Load(flags.policy_file, store, clock, metrics);
     if (!loaded.ok()) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("--policy-file: ", loaded.status().message()));
+      return absl::InvalidArgumentError(absl::StrCat("--policy-file: ", loaded.status().message()));
     }
     *rules = std::move(*loaded);
     hooks.push_back({.hook = *rules});
@@ -440,9 +438,8 @@ int Run(const BrokerFlags& flags) {
   std::shared_ptr<policy::RulesPolicy> rules;
   auto hooks = PolicyHooksFromFlags(flags, **store, clock, &broker_metrics, &rules);
   if (!hooks.ok()) return Fail(hooks.status());
-  policy::PolicyChain policy_chain(std::move(*hooks),
-                                   std::chrono::milliseconds(flags.policy_timeout_ms),
-                                   &broker_metrics);
+  policy::PolicyChain policy_chain(
+      std::move(*hooks), std::chrono::milliseconds(flags.policy_timeout_ms), &broker_metrics);
   NodeAuthenticator node_authenticator(**authority, **store, clock);
   issuance::IssuancePipeline pipeline({.minter = &minter,
                                        .nodes = &node_authenticator,

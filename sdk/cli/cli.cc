@@ -29,6 +29,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/time/time.h"
 #include "broker/common/crypto/keys.h"
+#include "broker/common/registration/entry_rules.h"
 #include "broker/common/spiffe/selector.h"
 #include "broker/common/spiffe/spiffe_id.h"
 #include "broker/common/util/status_macros.h"
@@ -375,43 +376,7 @@ struct EntryCreateArgs {
   int64_t token_ttl = 0;
 };
 
-absl::Status ValidateEntryArgs(const EntryCreateArgs& a) {
-  auto parent = spiffe::SpiffeId::Parse(a.parent_id);
-  if (!parent.ok()) {
-    return absl::InvalidArgumentError(absl::StrCat("--parent-id: ", parent.status().message()));
-  }
-  auto id = spiffe::SpiffeId::Parse(a.spiffe_id);
-  if (!id.ok()) {
-    return absl::InvalidArgumentError(absl::StrCat("--spiffe-id: ", id.status().message()));
-  }
-  if (spiffe::IsReservedPath(*id)) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("--spiffe-id ", a.spiffe_id,
-                     ": the paths /broker and /node/... are reserved for the broker and node "
-                     "agents; choose another path, e.g. /agent/<name>"));
-  }
-  if (a.selectors.empty()) {
-    return absl::InvalidArgumentError("at least one --selector type:value is required");
-  }
-  for (const std::string& s : a.selectors) {
-    auto sel = spiffe::Selector::Parse(s);
-    if (!sel.ok()) {
-      return absl::InvalidArgumentError(absl::StrCat("--selector: ", sel.status().message()));
-    }
-    RETURN_IF_ERROR(spiffe::ValidateSelector(*sel));
-  }
-  for (const std::string& s : a.scopes) {
-    if (s.empty() || s.find_first_of(" \t\r\n\"\\") != std::string::npos) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "--scope '", Printable(s), "' must be non-empty without spaces, quotes or backslashes"));
-    }
-  }
-  return absl::OkStatus();
-}
-
 absl::Status EntryCreate(const Io& io, const EntryCreateArgs& a) {
-  RETURN_IF_ERROR(ValidateEntryArgs(a));
-  ASSIGN_OR_RETURN(AdminClient admin, AdminClient::Open(io.global.admin_socket));
   adminpb::CreateEntryRequest req;
   commonpb::Entry* e = req.mutable_entry();
   e->set_parent_id(a.parent_id);
@@ -425,6 +390,9 @@ absl::Status EntryCreate(const Io& io, const EntryCreateArgs& a) {
   e->set_x509_ttl_seconds(a.x509_ttl);
   e->set_jwt_ttl_seconds(a.jwt_ttl);
   e->set_token_ttl_seconds(a.token_ttl);
+  // The broker's own rules (it knows its trust domain and TTL limit and checks those too).
+  RETURN_IF_ERROR(registration::ValidateEntry(*e, nullptr, 0));
+  ASSIGN_OR_RETURN(AdminClient admin, AdminClient::Open(io.global.admin_socket));
   commonpb::Entry created;
   RETURN_IF_ERROR(admin.Call("creating the entry", [&](grpc::ClientContext* ctx) {
     return admin.stub().CreateEntry(ctx, req, &created);

@@ -528,14 +528,14 @@ Result<Issued> IssuancePipeline::Run(const TaskDeclarationRequest& request) cons
     // transaction, and the approver sees the very input document the hook saw.
     auto pending = deps_.tasks->CreatePendingApproval(
         *task, policy::PolicyInputJson(input).dump(-1, ' ', false,
-                                                    nlohmann::json::error_handler_t::replace));
+                                                   nlohmann::json::error_handler_t::replace));
     if (!pending.ok()) {
       if (absl::IsFailedPrecondition(pending.status()) ||
           absl::IsInvalidArgument(pending.status())) {
-        return Refuse(subject,
-                      StatusRefusal(Step::kPolicy, absl::PermissionDeniedError(absl::StrCat(
-                                                       "the policy requires approval: ",
-                                                       pending.status().message()))));
+        return Refuse(
+            subject, StatusRefusal(Step::kPolicy, absl::PermissionDeniedError(
+                                                      absl::StrCat("the policy requires approval: ",
+                                                                   pending.status().message()))));
       }
       return RecordFailed(subject, pending.status());
     }

@@ -179,13 +179,6 @@ absl::Status TaskIs(std::string_view status) {
 
 }  // namespace
 
-bool IsScopeToken(std::string_view scope) {
-  return !scope.empty() && std::all_of(scope.begin(), scope.end(), [](char ch) {
-    const unsigned char c = static_cast<unsigned char>(ch);
-    return c == 0x21 || (c >= 0x23 && c <= 0x5B) || (c >= 0x5D && c <= 0x7E);
-  });
-}
-
 absl::StatusOr<std::vector<std::string>> TokenScopesForTask(
     const store::Task& task, std::string_view audience,
     const std::vector<std::string>& requested_scopes) {

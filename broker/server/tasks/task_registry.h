@@ -35,6 +35,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "broker/common/registration/entry_rules.h"
 #include "broker/common/store/store.h"
 #include "broker/common/util/clock.h"
 #include "broker/server/audit/audit_log.h"
@@ -64,9 +65,9 @@ struct TaskRequest {
   int64_t ttl_seconds = 0;  // 0 = TaskLimits::default_ttl_seconds.
 };
 
-// RFC 6749 §3.3 scope-token = 1*( %x21 / %x23-5B / %x5D-7E ): the one definition used for
-// entry entitlements, task declarations and token requests.
-bool IsScopeToken(std::string_view scope);
+// RFC 6749 §3.3 scope-token: the one definition (broker/common/registration) used for entry
+// entitlements, task declarations and token requests.
+using registration::IsScopeToken;
 
 // Longest accepted scope or audience, in bytes. Scopes are only stored when an entry grants them,
 // but the request is checked before the intersection, so this bounds the work done on it.
