@@ -561,8 +561,8 @@ TEST_F(LifecycleTest, AgentBanStopsServingAndRefusesReattestation) {
   EXPECT_NE(again.exit_code, -1) << "the agent did not exit: " << again;
   EXPECT_THAT(again.err, HasSubstr("banned"));
   const std::string broker_log = ReadFileOrEmpty(broker_.log_path);
-  EXPECT_THAT(broker_log, HasSubstr("attestation refused"));
-  EXPECT_THAT(broker_log, HasSubstr(node_id_ + ": node is banned"));
+  EXPECT_THAT(broker_log, HasSubstr("issuance refused kind=node_svid step=authorize"));
+  EXPECT_THAT(broker_log, HasSubstr("node " + node_id_ + " is banned"));
   EXPECT_EQ(FindAgent(node_id_)["banned"], true);
 }
 

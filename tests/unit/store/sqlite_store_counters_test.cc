@@ -5,6 +5,7 @@
 #include <thread>
 #include <vector>
 
+#include "broker/common/store/sqlite_migrations.h"
 #include "store_test_util.h"
 
 namespace mandate::store {
@@ -93,17 +94,15 @@ TEST_F(SqliteStoreCountersTest, CountersSurviveReopen) {
 }
 
 TEST_F(SqliteStoreCountersTest, MigratesADatabaseFromBeforeTheCounters) {
+  // A file at schema 6, as the broker before policy caps left it, then opened by this build.
   {
-    auto store = OpenStore();
-    ASSERT_NE(store, nullptr);
+    auto old = SqliteStore::OpenWithMigrationsForTesting(path_, SqliteSchemaMigrations().first(6));
+    ASSERT_TRUE(old.ok()) << old.status();
+    EXPECT_EQ(*(*old)->SchemaVersion(), 6);
   }
-  // Roll the file back to schema 6 (as the broker before policy caps left it) and reopen.
-  ExecRaw(
-      "DROP TABLE policy_counters; DELETE FROM schema_migrations WHERE version >= 7; "
-      "PRAGMA user_version = 6;");
   auto store = OpenStore();
   ASSERT_NE(store, nullptr);
-  EXPECT_EQ(*store->SchemaVersion(), 7);
+  EXPECT_EQ(*store->SchemaVersion(), SqliteStore::LatestSchemaVersion());
   EXPECT_EQ(*store->IncrementCounterBelow("k", 1, 100), 1);
 }
 
