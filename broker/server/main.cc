@@ -163,6 +163,9 @@ absl::Status ApplyConfigFile(const std::string& path, CLI::App& app, BrokerFlags
   RETURN_IF_ERROR(file.GetInt("approval_ttl", given("--approval-ttl"), flags.approval_ttl));
   RETURN_IF_ERROR(
       file.GetInt("policy_timeout_ms", given("--policy-timeout-ms"), flags.policy_timeout_ms));
+  if (flags.policy_timeout_ms < 1 || flags.policy_timeout_ms > 60000) {
+    return absl::InvalidArgumentError("policy_timeout_ms must be between 1 and 60000");
+  }
   for (auto [key, flag, out] :
        {std::tuple{"policy_file", "--policy-file", &flags.policy_file},
         std::tuple{"policy_grpc", "--policy-grpc", &flags.policy_grpc},
@@ -434,7 +437,8 @@ int Run(const BrokerFlags& flags) {
                                              .max_future_seconds = flags.dpop_proof_max_future,
                                              .replay_cache = &replay_cache,
                                              .nonces = dpop_nonces.get()}};
-  TaskTokenExchange exchange(**authority, **entries, task_registry, clock, exchange_options);
+  TaskTokenExchange exchange(**authority, **entries, task_registry, **store, clock,
+                             exchange_options);
   std::shared_ptr<policy::RulesPolicy> rules;
   auto hooks = PolicyHooksFromFlags(flags, **store, clock, &broker_metrics, &rules);
   if (!hooks.ok()) return Fail(hooks.status());

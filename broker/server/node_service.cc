@@ -68,26 +68,26 @@ grpc::Status NodeService::Attest(
   // Longer than any attestor's own session limit (TPM: 60 s), short enough to free the thread
   // of a client that went silent.
   auto watch = attest_watchdog_.Watch(context, std::chrono::seconds(90));
+  // Malformed attestations are refused (and audited) by the pipeline like any other refusal.
+  auto malformed = [&](std::string why) {
+    return Refused(
+        context, pipeline_.RefuseRequest(policy::IssuanceKind::kNodeSvid,
+                                         issuance::StatusRefusal(issuance::Step::kRequest,
+                                                                 absl::InvalidArgumentError(why))));
+  };
   nodepb::AttestRequest first;
   if (!stream->Read(&first) || !first.has_params()) {
-    return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
-                        "attestation must start with AttestParams");
+    return malformed("attestation must start with AttestParams");
   }
   const nodepb::AttestParams& params = first.params();
   auto it = attestors_.find(params.attestor());
   if (it == attestors_.end()) {
-    spdlog::warn("attestation refused peer={} attestor=\"{}\": attestor not enabled",
-                 PeerAddress(context), log::EscapeForLog(params.attestor()));
-    return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
-                        absl::StrCat("node attestor '", log::EscapeForLog(params.attestor()),
-                                     "' is not enabled on this broker"));
+    return malformed(absl::StrCat("node attestor '", log::EscapeForLog(params.attestor()),
+                                  "' is not enabled on this broker"));
   }
   // Check the CSR before the attestor spends single-use evidence such as a join token.
   auto csr = crypto::ParseAndVerifyCsrDer(params.csr());
-  if (!csr.ok()) {
-    return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
-                        absl::StrCat("invalid CSR: ", csr.status().message()));
-  }
+  if (!csr.ok()) return malformed(absl::StrCat("invalid CSR: ", csr.status().message()));
   const std::string csr_spki = csr->key.SpkiDer();
   attestors::ServerNodeAttestor::ChallengeFn challenge =
       [stream](std::string_view data) -> absl::StatusOr<std::string> {

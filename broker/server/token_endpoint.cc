@@ -93,6 +93,13 @@ TokenEndpoint::TokenEndpoint(const issuance::IssuancePipeline& pipeline) : pipel
 TokenResponse TokenEndpoint::Handle(const TokenRequest& request) const {
   using issuance::OAuthRefusal;
   using issuance::Step;
+  if (pipeline_.exchange() == nullptr) {
+    TokenResponse response;
+    response.status = 400;
+    response.body =
+        R"({"error":"unsupported_grant_type","error_description":"tasks are not enabled"})";
+    return response;
+  }
   const TaskTokenExchange& exchange = *pipeline_.exchange();
   auto render = [&](const issuance::Refusal& r) {
     TokenResponse response;
@@ -192,7 +199,8 @@ TokenResponse TokenEndpoint::Handle(const TokenRequest& request) const {
   issuance::TaskTokenRequest issue;
   issue.ask.subject_token = *subject_token;
   issue.ask.task_id = param("task_id") ? *param("task_id") : "";
-  if (const std::string* audience = param("audience"); audience != nullptr) {
+  // An empty audience means "the task's only one", as on the node API.
+  if (const std::string* audience = param("audience"); audience != nullptr && !audience->empty()) {
     issue.ask.audience = *audience;
   }
   if (const std::string* scope = param("scope"); scope != nullptr) {

@@ -3,6 +3,8 @@
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
+#include <iterator>
+#include <optional>
 #include <set>
 
 #include "absl/strings/str_cat.h"
@@ -130,11 +132,12 @@ absl::StatusOr<std::string> TaskTokenExchange::AuthenticateSubject(
 }
 
 TaskTokenExchange::TaskTokenExchange(const TrustAuthority& authority, const EntryRegistry& entries,
-                                     const TaskRegistry& tasks, const Clock& clock,
-                                     ExchangeOptions options)
+                                     const TaskRegistry& tasks, store::Store& store,
+                                     const Clock& clock, ExchangeOptions options)
     : authority_(authority),
       entries_(entries),
       tasks_(tasks),
+      store_(store),
       clock_(clock),
       options_(std::move(options)) {
   if (options_.proof.token_endpoint_url.empty()) {
@@ -165,6 +168,7 @@ issuance::Result<AuthorizedTaskToken> TaskTokenExchange::Authorize(const TaskTok
 
   // 2. The caller.
   AuthorizedTaskToken out;
+  std::optional<store::RegistrationEntry> calling_entry;
   if (!ask.node_id.empty()) {
     auto entry = ask.entry_id.size() <= kMaxEntryIdBytes ? entries_.Get(ask.entry_id)
                                                          : absl::NotFoundError("");
@@ -174,6 +178,7 @@ issuance::Result<AuthorizedTaskToken> TaskTokenExchange::Authorize(const TaskTok
                           "the registration entry is not assigned to this node");
     }
     out.spiffe_id = entry->spiffe_id;
+    calling_entry = std::move(*entry);
   } else {
     auto subject = AuthenticateSubject(ask.subject_token);
     if (!subject.ok()) {
@@ -184,26 +189,64 @@ issuance::Result<AuthorizedTaskToken> TaskTokenExchange::Authorize(const TaskTok
     }
     out.spiffe_id = std::move(*subject);
   }
-  // The TTL rule and the policy context come from every entry issuing the SPIFFE ID, so both
-  // paths see the same.
+  // From here on the caller is known: every refusal names it (for the audit record).
+  issuance::Result<AuthorizedTaskToken> result = AuthorizeKnownCaller(ask, calling_entry, out);
+  if (!result.ok()) result.refusal().spiffe_id = out.spiffe_id;
+  return result;
+}
+
+issuance::Result<AuthorizedTaskToken> TaskTokenExchange::AuthorizeKnownCaller(
+    const TaskTokenAsk& ask, const std::optional<store::RegistrationEntry>& calling_entry,
+    AuthorizedTaskToken& out) const {
+  // The TTL rule comes from every entry issuing the SPIFFE ID, so both paths apply the same.
   std::vector<store::RegistrationEntry> registrations = entries_.ForSpiffeId(out.spiffe_id);
   if (registrations.empty()) {
     return OAuthRefusal(Step::kAuthorize, "invalid_grant", absl::StatusCode::kPermissionDenied,
                         "the SPIFFE ID has no registration entry");
   }
-  std::set<std::string> selectors;
-  out.node_id = registrations.front().parent_id;
   int64_t ttl = 0;
   for (const auto& e : registrations) {
-    selectors.insert(e.selectors.begin(), e.selectors.end());
     if (e.token_ttl_s > 0 && (ttl == 0 || e.token_ttl_s < ttl)) ttl = e.token_ttl_s;
   }
-  // Several parents: no single node, whichever entry's node ran the first check.
-  for (const auto& e : registrations) {
-    if (e.parent_id != registrations.front().parent_id) out.node_id.clear();
-  }
-  out.selectors.assign(selectors.begin(), selectors.end());
   out.ttl_seconds = ttl > 0 ? ttl : options_.default_token_ttl_seconds;
+  if (calling_entry.has_value()) {
+    // The node API knows which node and which entry: the policy sees exactly those.
+    out.node_id = calling_entry->parent_id;
+    out.selectors = calling_entry->selectors;
+  } else {
+    // POST /token: a JWT-SVID names no node, so the identity must still run on a node that is
+    // attested and not banned (the node API checks the caller's node on every call), and the
+    // policy sees only what holds for every registration: the selectors they all have and the
+    // node they share (none when they differ).
+    bool on_good_node = false;
+    for (const auto& e : registrations) {
+      auto node = store_.GetNode(e.parent_id);
+      if (node.ok() && !node->banned) {
+        on_good_node = true;
+        break;
+      }
+      if (!node.ok() && !absl::IsNotFound(node.status())) {
+        return OAuthRefusal(Step::kAuthorize, "server_error", absl::StatusCode::kUnavailable,
+                            "node store unavailable", 500);
+      }
+    }
+    if (!on_good_node) {
+      return OAuthRefusal(Step::kAuthorize, "invalid_grant", absl::StatusCode::kPermissionDenied,
+                          "the SPIFFE ID runs on no attested node that is not banned");
+    }
+    out.node_id = registrations.front().parent_id;
+    std::vector<std::string> common = registrations.front().selectors;
+    std::sort(common.begin(), common.end());
+    for (const auto& e : registrations) {
+      if (e.parent_id != out.node_id) out.node_id.clear();
+      std::vector<std::string> mine = e.selectors, kept;
+      std::sort(mine.begin(), mine.end());
+      std::set_intersection(common.begin(), common.end(), mine.begin(), mine.end(),
+                            std::back_inserter(kept));
+      common = std::move(kept);
+    }
+    out.selectors = std::move(common);
+  }
 
   // 3. The task.
   auto task = tasks_.GetUsable(out.spiffe_id, ask.task_id);

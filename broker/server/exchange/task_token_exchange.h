@@ -15,6 +15,9 @@
 //                                                                            use_dpop_nonce / 503
 // The policy hook, narrowing, minting and the record follow in the issuance pipeline.
 //
+// At POST /token the identity must also still run on an attested node that is not banned (the
+// node API checks the calling node on every call).
+//
 // TTL rule (both paths): the smallest --token-ttl set on any entry issuing the SPIFFE ID (the
 // broker's default when none sets one), then capped by the policy and by the task's deadline.
 //
@@ -113,8 +116,10 @@ struct TaskTokenAsk {
 // A request that passed every check of the exchange.
 struct AuthorizedTaskToken {
   std::string spiffe_id;
-  // The SPIFFE ID's registration, the same on both paths: the union of the selectors of every
-  // entry issuing it, and their parent node when they all share one (empty otherwise).
+  // The policy context. Node API: the calling node and its entry's selectors. POST /token (a
+  // JWT-SVID names no node): the selectors every entry issuing the SPIFFE ID has, and their
+  // parent node when they all share one (empty otherwise). For an identity registered once, the
+  // same on both paths.
   std::string node_id;
   std::vector<std::string> selectors;
   store::Task task;
@@ -134,7 +139,8 @@ struct ExchangeOptions {
 class TaskTokenExchange {
  public:
   TaskTokenExchange(const TrustAuthority& authority, const EntryRegistry& entries,
-                    const TaskRegistry& tasks, const Clock& clock, ExchangeOptions options);
+                    const TaskRegistry& tasks, store::Store& store, const Clock& clock,
+                    ExchangeOptions options);
 
   issuance::Result<AuthorizedTaskToken> Authorize(const TaskTokenAsk& ask) const;
 
@@ -147,10 +153,16 @@ class TaskTokenExchange {
   // The SPIFFE ID a JWT-SVID proves, after checking it is one this broker signed for its own
   // issuer URL and that an entry still issues that ID.
   absl::StatusOr<std::string> AuthenticateSubject(std::string_view jwt_svid) const;
+  // Steps 2 (registration) to 5 for a caller whose SPIFFE ID is known (`out.spiffe_id`);
+  // `calling_entry` is the node API's entry.
+  issuance::Result<AuthorizedTaskToken> AuthorizeKnownCaller(
+      const TaskTokenAsk& ask, const std::optional<store::RegistrationEntry>& calling_entry,
+      AuthorizedTaskToken& out) const;
 
   const TrustAuthority& authority_;
   const EntryRegistry& entries_;
   const TaskRegistry& tasks_;
+  store::Store& store_;
   const Clock& clock_;
   ExchangeOptions options_;
 };

@@ -31,7 +31,17 @@ std::string_view EventName(IssuanceKind kind) {
   }
 }
 
-std::string Clip(std::string_view id) { return std::string(id.substr(0, kMaxRecordedIdBytes)); }
+// At most kMaxRecordedIdBytes of `id`, cut at a UTF-8 character boundary.
+std::string Clip(std::string_view id) {
+  if (id.size() <= kMaxRecordedIdBytes) return std::string(id);
+  size_t end = kMaxRecordedIdBytes;
+  while (end > 0 && (static_cast<unsigned char>(id[end]) & 0xC0) == 0x80) --end;
+  return std::string(id.substr(0, end));
+}
+
+// A caller-supplied ID for an audit record's detail: clipped and escaped, so no byte of it can
+// make the record unreadable (the record's columns only ever hold IDs the broker resolved).
+std::string Claimed(std::string_view id) { return log::EscapeForLog(Clip(id)); }
 
 absl::StatusOr<crypto::PublicKey> KeyFromCsr(std::string_view csr_der) {
   auto csr = crypto::ParseAndVerifyCsrDer(csr_der);
@@ -158,18 +168,20 @@ void IssuancePipeline::Count(IssuanceKind kind, metrics::IssuanceOutcome outcome
 namespace {
 AuditEvent RefusalEvent(std::string_view event, const std::string& spiffe_id,
                         const std::string& node_id, const std::string& task_id,
-                        const std::string& entry_id, const Refusal& refusal) {
+                        const std::string& entry_id, const Refusal& refusal,
+                        const std::string& claimed_task_id = "") {
   nlohmann::json detail = {{"step", StepName(refusal.step)},
                            {"reason", std::string(refusal.status.message())}};
-  if (!entry_id.empty()) detail["entry_id"] = Clip(entry_id);
+  if (!entry_id.empty()) detail["entry_id"] = Claimed(entry_id);
   if (entry_id.size() > kMaxRecordedIdBytes) detail["entry_id_bytes"] = entry_id.size();
+  if (task_id.empty() && !claimed_task_id.empty()) detail["task_id"] = Claimed(claimed_task_id);
   if (refusal.policy_error) detail["policy_error"] = true;
   if (!refusal.policy_hook.empty()) detail["hook"] = refusal.policy_hook;
   return {.event = std::string(event),
           .outcome = "denied",
           .spiffe_id = spiffe_id,
-          .node_id = Clip(node_id),
-          .task_id = Clip(task_id),
+          .node_id = node_id,
+          .task_id = task_id,
           .detail = AuditDetail(detail)};
 }
 
@@ -180,16 +192,52 @@ metrics::IssuanceOutcome OutcomeOf(const Refusal& refusal) {
 }
 }  // namespace
 
-Refusal IssuancePipeline::Refuse(const Subject& subject, Refusal refusal) const {
+bool IssuancePipeline::TakeAnonymousAuditBudget() const {
+  absl::MutexLock lock(&anonymous_mu_);
+  const auto now = std::chrono::steady_clock::now();
+  const double elapsed = std::chrono::duration<double>(now - anonymous_refilled_at_).count();
+  anonymous_refilled_at_ = now;
+  anonymous_budget_ =
+      std::min(kAnonymousAuditBurst, anonymous_budget_ + elapsed * kAnonymousAuditPerSecond);
+  if (anonymous_budget_ < 1) {
+    ++anonymous_unrecorded_;
+    if (now - anonymous_reported_at_ >= std::chrono::seconds(1)) {
+      spdlog::warn(
+          "{} refusals of callers that proved nothing were not audited in the last "
+          "period (more than {}/s); see mandate_audit_refusals_unrecorded_total",
+          anonymous_unrecorded_, kAnonymousAuditPerSecond);
+      anonymous_unrecorded_ = 0;
+      anonymous_reported_at_ = now;
+    }
+    return false;
+  }
+  anonymous_budget_ -= 1;
+  return true;
+}
+
+Refusal IssuancePipeline::Refuse(const Subject& given, Refusal refusal) const {
+  Subject subject = given;
+  if (subject.spiffe_id.empty() && !refusal.spiffe_id.empty()) {
+    subject.spiffe_id = refusal.spiffe_id;
+  }
   spdlog::info("issuance refused kind={} step={} spiffe_id={} node={}: {}",
                policy::IssuanceKindName(subject.kind), StepName(refusal.step),
                log::EscapeForLog(subject.spiffe_id), log::EscapeForLog(Clip(subject.node_id)),
                log::EscapeForLog(std::string(refusal.status.message())));
-  absl::Status audited =
-      deps_.audit->Record(RefusalEvent(EventName(subject.kind), subject.spiffe_id, subject.node_id,
-                                       subject.task_id, subject.entry_id, refusal));
-  if (!audited.ok()) spdlog::error("refusal not audited: {}", std::string(audited.message()));
   Count(subject.kind, OutcomeOf(refusal));
+  // A caller that proved nothing (a malformed request, a bad token, failed attestation) is
+  // audited within a budget, so that a flood of garbage cannot fill the disk or hold the commit
+  // queue that real issuance waits on; past it the refusal is counted, not recorded.
+  const bool anonymous = subject.node_id.empty() && subject.spiffe_id.empty() &&
+                         (refusal.step == Step::kRequest || refusal.step == Step::kAuthenticate);
+  if (anonymous && !TakeAnonymousAuditBudget()) {
+    if (deps_.metrics != nullptr) deps_.metrics->CountUnrecordedRefusal();
+    return refusal;
+  }
+  absl::Status audited = deps_.audit->Record(
+      RefusalEvent(EventName(subject.kind), subject.spiffe_id, subject.node_id, subject.task_id,
+                   subject.entry_id, refusal, subject.claimed_task_id));
+  if (!audited.ok()) spdlog::error("refusal not audited: {}", std::string(audited.message()));
   return refusal;
 }
 
@@ -201,6 +249,11 @@ Refusal IssuancePipeline::RecordFailed(const Subject& subject, const absl::Statu
                 policy::IssuanceKindName(subject.kind), subject.spiffe_id,
                 std::string(status.message()));
   Count(subject.kind, metrics::IssuanceOutcome::kError);
+  // When the store (not the audit log) failed, the refusal can still be recorded.
+  absl::Status audited =
+      deps_.audit->Record(RefusalEvent(EventName(subject.kind), subject.spiffe_id, subject.node_id,
+                                       subject.task_id, subject.entry_id, r));
+  if (!audited.ok()) spdlog::debug("refusal not audited: {}", std::string(audited.message()));
   return r;
 }
 
@@ -225,12 +278,14 @@ absl::StatusOr<store::RegistrationEntry> IssuancePipeline::AuthorizeEntry(
   return entry;
 }
 
-Result<policy::PolicyDecision> IssuancePipeline::Decide(const policy::PolicyInput& input,
-                                                        bool oauth) const {
+Result<policy::PolicyDecision> IssuancePipeline::Decide(
+    const policy::PolicyInput& input, bool oauth,
+    std::optional<std::chrono::steady_clock::time_point> deadline) const {
   if (deps_.policy == nullptr || deps_.policy->empty()) {
     return policy::PolicyDecision{.allow = true};
   }
-  policy::ChainDecision d = deps_.policy->Decide(input);
+  policy::ChainDecision d =
+      deadline.has_value() ? deps_.policy->Decide(input, *deadline) : deps_.policy->Decide(input);
   if (d.outcome == policy::ChainDecision::Outcome::kAllow) {
     if (!d.decision.require_approval || input.kind == IssuanceKind::kTask) {
       return std::move(d.decision);
@@ -242,10 +297,17 @@ Result<policy::PolicyDecision> IssuancePipeline::Decide(const policy::PolicyInpu
                                 why)
                  : StatusRefusal(Step::kPolicy, absl::PermissionDeniedError(why));
   }
-  Refusal r = oauth ? OAuthRefusal(Step::kPolicy, "invalid_grant",
-                                   absl::StatusCode::kPermissionDenied, d.decision.reason)
-                    : StatusRefusal(Step::kPolicy, absl::PermissionDeniedError(d.decision.reason));
-  r.policy_error = d.outcome == policy::ChainDecision::Outcome::kError;
+  const bool error = d.outcome == policy::ChainDecision::Outcome::kError;
+  // A hook that could not decide denies, but says so as a temporary condition (503 /
+  // UNAVAILABLE), so clients retry later instead of treating an outage as a verdict.
+  Refusal r = error ? OAuthRefusal(Step::kPolicy, "temporarily_unavailable",
+                                   absl::StatusCode::kUnavailable, d.decision.reason, 503)
+              : oauth
+                  ? OAuthRefusal(Step::kPolicy, "invalid_grant",
+                                 absl::StatusCode::kPermissionDenied, d.decision.reason)
+                  : StatusRefusal(Step::kPolicy, absl::PermissionDeniedError(d.decision.reason));
+  if (error && !oauth) r.status = absl::UnavailableError(d.decision.reason);
+  r.policy_error = error;
   r.policy_hook = d.hook;
   return r;
 }
@@ -378,6 +440,12 @@ Result<Issued> IssuancePipeline::Run(const X509SvidRequest& request) const {
     (OutcomeOf(r) == metrics::IssuanceOutcome::kError ? errors : refused)++;
     if (!first_refusal.has_value()) first_refusal = std::move(r);
   };
+  // One deadline for the whole batch: a slow hook holds this thread at most one timeout, and
+  // once it could not decide, the rest of the batch is refused without asking it again.
+  const auto deadline =
+      std::chrono::steady_clock::now() +
+      (deps_.policy != nullptr ? deps_.policy->timeout() : std::chrono::milliseconds(0));
+  std::optional<Refusal> hook_failure;
   for (const X509SvidItem& item : request.items) {
     auto entry = AuthorizeEntry(subject.node_id, item.entry_id);
     if (!entry.ok()) {
@@ -397,8 +465,13 @@ Result<Issued> IssuancePipeline::Run(const X509SvidRequest& request) const {
                                                  ? entry->x509_ttl_s
                                                  : deps_.minter->defaults().x509_svid_ttl_seconds,
                               .time = now};
-    auto decision = Decide(input, false);
+    if (hook_failure.has_value()) {
+      refuse_item(&*entry, item, *hook_failure);
+      continue;
+    }
+    auto decision = Decide(input, false, deadline);
     if (!decision.ok()) {
+      if (decision.refusal().policy_error) hook_failure = decision.refusal();
       refuse_item(&*entry, item, std::move(decision.refusal()));
       continue;
     }
@@ -571,8 +644,8 @@ Result<Issued> IssuancePipeline::Run(const TaskDeclarationRequest& request) cons
 
 Result<Issued> IssuancePipeline::Run(const TaskTokenRequest& request) const {
   Subject subject{.kind = IssuanceKind::kTaskToken,
-                  .task_id = request.ask.task_id,
-                  .entry_id = request.ask.entry_id};
+                  .entry_id = request.ask.entry_id,
+                  .claimed_task_id = request.ask.task_id};
   if (deps_.exchange == nullptr) {
     return OAuthRefusal(Step::kRequest, "unsupported_grant_type", absl::StatusCode::kUnimplemented,
                         "tasks are not enabled on this broker");
@@ -587,6 +660,7 @@ Result<Issued> IssuancePipeline::Run(const TaskTokenRequest& request) const {
   if (!authorized.ok()) return Refuse(subject, std::move(authorized.refusal()));
   AuthorizedTaskToken& grant = *authorized;
   subject.spiffe_id = grant.spiffe_id;
+  subject.task_id = grant.task.id;
   subject.node_id = grant.node_id.empty() ? subject.node_id : grant.node_id;
   const int64_t now = deps_.clock->NowSeconds();
   policy::PolicyInput input{
@@ -609,6 +683,17 @@ Result<Issued> IssuancePipeline::Run(const TaskTokenRequest& request) const {
     return Refuse(subject,
                   OAuthRefusal(Step::kPolicy, "invalid_scope", absl::StatusCode::kPermissionDenied,
                                "the policy leaves none of the requested scopes"));
+  }
+  // The hook may have taken a while: a task ended (or sent back for approval) meanwhile gets no
+  // token.
+  if (auto still = deps_.tasks != nullptr ? deps_.tasks->GetUsable(grant.spiffe_id, grant.task.id)
+                                          : absl::StatusOr<store::Task>(grant.task);
+      !still.ok()) {
+    return Refuse(
+        subject,
+        OAuthRefusal(Step::kAuthorize,
+                     absl::IsUnavailable(still.status()) ? "server_error" : "invalid_grant",
+                     still.status().code(), std::string(still.status().message())));
   }
   TaskTokenGrant mint{.spiffe_id = grant.spiffe_id,
                       .task_id = grant.task.id,

@@ -14,19 +14,26 @@
 //
 // Every refusal at any step is audited here, once, with the kind, the step and the reason, and
 // counted in /metrics; a credential whose record could not be stored is not returned
-// (Unavailable): nothing leaves the broker without a record.
+// (Unavailable): nothing leaves the broker without a record. Refusals of callers that proved
+// nothing (malformed requests, bad tokens, failed attestations) are audited within a budget
+// (kAnonymousAuditPerSecond); past it they are counted (mandate_audit_refusals_unrecorded_total)
+// and summarised in the log, so garbage cannot fill the disk or the audit commit queue.
 //
 // Ownership: borrows everything passed to the constructor; all must outlive the pipeline.
 // Thread-safety: Issue may be called concurrently.
 #ifndef MANDATE_BROKER_SERVER_ISSUANCE_PIPELINE_H_
 #define MANDATE_BROKER_SERVER_ISSUANCE_PIPELINE_H_
 
+#include <chrono>
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <variant>
 #include <vector>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
 #include "attestors/node/node_attestor.h"
 #include "broker/common/crypto/x509.h"
 #include "broker/common/store/store.h"
@@ -177,8 +184,9 @@ class IssuancePipeline {
     policy::IssuanceKind kind;
     std::string spiffe_id = {};
     std::string node_id = {};
-    std::string task_id = {};
+    std::string task_id = {};  // resolved: the task the caller owns
     std::string entry_id = {};
+    std::string claimed_task_id = {};  // as the caller sent it (detail only)
   };
   Result<Issued> Run(const NodeSvidRequest& request) const;
   Result<Issued> Run(const X509SvidRequest& request) const;
@@ -189,7 +197,12 @@ class IssuancePipeline {
 
   // The policy step: the chain's decision, or the refusal it amounts to. `oauth` renders denials
   // as OAuth errors (task tokens).
-  Result<policy::PolicyDecision> Decide(const policy::PolicyInput& input, bool oauth) const;
+  // `deadline` (default: now + the chain's timeout) bounds a whole batch's decisions.
+  Result<policy::PolicyDecision> Decide(
+      const policy::PolicyInput& input, bool oauth,
+      std::optional<std::chrono::steady_clock::time_point> deadline = std::nullopt) const;
+  // One unit of the audit budget for refusals of callers that proved nothing (Refuse).
+  bool TakeAnonymousAuditBudget() const;
   // Audits and counts a refusal; returns it for the caller to hand back.
   Refusal Refuse(const Subject& subject, Refusal refusal) const;
   // A refusal for a store or audit failure at the record step.
@@ -198,6 +211,17 @@ class IssuancePipeline {
   void Count(policy::IssuanceKind kind, metrics::IssuanceOutcome outcome, double n = 1) const;
 
   PipelineDeps deps_;
+
+  // Refusals of callers that proved nothing are audited up to this rate (burst: the bucket).
+  static constexpr double kAnonymousAuditPerSecond = 100;
+  static constexpr double kAnonymousAuditBurst = 200;
+  mutable absl::Mutex anonymous_mu_;
+  mutable double anonymous_budget_ ABSL_GUARDED_BY(anonymous_mu_) = kAnonymousAuditBurst;
+  mutable std::chrono::steady_clock::time_point anonymous_refilled_at_
+      ABSL_GUARDED_BY(anonymous_mu_) = std::chrono::steady_clock::now();
+  mutable std::chrono::steady_clock::time_point anonymous_reported_at_
+      ABSL_GUARDED_BY(anonymous_mu_);
+  mutable int64_t anonymous_unrecorded_ ABSL_GUARDED_BY(anonymous_mu_) = 0;
 };
 
 }  // namespace mandate::broker::issuance

@@ -43,6 +43,8 @@ struct Refusal {
   // The policy hook could not decide (counted and audited apart from a denial).
   bool policy_error = false;
   std::string policy_hook;  // the hook that denied or failed (kPolicy)
+  // The caller's SPIFFE ID when the refusing step had established it (for the audit record).
+  std::string spiffe_id;
 };
 
 // A refusal for a request with an OAuth rendering: status = code + "<error>: <description>".

@@ -60,9 +60,19 @@ BrokerMetrics::BrokerMetrics() : registry_(std::make_shared<prometheus::Registry
                             .Help("Task declarations waiting for a human decision.")
                             .Register(*registry_)
                             .Add({});
+  unrecorded_refusals_ =
+      &prometheus::BuildCounter()
+           .Name("mandate_audit_refusals_unrecorded_total")
+           .Help(
+               "Refusals of callers that proved nothing, past their audit budget: counted, "
+               "not recorded.")
+           .Register(*registry_)
+           .Add({});
 }
 
 BrokerMetrics::~BrokerMetrics() = default;
+
+void BrokerMetrics::CountUnrecordedRefusal() { unrecorded_refusals_->Increment(); }
 
 void BrokerMetrics::CountIssuance(policy::IssuanceKind kind, IssuanceOutcome outcome, double n) {
   issuances_[KindIndex(kind)][static_cast<size_t>(outcome)]->Increment(n);

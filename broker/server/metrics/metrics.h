@@ -48,6 +48,9 @@ class BrokerMetrics {
   // mandate_policy_caps_crossed_total{cap}: requests denied by an execution cap
   // ("tokens_per_task", "issuances_per_minute").
   void CountCapCrossed(std::string_view cap);
+  // mandate_audit_refusals_unrecorded_total: refusals of callers that proved nothing, past the
+  // audit budget for them (counted here instead of recorded).
+  void CountUnrecordedRefusal();
   // mandate_approvals_pending: task declarations waiting for a human.
   void SetApprovalsPending(double n);
 
@@ -62,6 +65,7 @@ class BrokerMetrics {
   prometheus::Family<prometheus::Histogram>* hook_latency_ = nullptr;
   prometheus::Family<prometheus::Counter>* caps_crossed_ = nullptr;
   prometheus::Gauge* approvals_pending_ = nullptr;
+  prometheus::Counter* unrecorded_refusals_ = nullptr;
 };
 
 }  // namespace mandate::broker::metrics

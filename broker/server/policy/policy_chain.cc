@@ -20,16 +20,29 @@ std::vector<std::string> Intersect(const std::vector<std::string>& current,
   return out;
 }
 
+// At most kMaxReasonBytes of a hook's reason (cut at a character boundary), escaped.
+constexpr size_t kMaxReasonBytes = 512;
+std::string BoundedReason(std::string_view reason) {
+  size_t end = std::min(reason.size(), kMaxReasonBytes);
+  while (end < reason.size() && end > 0 &&
+         (static_cast<unsigned char>(reason[end]) & 0xC0) == 0x80) {
+    --end;
+  }
+  std::string out = log::EscapeForLog(reason.substr(0, end));
+  if (end < reason.size()) out += "...";
+  return out;
+}
+
 }  // namespace
 
 PolicyChain::PolicyChain(std::vector<HookBinding> hooks, std::chrono::milliseconds timeout,
                          metrics::BrokerMetrics* metrics)
     : hooks_(std::move(hooks)), timeout_(timeout), metrics_(metrics) {}
 
-ChainDecision PolicyChain::Decide(const PolicyInput& input) const {
+ChainDecision PolicyChain::Decide(const PolicyInput& input,
+                                  std::chrono::steady_clock::time_point deadline) const {
   ChainDecision result;
   result.decision.allow = true;
-  const auto deadline = std::chrono::steady_clock::now() + timeout_;
   for (const HookBinding& binding : hooks_) {
     if (!binding.kinds.empty() && !binding.kinds.contains(input.kind)) continue;
     result.unasked = false;
@@ -55,9 +68,10 @@ ChainDecision PolicyChain::Decide(const PolicyInput& input) const {
       result.outcome = ChainDecision::Outcome::kDeny;
       result.hook = std::string(name);
       result.decision = PolicyDecision{};
+      // The hook's words go to the caller, the audit log and logs: bounded and escaped.
       result.decision.reason = answer->reason.empty()
                                    ? absl::StrCat("denied by policy (", std::string(name), ")")
-                                   : answer->reason;
+                                   : BoundedReason(answer->reason);
       break;
     }
     PolicyDecision& merged = result.decision;

@@ -46,7 +46,12 @@ class PolicyChain {
               metrics::BrokerMetrics* metrics);
 
   // Asks every hook bound to input.kind. Counts the decision in the metrics (allow/deny/error).
-  ChainDecision Decide(const PolicyInput& input) const;
+  ChainDecision Decide(const PolicyInput& input) const {
+    return Decide(input, std::chrono::steady_clock::now() + timeout_);
+  }
+  // The same within a deadline the caller chose (a batch's decisions share one).
+  ChainDecision Decide(const PolicyInput& input,
+                       std::chrono::steady_clock::time_point deadline) const;
 
   bool empty() const { return hooks_.empty(); }
   std::chrono::milliseconds timeout() const { return timeout_; }

@@ -5,6 +5,7 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <functional>
 #include <mutex>
 #include <nlohmann/json.hpp>
 #include <set>
@@ -36,13 +37,25 @@ class ScriptedHook : public policy::PolicyHook {
   std::string_view name() const override { return "scripted"; }
   absl::StatusOr<policy::PolicyDecision> Check(const policy::PolicyInput& input,
                                                std::chrono::steady_clock::time_point) override {
-    std::lock_guard<std::mutex> lock(mu_);
-    inputs_.push_back(input);
-    return answer_;
+    std::function<void()> during;
+    absl::StatusOr<policy::PolicyDecision> answer = absl::UnknownError("");
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      inputs_.push_back(input);
+      during = during_;
+      answer = answer_;
+    }
+    if (during) during();
+    return answer;
   }
   void Answer(absl::StatusOr<policy::PolicyDecision> answer) {
     std::lock_guard<std::mutex> lock(mu_);
     answer_ = std::move(answer);
+  }
+  // Runs during every Check (to change the world while the hook decides).
+  void During(std::function<void()> action) {
+    std::lock_guard<std::mutex> lock(mu_);
+    during_ = std::move(action);
   }
   std::vector<policy::PolicyInput> inputs() {
     std::lock_guard<std::mutex> lock(mu_);
@@ -53,6 +66,7 @@ class ScriptedHook : public policy::PolicyHook {
   std::mutex mu_;
   absl::StatusOr<policy::PolicyDecision> answer_ = policy::PolicyDecision{.allow = true};
   std::vector<policy::PolicyInput> inputs_;
+  std::function<void()> during_;
 };
 
 class PipelineTest : public ::testing::Test {
@@ -78,7 +92,7 @@ class PipelineTest : public ::testing::Test {
     nodes_ = std::make_unique<NodeAuthenticator>(*authority_, *store_, clock_);
     tasks_ = std::make_unique<TaskRegistry>(*store_, *audit_, clock_, TaskLimits{});
     exchange_ = std::make_unique<TaskTokenExchange>(
-        *authority_, *registry_, *tasks_, clock_,
+        *authority_, *registry_, *tasks_, *store_, clock_,
         ExchangeOptions{.issuer_url = kIssuer, .proof = {.replay_cache = &cache_}});
     hook_ = std::make_shared<ScriptedHook>();
     chain_ =
@@ -269,7 +283,8 @@ TEST_F(PipelineTest, AHookThatCannotDecideDeniesAndIsCountedApart) {
       pipeline_->IssueJwtSvid({.client_pem = node_pem_, .entry_id = "e1", .audiences = {kApi}});
   ASSERT_FALSE(jwt.ok());
   EXPECT_TRUE(jwt.refusal().policy_error);
-  EXPECT_EQ(jwt.refusal().status.code(), absl::StatusCode::kPermissionDenied);
+  // Denied, as a temporary condition: the caller may retry once the hook is back.
+  EXPECT_EQ(jwt.refusal().status.code(), absl::StatusCode::kUnavailable);
   EXPECT_THAT(std::string(jwt.refusal().status.message()), HasSubstr("could not decide"));
   json detail = json::parse(AuditRecords().back().detail);
   EXPECT_EQ(detail["policy_error"], true);
@@ -315,6 +330,50 @@ TEST_F(PipelineTest, ApprovalIsOnlyForTaskDeclarations) {
   auto jwt =
       pipeline_->IssueJwtSvid({.client_pem = node_pem_, .entry_id = "e1", .audiences = {kApi}});
   EXPECT_FALSE(jwt.ok());
+}
+
+TEST_F(PipelineTest, ATaskEndedWhileTheHookDecidesGetsNoToken) {
+  const std::string task_id = DeclareTask();
+  hook_->During([&] { ASSERT_TRUE(tasks_->End(kBot, task_id).ok()); });
+  auto token = pipeline_->IssueTaskToken(TokenRequest(task_id));
+  ASSERT_FALSE(token.ok());
+  EXPECT_EQ(token.refusal().oauth_error, "invalid_grant");
+  EXPECT_THAT(token.refusal().description, HasSubstr("ended"));
+  auto records = AuditRecords();
+  EXPECT_EQ(records.back().outcome, "denied");
+  EXPECT_EQ(records.back().spiffe_id, kBot);
+  EXPECT_EQ(records.back().task_id, task_id);
+}
+
+TEST_F(PipelineTest, ABatchAsksAFailingHookOnceAndSharesOneDeadline) {
+  hook_->Answer(absl::DeadlineExceededError("too slow"));
+  std::vector<X509SvidItem> items(20, {"e1", Csr()});
+  auto svids = pipeline_->IssueX509Svids({.client_pem = node_pem_, .items = items});
+  ASSERT_FALSE(svids.ok());
+  EXPECT_TRUE(svids.refusal().policy_error);
+  EXPECT_EQ(hook_->inputs().size(), 1u);
+}
+
+TEST_F(PipelineTest, CallerSuppliedIdsNeverReachTheRecordsColumns) {
+  // An unknown task named by bytes that are not UTF-8: the record stays readable, and the
+  // claimed ID is kept, escaped, in the detail only.
+  auto token = pipeline_->IssueTaskToken(TokenRequest(std::string("task_\xff\xfe") + "x"));
+  ASSERT_FALSE(token.ok());
+  auto records = AuditRecords();
+  ASSERT_FALSE(records.empty());
+  EXPECT_EQ(records.back().task_id, "");
+  EXPECT_EQ(records.back().spiffe_id, kBot);  // the refusal names the authenticated caller
+  json detail = json::parse(records.back().detail);
+  EXPECT_THAT(detail["task_id"].get<std::string>(), HasSubstr("task_"));
+  EXPECT_EQ(detail["task_id"].get<std::string>().find('\xff'), std::string::npos);
+}
+
+TEST_F(PipelineTest, TheNodePathHandsTheHookTheCallingNodeAndEntry) {
+  const std::string task_id = DeclareTask();
+  ASSERT_TRUE(pipeline_->IssueTaskToken(TokenRequest(task_id)).ok());
+  const policy::PolicyInput input = hook_->inputs().back();
+  EXPECT_EQ(input.node_id, kNode);
+  EXPECT_EQ(input.selectors, std::vector<std::string>{"unix:uid:1000"});
 }
 
 // ---- authorisation ----

@@ -63,6 +63,14 @@ class TokenEndpointTest : public ::testing::Test {
                                clock_))
                      .value();
     registry_ = std::move(EntryRegistry::Load(*store_)).value();
+    // /token serves identities running on an attested node that is not banned.
+    ASSERT_TRUE(store_
+                    ->UpsertNode({.spiffe_id = kNode,
+                                  .attestor = "join_token",
+                                  .selectors = {"join_token:n1"},
+                                  .cert_serial = "01",
+                                  .cert_expires_at = kNow + 3600})
+                    .ok());
     AddEntry("e1", kBot, {"read", "write", "deploy"}, /*token_ttl=*/120);
     AddEntry("e2", kOther, {"read"}, 0);
     audit_ = testing::OpenAuditLog(*store_, clock_);
@@ -85,7 +93,7 @@ class TokenEndpointTest : public ::testing::Test {
                   const policy::PolicyChain* policy = nullptr) {
     Stack stack;
     stack.exchange = std::make_unique<TaskTokenExchange>(
-        *authority_, *registry_, *tasks_, clock_,
+        *authority_, *registry_, *tasks_, *store_, clock_,
         ExchangeOptions{
             .issuer_url = kIssuer,
             .proof = {.started_at = started_at, .replay_cache = &cache, .nonces = nonces}});
@@ -517,6 +525,47 @@ TEST_F(TokenEndpointTest, RefusesProofsWithDuplicateMemberNames) {
                                      kTokenUrl, R"(","iat":)", kNow, "}"));
   ExpectError(Post(Params(), {*typ_proof}), "invalid_dpop_proof", "duplicate member name");
   EXPECT_EQ(cache_.size(), 0u);
+}
+
+TEST_F(TokenEndpointTest, AnIdentityWhoseNodeIsBannedOrEvictedGetsNoToken) {
+  ASSERT_TRUE(store_->SetNodeBanned(kNode, true).ok());
+  ExpectError(Post(Params()), "invalid_grant", "no attested node");
+  ASSERT_TRUE(store_->DeleteNode(kNode).ok());
+  ExpectError(Post(Params()), "invalid_grant", "no attested node");
+}
+
+TEST_F(TokenEndpointTest, AnEmptyAudienceMeansTheTasksOnlyOne) {
+  TokenResponse response = Post(With(Params(), "audience", ""));
+  EXPECT_EQ(response.status, 200) << response.body;
+}
+
+// Garbage from callers that proved nothing is audited within a budget, then only counted.
+TEST_F(TokenEndpointTest, RefusalsOfAnonymousCallersAreAuditedWithinABudget) {
+  metrics::BrokerMetrics metrics;
+  dpop::ReplayCache cache;
+  Stack stack = MakeStack(cache, kNow - 10);
+  issuance::PipelineDeps deps{.minter = minter_.get(),
+                              .nodes = nodes_.get(),
+                              .entries = registry_.get(),
+                              .tasks = tasks_.get(),
+                              .exchange = stack.exchange.get(),
+                              .audit = audit_.get(),
+                              .store = store_.get(),
+                              .metrics = &metrics,
+                              .clock = &clock_};
+  issuance::IssuancePipeline pipeline(deps);
+  TokenEndpoint endpoint(pipeline);
+  const size_t before = store_->ListAuditRecords({})->size();
+  for (int i = 0; i < 400; ++i) {
+    TokenResponse r = endpoint.Handle(TokenRequest{.content_type = "text/plain", .body = "x"});
+    ASSERT_EQ(r.status, 400);
+  }
+  const size_t audited = store_->ListAuditRecords({})->size() - before;
+  EXPECT_GE(audited, 200u);
+  EXPECT_LT(audited, 400u);
+  EXPECT_THAT(metrics.Render(), HasSubstr("mandate_audit_refusals_unrecorded_total"));
+  EXPECT_THAT(metrics.Render(),
+              ::testing::Not(HasSubstr("mandate_audit_refusals_unrecorded_total 0")));
 }
 
 TEST(ParseFormUrlEncodedTest, DecodesAndKeepsOrderAndRepetitions) {
