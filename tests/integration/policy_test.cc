@@ -555,17 +555,25 @@ TEST_P(HookDecisionsTest, AllowDenyTtlAndScopesShapeTheToken) {
   TokenHttpAnswer narrowed_http = TokenOverHttp(task->id, kAudience);
   ASSERT_EQ(narrowed_http.status, 200) << narrowed_http.body.dump();
   EXPECT_EQ(PayloadOf(narrowed_http.body["access_token"])["scope"], "tickets:read");
-  // Asked for tickets:write alone, the hook's list leaves nothing of it; never "admin".
-  auto write_only = client_->FetchTaskToken(*task, kAudience, {"tickets:write"});
-  if (write_only.ok()) {
-    std::string scope = PayloadOf(write_only->access_token).value("scope", "");
-    EXPECT_EQ(scope.find("admin"), std::string::npos) << scope;
-    EXPECT_EQ(scope.find("tickets:write"), std::string::npos) << scope;
-  }
+  // Asked for tickets:write alone, the hook's list leaves nothing: refused, "admin" not given.
+  absl::Status write_only = RawFetchTaskToken(task->id, kAudience, {"tickets:write"});
+  EXPECT_EQ(Msg(write_only), "invalid_scope: the policy leaves none of the requested scopes");
+  TokenHttpAnswer write_only_http = TokenOverHttp(task->id, kAudience, {"tickets:write"});
+  EXPECT_EQ(write_only_http.status, 400) << write_only_http.body.dump();
+  EXPECT_EQ(write_only_http.body.value("error", ""), "invalid_scope");
+  // A hook naming more than was asked for adds nothing.
+  hook->SetScript(ForTaskTokens(
+      {.scopes = std::vector<std::string>{"admin", "tickets:write", "tickets:read", "root"}}));
+  auto not_widened = client_->FetchTaskToken(*task, kAudience, {"tickets:write"});
+  ASSERT_TRUE(not_widened.ok()) << not_widened.status();
+  EXPECT_EQ(PayloadOf(not_widened->access_token)["scope"], "tickets:write");
+  auto all = client_->FetchTaskToken(*task, kAudience);
+  ASSERT_TRUE(all.ok()) << all.status();
+  EXPECT_EQ(PayloadOf(all->access_token)["scope"], "tickets:read tickets:write");
   // The hook saw what the broker would grant, before its own cap.
   std::vector<json> seen = hook->InputsOfKind("task_token");
   ASSERT_FALSE(seen.empty());
-  EXPECT_EQ(seen.back()["scopes"], json::array({"tickets:write"}));
+  EXPECT_EQ(seen.back()["scopes"], json::array({"tickets:read", "tickets:write"}));
 
   // Deny with a reason: shown on both paths, nothing minted.
   const std::string reason = "no tickets for you: change freeze";
