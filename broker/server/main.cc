@@ -582,11 +582,13 @@ int main(int argc, char** argv) {
   mandate::SetUpRuntime();
   // Every agent connection and HTTP client costs a descriptor: use what the hard limit allows.
   mandate::RaiseFileLimit();
-  // Block termination signals in every thread; main() takes them with sigwait.
+  // Block termination signals and SIGHUP (reload the rules file) in every thread; main() takes
+  // them with sigwait. A SIGHUP left unblocked would kill the broker (its default action).
   sigset_t signals;
   sigemptyset(&signals);
   sigaddset(&signals, SIGTERM);
   sigaddset(&signals, SIGINT);
+  sigaddset(&signals, SIGHUP);
   pthread_sigmask(SIG_BLOCK, &signals, nullptr);
   signal(SIGPIPE, SIG_IGN);
 
