@@ -20,7 +20,9 @@ std::vector<std::string> Intersect(const std::vector<std::string>& current,
   return out;
 }
 
-// At most kMaxReasonBytes of a hook's reason (cut at a character boundary), escaped.
+// At most kMaxReasonBytes of a hook's reason (cut at a character boundary), with control
+// characters replaced: it is shown to callers, logged and audited. (Both hooks' answers are
+// valid UTF-8: JSON and protobuf strings are checked when parsed.)
 constexpr size_t kMaxReasonBytes = 512;
 std::string BoundedReason(std::string_view reason) {
   size_t end = std::min(reason.size(), kMaxReasonBytes);
@@ -28,7 +30,11 @@ std::string BoundedReason(std::string_view reason) {
          (static_cast<unsigned char>(reason[end]) & 0xC0) == 0x80) {
     --end;
   }
-  std::string out = log::EscapeForLog(reason.substr(0, end));
+  std::string out(reason.substr(0, end));
+  for (char& c : out) {
+    const unsigned char u = static_cast<unsigned char>(c);
+    if (u < 0x20 || u == 0x7F) c = ' ';
+  }
   if (end < reason.size()) out += "...";
   return out;
 }
