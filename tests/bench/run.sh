@@ -20,7 +20,8 @@
 # names the hook and, for the external ones, the calls the hook answered and the connections it
 # accepted (kept alive: the pool's size, whatever the number of calls).
 # --only LIST: only these scenarios (comma-separated), no audit or scale measurements; used to
-# compare hooks (docs/performance.md "Policy hook cost").
+# compare hooks (docs/performance.md "Policy hook cost"). --concurrency N: client threads per
+# scenario (default 16).
 # --profile SCENARIO: run only that scenario (quick length) under a system-wide perf recording;
 # prints CPU by process and the top symbols of broker, agent and client, and keeps the data in
 # BUILD/perf-SCENARIO.data.
@@ -34,6 +35,7 @@ BUILD=""
 PROFILE=""
 POLICY=none
 ONLY=""
+CONCURRENCY=""
 while [[ $# -gt 0 ]]; do
   case $1 in
     --quick) MODE=quick ;;
@@ -49,6 +51,10 @@ while [[ $# -gt 0 ]]; do
       ;;
     --only)
       ONLY=$2
+      shift
+      ;;
+    --concurrency)
+      CONCURRENCY=$2
       shift
       ;;
     --profile)
@@ -154,6 +160,7 @@ RUN_ARGS=(run --socket "$T/a/agent.sock" --admin-socket "$T/b/admin.sock"
   --bundle "$T/b/bundle.pem" --agent-data-dir "$T/a" --node-id "$NODE_ID")
 [[ $MODE == quick ]] && RUN_ARGS+=(--quick)
 [[ -n $ONLY ]] && RUN_ARGS+=(--only "$ONLY")
+[[ -n $CONCURRENCY ]] && RUN_ARGS+=(--concurrency "$CONCURRENCY")
 if [[ -n $PROFILE ]]; then
   command -v perf >/dev/null || { log "perf is missing (Debian: linux-perf)"; exit 1; }
   # System-wide: gRPC starts handler threads on demand, which a per-pid recording would miss.
@@ -198,6 +205,13 @@ check_daemons_alive "the scenarios"
 # The hook's own count of calls and connections, once it has stopped; and the connections open
 # to it now, from outside (ss).
 echo "{\"hook\": \"$POLICY\"}" >"$T/policy.json"
+# The broker's own timing of the hook calls (mandate_policy_hook_duration_seconds): the mean time
+# one decision took inside the broker, apart from everything else on the path.
+HOOK_MEAN_US=$(curl -fsS "http://$HTTP_ADDR/metrics" | awk '
+  /^mandate_policy_hook_duration_seconds_sum/ { s += $2 }
+  /^mandate_policy_hook_duration_seconds_count/ { c += $2 }
+  END { if (c > 0) printf "%.1f", s / c * 1e6; else print 0 }')
+[[ $POLICY == rules ]] && echo "{\"hook\": \"rules\", \"hook_call_mean_us\": $HOOK_MEAN_US}" >"$T/policy.json"
 if [[ -n $HOOK_PID ]]; then
   HOOK_OPEN=$(hook_established)
   stop_pid "$HOOK_PID"
@@ -209,11 +223,16 @@ import json, sys
 stats = json.loads(sys.argv[2])
 out = {"hook": sys.argv[1], "hook_requests": stats["requests"],
        "hook_connections": stats["connections"], "hook_connections_open": int(sys.argv[3])}
-print(json.dumps(out))' "$POLICY" "$HOOK_STATS" "$HOOK_OPEN" >"$T/policy.json"
+out["hook_call_mean_us"] = float(sys.argv[4])
+print(json.dumps(out))' "$POLICY" "$HOOK_STATS" "$HOOK_OPEN" "$HOOK_MEAN_US" >"$T/policy.json"
   log "policy hook: $(cat "$T/policy.json")"
   # A hook that was never asked measured nothing.
   [[ $(echo "$HOOK_STATS" | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["requests"])') \
     -gt 0 ]] || { log "the $POLICY hook answered no call"; exit 1; }
+  # Kept alive: at most the webhook pool's 8 connections (gRPC: one channel), however many
+  # calls; a connection per decision would show one per call.
+  [[ $(echo "$HOOK_STATS" | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["connections"])') \
+    -le 8 ]] || { log "the $POLICY hook accepted more than 8 connections: $HOOK_STATS"; exit 1; }
 fi
 # Free the machine for the scale measurements.
 stop_pid "$AGENT_PID"
