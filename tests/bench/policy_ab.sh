@@ -21,7 +21,10 @@ while [[ $# -gt 0 ]]; do
     --only) ONLY=$2; shift ;;
     --concurrency | --build-dir) PASS+=("$1" "$2"); shift ;;
     none | rules | webhook | grpc) HOOKS+=("$1") ;;
-    *) echo "usage: $0 [--rounds N] [--concurrency C] [--only LIST] [--build-dir DIR] HOOK..." >&2; exit 2 ;;
+    *)
+      echo "usage: $0 [--rounds N] [--concurrency C] [--only LIST] [--build-dir DIR] HOOK..." >&2
+      exit 2
+      ;;
   esac
   shift
 done
@@ -31,7 +34,8 @@ trap 'rm -f "$OUT"' EXIT
 for ((round = 1; round <= ROUNDS; round++)); do
   for hook in "${HOOKS[@]}" $(printf '%s\n' "${HOOKS[@]}" | tac); do
     echo "policy_ab: round $round, $hook" >&2
-    doc=$(bash "$HERE/run.sh" --quick --policy "$hook" --only "$ONLY" "${PASS[@]}" 2>/dev/null | tail -n 1)
+    doc=$(bash "$HERE/run.sh" --quick --policy "$hook" --only "$ONLY" "${PASS[@]}" 2>/dev/null |
+      tail -n 1)
     echo "{\"round\": $round, \"run\": $doc}" >>"$OUT"
   done
 done
@@ -56,12 +60,11 @@ for name in scenarios:
         print("%-22s %-8s vs %-5s ops/s ratio %.3f (rounds %s)  p50 %+.3f ms (rounds %s)" % (
             name, hook, base, statistics.median(ratios), " ".join("%.3f" % x for x in ratios),
             statistics.median(deltas), " ".join("%+.3f" % x for x in deltas)))
-conns = {h: [x["policy"].get("hook_connections") for (k, hh), rs in by.items() if hh == h for x in rs]
-         for h in hooks}
-reqs = {h: [x["policy"].get("hook_requests") for (k, hh), rs in by.items() if hh == h for x in rs]
-        for h in hooks}
+def per_run(hook, key):
+    return [x["policy"].get(key) for (k, h), rs in sorted(by.items()) if h == hook for x in rs]
 for h in hooks:
-    if any(c is not None for c in conns[h]):
-        print("%s hook: connections accepted per run %s, calls answered per run %s" % (h, conns[h], reqs[h]))
+    if any(c is not None for c in per_run(h, "hook_connections")):
+        print("%s hook: connections accepted per run %s, calls answered per run %s" % (
+            h, per_run(h, "hook_connections"), per_run(h, "hook_requests")))
 print(json.dumps(runs))
 PYEOF

@@ -211,7 +211,9 @@ HOOK_MEAN_US=$(curl -fsS "http://$HTTP_ADDR/metrics" | awk '
   /^mandate_policy_hook_duration_seconds_sum/ { s += $2 }
   /^mandate_policy_hook_duration_seconds_count/ { c += $2 }
   END { if (c > 0) printf "%.1f", s / c * 1e6; else print 0 }')
-[[ $POLICY == rules ]] && echo "{\"hook\": \"rules\", \"hook_call_mean_us\": $HOOK_MEAN_US}" >"$T/policy.json"
+if [[ $POLICY == rules ]]; then
+  echo "{\"hook\": \"rules\", \"hook_call_mean_us\": $HOOK_MEAN_US}" >"$T/policy.json"
+fi
 if [[ -n $HOOK_PID ]]; then
   HOOK_OPEN=$(hook_established)
   stop_pid "$HOOK_PID"
@@ -231,8 +233,8 @@ print(json.dumps(out))' "$POLICY" "$HOOK_STATS" "$HOOK_OPEN" "$HOOK_MEAN_US" >"$
     -gt 0 ]] || { log "the $POLICY hook answered no call"; exit 1; }
   # Kept alive: at most the webhook pool's 8 connections (gRPC: one channel), however many
   # calls; a connection per decision would show one per call.
-  [[ $(echo "$HOOK_STATS" | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["connections"])') \
-    -le 8 ]] || { log "the $POLICY hook accepted more than 8 connections: $HOOK_STATS"; exit 1; }
+  [[ $(echo "$HOOK_STATS" | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["connections"])') -le \
+    8 ]] || { log "the $POLICY hook accepted more than 8 connections: $HOOK_STATS"; exit 1; }
 fi
 # Free the machine for the scale measurements.
 stop_pid "$AGENT_PID"
