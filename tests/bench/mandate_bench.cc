@@ -33,6 +33,7 @@
 #include "CLI/CLI.hpp"
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
 #include "broker/agent/agent.h"
 #include "broker/agent/broker_client.h"
 #include "broker/common/crypto/keys.h"
@@ -112,7 +113,7 @@ struct RunArgs {
   bool smoke = false;
   bool curve = false;
   int concurrency = 16;
-  std::string only;  // run just this scenario (for profiling)
+  std::string only;  // run just these scenarios (comma-separated; profiling, policy A/B)
 };
 
 class Bench {
@@ -145,8 +146,9 @@ class Bench {
         {"attest_connection", [&] { return AttestConnection(1); }},
         {"revocation_propagation", [&] { return RevocationPropagation(); }},
     };
+    const std::vector<std::string> only = absl::StrSplit(args_.only, ',', absl::SkipEmpty());
     for (const auto& [name, run] : scenarios) {
-      if (!args_.only.empty() && args_.only != name) continue;
+      if (!only.empty() && std::find(only.begin(), only.end(), name) == only.end()) continue;
       // Durability is on throughout: each scenario reports the audit records the broker
       // stored while it ran and the transactions (fsyncs) that stored them.
       AuditCounters before = ReadAuditCounters();
@@ -587,7 +589,7 @@ int main(int argc, char** argv) {
   run->add_flag("--quick", run_args.quick, "Short runs (about 2 s per scenario)");
   run->add_flag("--smoke", run_args.smoke, "Tiny runs: only checks that every scenario works");
   run->add_flag("--curve", run_args.curve, "Also ops/s against concurrency 1-64");
-  run->add_option("--only", run_args.only, "Run only this scenario (for profiling)");
+  run->add_option("--only", run_args.only, "Run only these scenarios (comma-separated)");
 
   std::string db, td;
   int64_t count = 0, nodes = 1;

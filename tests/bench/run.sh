@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Mandate's end-to-end benchmark (docs/performance.md).
 #
-#   tests/bench/run.sh [--quick | --smoke] [--curve] [--build-dir DIR]
+#   tests/bench/run.sh [--quick | --smoke] [--curve] [--policy HOOK] [--only LIST] [--build-dir DIR]
 #   tests/bench/run.sh --profile SCENARIO [--build-dir DIR]
 #
 # Builds mandate-broker, mandate-agent, mandate and mandate-bench in Release (build-bench/, tests
@@ -13,6 +13,15 @@
 # --quick: about 2 s per scenario (under a minute once built). --smoke: tiny runs that only check
 # that every scenario works (ctest runs this against the Debug build). --curve: also ops/s
 # against concurrency 1-64 and memory against 1k-100k entries (the full run does both).
+# --policy none|rules|webhook|grpc: the broker's policy hook during the scenarios (default none):
+# rules loads tests/bench/policy_rules.toml (50 rules, the bench's matched late, no execution
+# cap); webhook and grpc start mandate-bench-hook (loopback, answers allow at once) and point
+# --policy-webhook / --policy-grpc --policy-grpc-plaintext at it. The report's "policy" object
+# names the hook and, for the external ones, the calls the hook answered and the connections it
+# accepted (kept alive: the pool's size, whatever the number of calls).
+# --only LIST: only these scenarios (comma-separated), no audit or scale measurements; used to
+# compare hooks (docs/performance.md "Policy hook cost"). --concurrency N: client threads per
+# scenario (default 16).
 # --profile SCENARIO: run only that scenario (quick length) under a system-wide perf recording;
 # prints CPU by process and the top symbols of broker, agent and client, and keeps the data in
 # BUILD/perf-SCENARIO.data.
@@ -24,6 +33,9 @@ MODE=full
 CURVE=0
 BUILD=""
 PROFILE=""
+POLICY=none
+ONLY=""
+CONCURRENCY=""
 while [[ $# -gt 0 ]]; do
   case $1 in
     --quick) MODE=quick ;;
@@ -33,19 +45,39 @@ while [[ $# -gt 0 ]]; do
       BUILD=$2
       shift
       ;;
+    --policy)
+      POLICY=$2
+      shift
+      ;;
+    --only)
+      ONLY=$2
+      shift
+      ;;
+    --concurrency)
+      CONCURRENCY=$2
+      shift
+      ;;
     --profile)
       PROFILE=$2
       MODE=quick
       shift
       ;;
     *)
-      echo "usage: $0 [--quick|--smoke] [--curve] [--build-dir DIR]" >&2
+      echo "usage: $0 [--quick|--smoke] [--curve] [--policy none|rules|webhook|grpc]" \
+        "[--only SCENARIO,...] [--build-dir DIR]" >&2
       exit 2
       ;;
   esac
   shift
 done
-[[ $MODE == full && -z $PROFILE ]] && CURVE=1
+case $POLICY in
+  none | rules | webhook | grpc) ;;
+  *)
+    echo "bench: --policy must be none, rules, webhook or grpc" >&2
+    exit 2
+    ;;
+esac
+[[ $MODE == full && -z $PROFILE && -z $ONLY ]] && CURVE=1
 
 log() { echo "bench: $*" >&2; }
 
@@ -57,11 +89,14 @@ if [[ -z $BUILD ]]; then
   log "building Release binaries in $BUILD"
   cmake -S "$ROOT" -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DMANDATE_BUILD_TESTS=OFF >/dev/null
   cmake --build "$BUILD" -j"${MANDATE_JOBS:-2}" \
-    --target mandate-broker mandate-agent mandate mandate-bench >/dev/null
+    --target mandate-broker mandate-agent mandate mandate-bench mandate-bench-hook >/dev/null
 fi
 BUILD=$(cd "$BUILD" && pwd)
 BENCH=$BUILD/tests/bench/mandate-bench
+HOOK_BIN=$BUILD/tests/bench/mandate-bench-hook
 [[ -x $BENCH ]] || { echo "bench: $BENCH is missing" >&2; exit 1; }
+[[ $POLICY == webhook || $POLICY == grpc ]] && [[ ! -x $HOOK_BIN ]] &&
+  { echo "bench: $HOOK_BIN is missing" >&2; exit 1; }
 
 # The interop helpers own daemon start/stop and cleanup; their PASS lines go to stderr here.
 # shellcheck source=../interop/lib.sh
@@ -85,14 +120,47 @@ rss_mib() { awk '/^VmRSS:/ {printf "%.1f", $2 / 1024}' "/proc/$1/status"; }
 hwm_mib() { awk '/^VmHWM:/ {printf "%.1f", $2 / 1024}' "/proc/$1/status"; }
 now_ms() { date +%s%3N; }
 
+# ---------------------------------------------------------------------------- policy hook
+# The hook is up before the broker: the agent's node SVID is already a decision.
+BROKER_POLICY_ARGS=()
+HOOK_PID=""
+HOOK_ADDR=""
+case $POLICY in
+  rules) BROKER_POLICY_ARGS=(--policy-file "$ROOT/tests/bench/policy_rules.toml") ;;
+  webhook | grpc)
+    "$HOOK_BIN" "--$POLICY" >"$T/hook.out" 2>"$T/hook.log" &
+    HOOK_PID=$!
+    EXTRA_PIDS="$EXTRA_PIDS $HOOK_PID"
+    if ! wait_for test -s "$T/hook.out"; then
+      log "mandate-bench-hook --$POLICY did not start"
+      cat "$T/hook.log" >&2
+      exit 1
+    fi
+    HOOK_ADDR=$(head -n 1 "$T/hook.out")
+    if [[ $POLICY == webhook ]]; then
+      BROKER_POLICY_ARGS=(--policy-webhook "http://$HOOK_ADDR/v1/data/mandate/issuance")
+    else
+      BROKER_POLICY_ARGS=(--policy-grpc "$HOOK_ADDR" --policy-grpc-plaintext)
+    fi
+    ;;
+esac
+log "policy hook: $POLICY${HOOK_ADDR:+ at $HOOK_ADDR}"
+
+# Established TCP connections to the hook's port (either end counted once: the hook's side).
+hook_established() {
+  ss -Htn state established "( sport = :${HOOK_ADDR##*:} )" 2>/dev/null | wc -l
+}
+
 # ---------------------------------------------------------------------------- scenarios
-start_broker "$TD"
+start_broker "$TD" "${BROKER_POLICY_ARGS[@]}"
 start_agent "$NODE_ID"
 log "running scenarios ($MODE)"
 RUN_ARGS=(run --socket "$T/a/agent.sock" --admin-socket "$T/b/admin.sock"
   --issuer "http://$HTTP_ADDR" --http "$HTTP_ADDR" --broker "$AGENT_ADDR"
   --bundle "$T/b/bundle.pem" --agent-data-dir "$T/a" --node-id "$NODE_ID")
 [[ $MODE == quick ]] && RUN_ARGS+=(--quick)
+[[ -n $ONLY ]] && RUN_ARGS+=(--only "$ONLY")
+[[ -n $CONCURRENCY ]] && RUN_ARGS+=(--concurrency "$CONCURRENCY")
 if [[ -n $PROFILE ]]; then
   command -v perf >/dev/null || { log "perf is missing (Debian: linux-perf)"; exit 1; }
   # System-wide: gRPC starts handler threads on demand, which a per-pid recording would miss.
@@ -134,11 +202,55 @@ fi
 SCENARIO_BROKER_RSS=$(rss_mib "$BROKER_PID")
 SCENARIO_AGENT_RSS=$(rss_mib "$AGENT_PID")
 check_daemons_alive "the scenarios"
+# The hook's own count of calls and connections, once it has stopped; and the connections open
+# to it now, from outside (ss).
+echo "{\"hook\": \"$POLICY\"}" >"$T/policy.json"
+# The broker's own timing of the hook calls (mandate_policy_hook_duration_seconds): the mean time
+# one decision took inside the broker, apart from everything else on the path.
+HOOK_MEAN_US=$(curl -fsS "http://$HTTP_ADDR/metrics" | awk '
+  /^mandate_policy_hook_duration_seconds_sum/ { s += $2 }
+  /^mandate_policy_hook_duration_seconds_count/ { c += $2 }
+  END { if (c > 0) printf "%.1f", s / c * 1e6; else print 0 }')
+if [[ $POLICY == rules ]]; then
+  echo "{\"hook\": \"rules\", \"hook_call_mean_us\": $HOOK_MEAN_US}" >"$T/policy.json"
+fi
+if [[ -n $HOOK_PID ]]; then
+  HOOK_OPEN=$(hook_established)
+  stop_pid "$HOOK_PID"
+  EXTRA_PIDS=${EXTRA_PIDS/ $HOOK_PID/}
+  HOOK_STATS=$(sed -n 2p "$T/hook.out")
+  [[ -n $HOOK_STATS ]] || { log "mandate-bench-hook printed no counts"; exit 1; }
+  "$PY" -c '
+import json, sys
+stats = json.loads(sys.argv[2])
+out = {"hook": sys.argv[1], "hook_requests": stats["requests"],
+       "hook_connections": stats["connections"], "hook_connections_open": int(sys.argv[3])}
+out["hook_call_mean_us"] = float(sys.argv[4])
+print(json.dumps(out))' "$POLICY" "$HOOK_STATS" "$HOOK_OPEN" "$HOOK_MEAN_US" >"$T/policy.json"
+  log "policy hook: $(cat "$T/policy.json")"
+  # A hook that was never asked measured nothing.
+  [[ $(echo "$HOOK_STATS" | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["requests"])') \
+    -gt 0 ]] || { log "the $POLICY hook answered no call"; exit 1; }
+  # Kept alive: at most the webhook pool's 8 connections (gRPC: one channel), however many
+  # calls; a connection per decision would show one per call.
+  [[ $(echo "$HOOK_STATS" | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["connections"])') -le \
+    8 ]] || { log "the $POLICY hook accepted more than 8 connections: $HOOK_STATS"; exit 1; }
+fi
 # Free the machine for the scale measurements.
 stop_pid "$AGENT_PID"
 stop_pid "$BROKER_PID"
 
 # ---------------------------------------------------------------------------- durability alone
+if [[ -n $ONLY ]]; then
+  "$PY" - "$T/scenarios.json" "$T/policy.json" "$MODE" >&3 <<'PYEOF'
+import json, os, sys
+run = json.load(open(sys.argv[1]))
+run["policy"] = json.load(open(sys.argv[2]))
+run["machine"] = {"cpus": os.cpu_count(), "mode": sys.argv[3]}
+print(json.dumps(run, sort_keys=True))
+PYEOF
+  exit 0
+fi
 # audit_append: the broker's audit log in process on its own SQLite file, 16 threads, every
 # record fsynced (group commit) before its call returns.
 mkdir -p "$T/audit"
@@ -225,10 +337,10 @@ fi
 
 # ---------------------------------------------------------------------------- report
 "$PY" - "$T/scenarios.json" "$T/scale.jsonl" "$MODE" "$SCENARIO_BROKER_RSS" \
-  "$SCENARIO_AGENT_RSS" "$T/audit.json" >&3 <<'PYEOF'
+  "$SCENARIO_AGENT_RSS" "$T/audit.json" "$T/policy.json" >&3 <<'PYEOF'
 import json, os, platform, sys
 
-scenarios_path, scale_path, mode, broker_rss, agent_rss, audit_path = sys.argv[1:7]
+scenarios_path, scale_path, mode, broker_rss, agent_rss, audit_path, policy_path = sys.argv[1:8]
 run = json.load(open(scenarios_path))
 run["scenarios"]["audit_append"] = json.load(open(audit_path))
 scale = [json.loads(line) for line in open(scale_path) if line.strip()]
@@ -286,6 +398,7 @@ doc = {
     "machine": {"cpus": os.cpu_count(), "cpu_model": model, "mem_gb": round(mem_kb / 1048576, 1),
                 "kernel": platform.release(), "mode": mode},
     "baseline": base,
+    "policy": json.load(open(policy_path)),
     "scenarios": scenarios,
     "targets": targets,
     "memory": {"scenario_broker_rss_mb": float(broker_rss),

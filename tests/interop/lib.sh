@@ -4,7 +4,7 @@
 # script running under `set -euo pipefail`, then:
 #
 #   interop_init BUILD_DIR NAME   # binaries B A M, PY; temp dir T; cleanup trap on every exit
-#   start_broker TRUST_DOMAIN     # BROKER_PID, AGENT_ADDR, HTTP_ADDR (exits on failure)
+#   start_broker TRUST_DOMAIN [broker options...]  # BROKER_PID, AGENT_ADDR, HTTP_ADDR (exits on failure)
 #   start_agent NODE_ID           # AGENT_PID; join token from the broker's admin socket
 #   create_entry PARENT_ID SPIFFE_ID [entry create options...]
 #   check_daemons_alive WHAT
@@ -83,10 +83,11 @@ wait_for() {
   done
 }
 
-# start_broker TRUST_DOMAIN: data dir $T/b, ports chosen by the kernel (read from endpoints.json).
+# start_broker TRUST_DOMAIN [OPTION...]: data dir $T/b, ports chosen by the kernel (read from
+# endpoints.json); further broker options (a policy hook) after the trust domain.
 start_broker() {
   "$B" --data-dir "$T/b" --trust-domain "$1" --agent-listen 127.0.0.1:0 \
-    --http-listen 127.0.0.1:0 >"$T/broker.log" 2>&1 &
+    --http-listen 127.0.0.1:0 "${@:2}" >"$T/broker.log" 2>&1 &
   BROKER_PID=$!
   if wait_for test -s "$T/b/endpoints.json"; then
     pass "broker wrote endpoints.json"
