@@ -82,9 +82,13 @@ void BrokerMetrics::CountPolicyDecision(policy::IssuanceKind kind, PolicyOutcome
   decisions_[KindIndex(kind)][static_cast<size_t>(outcome)]->Increment();
 }
 
-void BrokerMetrics::ObserveHookLatency(std::string_view hook, double seconds) {
-  // Family::Add finds the existing series under the family's lock: cheap beside a hook call.
-  hook_latency_->Add({{"hook", std::string(hook)}}, LatencyBuckets()).Observe(seconds);
+size_t BrokerMetrics::RegisterHook(std::string_view hook) {
+  hook_histograms_.push_back(&hook_latency_->Add({{"hook", std::string(hook)}}, LatencyBuckets()));
+  return hook_histograms_.size() - 1;
+}
+
+void BrokerMetrics::ObserveHookLatency(size_t hook_id, double seconds) {
+  if (hook_id < hook_histograms_.size()) hook_histograms_[hook_id]->Observe(seconds);
 }
 
 void BrokerMetrics::CountCapCrossed(std::string_view cap) {

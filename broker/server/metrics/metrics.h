@@ -13,6 +13,7 @@
 #include <memory>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "broker/server/policy/policy_hook.h"
 
@@ -44,7 +45,10 @@ class BrokerMetrics {
   // hooks together); errors are hooks that could not decide (fail closed).
   void CountPolicyDecision(policy::IssuanceKind kind, PolicyOutcome outcome);
   // mandate_policy_hook_duration_seconds{hook}: the time one hook took to answer (or fail).
-  void ObserveHookLatency(std::string_view hook, double seconds);
+  // RegisterHook (before serving; not thread-safe against itself) returns the id to observe
+  // with, so the decision path does no label lookup and takes no family lock.
+  size_t RegisterHook(std::string_view hook);
+  void ObserveHookLatency(size_t hook_id, double seconds);
   // mandate_policy_caps_crossed_total{cap}: requests denied by an execution cap
   // ("tokens_per_task", "issuances_per_minute").
   void CountCapCrossed(std::string_view cap);
@@ -63,6 +67,7 @@ class BrokerMetrics {
   std::array<std::array<prometheus::Counter*, 3>, kKinds> issuances_{};
   std::array<std::array<prometheus::Counter*, 3>, kKinds> decisions_{};
   prometheus::Family<prometheus::Histogram>* hook_latency_ = nullptr;
+  std::vector<prometheus::Histogram*> hook_histograms_;
   prometheus::Family<prometheus::Counter>* caps_crossed_ = nullptr;
   prometheus::Gauge* approvals_pending_ = nullptr;
   prometheus::Counter* unrecorded_refusals_ = nullptr;

@@ -43,13 +43,20 @@ std::string BoundedReason(std::string_view reason) {
 
 PolicyChain::PolicyChain(std::vector<HookBinding> hooks, std::chrono::milliseconds timeout,
                          metrics::BrokerMetrics* metrics)
-    : hooks_(std::move(hooks)), timeout_(timeout), metrics_(metrics) {}
+    : hooks_(std::move(hooks)), timeout_(timeout), metrics_(metrics) {
+  if (metrics_ != nullptr) {
+    for (const HookBinding& binding : hooks_) {
+      latency_ids_.push_back(metrics_->RegisterHook(binding.hook->name()));
+    }
+  }
+}
 
 ChainDecision PolicyChain::Decide(const PolicyInput& input,
                                   std::chrono::steady_clock::time_point deadline) const {
   ChainDecision result;
   result.decision.allow = true;
-  for (const HookBinding& binding : hooks_) {
+  for (size_t i = 0; i < hooks_.size(); ++i) {
+    const HookBinding& binding = hooks_[i];
     if (!binding.kinds.empty() && !binding.kinds.contains(input.kind)) continue;
     result.unasked = false;
     const std::string_view name = binding.hook->name();
@@ -57,7 +64,8 @@ ChainDecision PolicyChain::Decide(const PolicyInput& input,
     absl::StatusOr<PolicyDecision> answer = binding.hook->Check(input, deadline);
     if (metrics_ != nullptr) {
       metrics_->ObserveHookLatency(
-          name, std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count());
+          latency_ids_[i],
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count());
     }
     if (!answer.ok()) {
       result.outcome = ChainDecision::Outcome::kError;

@@ -58,6 +58,7 @@ class PolicyChain {
 
  private:
   const std::vector<HookBinding> hooks_;
+  std::vector<size_t> latency_ids_;  // per hook, for metrics_
   const std::chrono::milliseconds timeout_;
   metrics::BrokerMetrics* const metrics_;  // may be null
 };
