@@ -179,7 +179,6 @@ CREATE TABLE policy_counters (
 CREATE INDEX policy_counters_by_expiry ON policy_counters (expires_at);
 )sql";
 
-
 // Version 8: approvals (DESIGN.md §5) - task declarations the policy hook sent to a human.
 //
 // One approval per task (`task_id` UNIQUE), deleted with it. `status` is free text checked by

@@ -16,8 +16,9 @@ TomlDocument Parse(const std::string& text) {
 }
 
 TEST(TomlDocumentTest, KeepsValuesTypesAndPositions) {
-  TomlDocument document = Parse("a = \"x\"\n\n[t]\nn = 7\nb = true\nf = 1.5\nd = 1979-05-27\n"
-                                "list = [\"p\", \"q\"]\n[[arr]]\nk = 1\n[[arr]]\nk = 2\n");
+  TomlDocument document = Parse(
+      "a = \"x\"\n\n[t]\nn = 7\nb = true\nf = 1.5\nd = 1979-05-27\n"
+      "list = [\"p\", \"q\"]\n[[arr]]\nk = 1\n[[arr]]\nk = 2\n");
   TomlTableReader top(document, document.root(), "");
   EXPECT_EQ(*top.String("a"), "x");
   absl::StatusOr<const TomlValue*> t = top.Table("t");
