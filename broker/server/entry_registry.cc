@@ -1,5 +1,7 @@
 #include "broker/server/entry_registry.h"
 
+#include "absl/strings/str_cat.h"
+#include "broker/common/log/log.h"
 #include "broker/common/util/status_macros.h"
 
 namespace mandate::broker {
@@ -50,6 +52,22 @@ absl::Status EntryRegistry::Delete(std::string_view id) {
   }
   BumpLocked();
   return absl::OkStatus();
+}
+
+absl::StatusOr<store::RegistrationEntry> EntryRegistry::GetAssigned(std::string_view node_id,
+                                                                    std::string_view id) const {
+  // Entry IDs are made by the admin API (a few dozen bytes).
+  constexpr size_t kMaxEntryIdBytes = 128;
+  if (id.size() > kMaxEntryIdBytes) {
+    return absl::PermissionDeniedError(absl::StrCat(
+        "registration entry IDs are at most ", kMaxEntryIdBytes, " bytes; no entry has this one"));
+  }
+  auto entry = Get(id);
+  if (!entry.ok() || entry->parent_id != node_id) {
+    return absl::PermissionDeniedError(absl::StrCat("registration entry ", log::EscapeForLog(id),
+                                                    " is not assigned to this node"));
+  }
+  return entry;
 }
 
 absl::StatusOr<store::RegistrationEntry> EntryRegistry::Get(std::string_view id) const {

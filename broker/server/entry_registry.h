@@ -30,6 +30,11 @@ class EntryRegistry {
   absl::StatusOr<store::RegistrationEntry> Create(store::RegistrationEntry entry);
   absl::Status Delete(std::string_view id);
   absl::StatusOr<store::RegistrationEntry> Get(std::string_view id) const;
+  // The entry `id` if its parent is node `node_id`; PermissionDenied otherwise, with the same
+  // answer for an absent entry, so a node cannot probe other nodes' entries. IDs longer than
+  // any the admin API makes are refused unread. The one check every node API call makes.
+  absl::StatusOr<store::RegistrationEntry> GetAssigned(std::string_view node_id,
+                                                       std::string_view id) const;
   std::vector<store::RegistrationEntry> List() const;
   // Entries whose parent is `node_id`.
   std::vector<store::RegistrationEntry> ForParent(std::string_view node_id) const;

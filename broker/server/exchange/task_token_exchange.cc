@@ -22,8 +22,6 @@ using issuance::Step;
 
 constexpr size_t kMaxSubjectTokenBytes = 8192;
 constexpr size_t kMaxTaskIdBytes = 128;
-// Entry IDs are made by the admin API (a few dozen bytes); longer ones are refused unread.
-constexpr size_t kMaxEntryIdBytes = 128;
 
 }  // namespace
 
@@ -170,10 +168,8 @@ issuance::Result<AuthorizedTaskToken> TaskTokenExchange::Authorize(const TaskTok
   AuthorizedTaskToken out;
   std::optional<store::RegistrationEntry> calling_entry;
   if (!ask.node_id.empty()) {
-    auto entry = ask.entry_id.size() <= kMaxEntryIdBytes ? entries_.Get(ask.entry_id)
-                                                         : absl::NotFoundError("");
-    if (!entry.ok() || entry->parent_id != ask.node_id) {
-      // The same answer for "absent" and "not yours", so a node cannot probe others' entries.
+    auto entry = entries_.GetAssigned(ask.node_id, ask.entry_id);
+    if (!entry.ok()) {
       return OAuthRefusal(Step::kAuthorize, "invalid_grant", absl::StatusCode::kPermissionDenied,
                           "the registration entry is not assigned to this node");
     }

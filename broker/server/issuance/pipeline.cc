@@ -264,18 +264,7 @@ absl::StatusOr<AuthenticatedNode> IssuancePipeline::AuthenticateCaller(
 
 absl::StatusOr<store::RegistrationEntry> IssuancePipeline::AuthorizeEntry(
     const std::string& node_id, std::string_view entry_id) const {
-  if (entry_id.size() > kMaxRecordedIdBytes) {
-    return absl::PermissionDeniedError(absl::StrCat("registration entry IDs are at most ",
-                                                    kMaxRecordedIdBytes,
-                                                    " bytes; no entry has this one"));
-  }
-  auto entry = deps_.entries->Get(entry_id);
-  if (!entry.ok() || entry->parent_id != node_id) {
-    // The same answer for "absent" and "not yours", so a node cannot probe other nodes' entries.
-    return absl::PermissionDeniedError(absl::StrCat(
-        "registration entry ", log::EscapeForLog(entry_id), " is not assigned to this node"));
-  }
-  return entry;
+  return deps_.entries->GetAssigned(node_id, entry_id);
 }
 
 Result<policy::PolicyDecision> IssuancePipeline::Decide(
