@@ -139,6 +139,35 @@ struct DecidedApproval {
   Task task;
 };
 
+// One credential the broker issued (DESIGN.md §5 "Revocation"): the credential index. A row is
+// written in the same transaction as the credential's audit record, so nothing is issued
+// without a row; revocation cascades over `parent_id`. Rows are never updated by issuance.
+struct IssuedCredential {
+  std::string id;    // jti of a token, lowercase hex serial of a certificate; non-empty, unique
+  std::string kind;  // "x509_svid", "jwt_svid", "task_token", "delegated_token"
+  std::string spiffe_id;       // the identity it was issued to (the current actor)
+  std::string node_id;         // the node agent that relayed the request; may be empty
+  std::string subject_issuer;  // delegated: the user token's `iss`; empty otherwise
+  std::string subject;         // delegated: the user's `sub`; empty otherwise
+  std::string task_id;         // may be empty
+  std::string parent_id;       // the credential it was derived from (a broker token's jti); may be empty
+  int64_t issued_at = 0;
+  int64_t expires_at = 0;
+  friend bool operator==(const IssuedCredential&, const IssuedCredential&) = default;
+};
+
+// A trusted issuer of user tokens (DESIGN.md §5 "Delegation"): tokens it signs may be exchanged
+// for delegated tokens. Exactly one of jwks_json (a --jwks-file's contents) and jwks_uri is the
+// source; for a jwks_uri the last good set fetched is kept in jwks_json.
+struct TrustedIssuer {
+  std::string issuer;     // the `iss` value, exactly as the tokens carry it; unique
+  std::string jwks_json;  // the JWK Set (JSON text); for a jwks_uri, the last good fetch ("" before)
+  std::string jwks_uri;   // empty for a static set
+  int64_t created_at = 0;
+  int64_t updated_at = 0;  // when jwks_json last changed
+  friend bool operator==(const TrustedIssuer&, const TrustedIssuer&) = default;
+};
+
 // One record of the broker's audit log (DESIGN.md §7, §10): a decision or an issuance. Records of
 // one broker form a hash chain: `seq` counts 1, 2, ... within `chain_id`, and `hash` covers every
 // other field including `prev_hash` (the previous record's `hash`; empty for seq 1). The store

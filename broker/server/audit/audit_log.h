@@ -29,6 +29,7 @@
 #include <cstdint>
 #include <deque>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -50,6 +51,9 @@ struct AuditEvent {
   std::string task_id;
   std::string credential_id;  // jti or hex serial.
   std::string detail;         // A JSON object; empty means "{}".
+  // The credential index row for an issued credential, stored in the same transaction as this
+  // record (set only on "issued" records of credentials).
+  std::optional<store::IssuedCredential> credential;
 };
 
 // Records first..last (inclusive) of a chain.

@@ -160,6 +160,10 @@ Result<IssuedTaskTokenResult> IssuancePipeline::IssueTaskToken(
     const TaskTokenRequest& request) const {
   return Narrowed<IssuedTaskTokenResult>(Issue(request));
 }
+Result<DelegatedToken> IssuancePipeline::IssueDelegatedToken(
+    const TokenExchangeRequest& request) const {
+  return Narrowed<DelegatedToken>(Issue(request));
+}
 
 void IssuancePipeline::Count(IssuanceKind kind, metrics::IssuanceOutcome outcome, double n) const {
   if (deps_.metrics != nullptr) deps_.metrics->CountIssuance(kind, outcome, n);

@@ -90,14 +90,25 @@ struct TaskTokenRequest {
   TaskTokenAsk ask;
 };
 
-// A delegated token (RFC 8693 with a user subject and an actor chain).
+// A delegated token (RFC 8693 token exchange with a user or delegated subject token; DESIGN.md
+// §5, §10 "Delegation"). The actor is the caller: on the node API (the Workload API's
+// ExchangeToken relayed by the agent) the attested workload of `entry_id` on the calling node;
+// at POST /token the JWT-SVID in `actor_token`.
 struct TokenExchangeRequest {
-  std::string subject_token;
-  std::string subject_token_type;
-  std::string actor_token;
-  std::string actor_token_type;
+  std::string client_pem;  // node API: the calling node's client certificate; empty at /token
+  std::string entry_id;    // node API: the actor's registration entry
+  std::string actor_token;       // /token: the actor's JWT-SVID (aud = the issuer URL)
+  std::string actor_token_type;  // /token: urn:ietf:params:oauth:token-type:jwt
+  std::string subject_token;     // a trusted issuer's user token, or a broker delegable token
+  std::string subject_token_type;  // ...:access_token, ...:jwt or ...:id_token
+  std::string task_id;             // the actor's task (required)
+  // Absent: the task's only audience. The broker's issuer URL asks for a delegable token (one a
+  // sub-agent may exchange again); any other value mints for that resource (never exchangeable).
+  std::optional<std::string> audience;
+  std::vector<std::string> scopes;   // empty: all that the intersection leaves
+  std::optional<std::string> actor;  // `actor` extension parameter: written as may_act.sub
+  std::string dpop_proof;            // the actor's proof; the token is bound to its key
 };
-
 using IssuanceRequest =
     std::variant<NodeSvidRequest, X509SvidRequest, JwtSvidRequest, TaskDeclarationRequest,
                  TaskTokenRequest, TokenExchangeRequest>;
@@ -163,6 +174,7 @@ class IssuancePipeline {
   Result<IssuedJwtSvid> IssueJwtSvid(const JwtSvidRequest& request) const;
   Result<DeclaredTask> DeclareTask(const TaskDeclarationRequest& request) const;
   Result<IssuedTaskTokenResult> IssueTaskToken(const TaskTokenRequest& request) const;
+  Result<DelegatedToken> IssueDelegatedToken(const TokenExchangeRequest& request) const;
 
   // The registration entry `entry_id` if it is assigned to node `node_id`; PermissionDenied
   // otherwise (the same answer for an absent entry, so a node cannot probe other nodes'
