@@ -150,7 +150,7 @@ struct IssuedCredential {
   std::string subject_issuer;  // delegated: the user token's `iss`; empty otherwise
   std::string subject;         // delegated: the user's `sub`; empty otherwise
   std::string task_id;         // may be empty
-  std::string parent_id;       // the credential it was derived from (a broker token's jti); may be empty
+  std::string parent_id;       // the credential (a broker token's jti) it came from; may be empty
   int64_t issued_at = 0;
   int64_t expires_at = 0;
   friend bool operator==(const IssuedCredential&, const IssuedCredential&) = default;
@@ -161,7 +161,7 @@ struct IssuedCredential {
 // source; for a jwks_uri the last good set fetched is kept in jwks_json.
 struct TrustedIssuer {
   std::string issuer;     // the `iss` value, exactly as the tokens carry it; unique
-  std::string jwks_json;  // the JWK Set (JSON text); for a jwks_uri, the last good fetch ("" before)
+  std::string jwks_json;  // the JWK Set (JSON); for a jwks_uri the last good fetch ("" before)
   std::string jwks_uri;   // empty for a static set
   int64_t created_at = 0;
   int64_t updated_at = 0;  // when jwks_json last changed

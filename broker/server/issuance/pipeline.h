@@ -95,8 +95,8 @@ struct TaskTokenRequest {
 // ExchangeToken relayed by the agent) the attested workload of `entry_id` on the calling node;
 // at POST /token the JWT-SVID in `actor_token`.
 struct TokenExchangeRequest {
-  std::string client_pem;  // node API: the calling node's client certificate; empty at /token
-  std::string entry_id;    // node API: the actor's registration entry
+  std::string client_pem;        // node API: the calling node's client certificate; empty at /token
+  std::string entry_id;          // node API: the actor's registration entry
   std::string actor_token;       // /token: the actor's JWT-SVID (aud = the issuer URL)
   std::string actor_token_type;  // /token: urn:ietf:params:oauth:token-type:jwt
   std::string subject_token;     // a trusted issuer's user token, or a broker delegable token
