@@ -204,7 +204,28 @@ CREATE INDEX approvals_by_created_at ON approvals (created_at, id);
 ALTER TABLE tasks ADD COLUMN approval_id TEXT NOT NULL DEFAULT '';
 )sql";
 
-constexpr std::array<SqliteMigration, 8> kMigrations = {{
+// The credential index: one row per credential issued, written in the audit batch's transaction.
+// Revocation cascades over parent_id; operators look rows up by subject, task and SPIFFE ID.
+constexpr char kV9Sql[] = R"sql(
+CREATE TABLE issued_credentials (
+  id TEXT PRIMARY KEY NOT NULL,
+  kind TEXT NOT NULL,
+  spiffe_id TEXT NOT NULL,
+  node_id TEXT NOT NULL,
+  subject_issuer TEXT NOT NULL,
+  subject TEXT NOT NULL,
+  task_id TEXT NOT NULL,
+  parent_id TEXT NOT NULL,
+  issued_at INTEGER NOT NULL,
+  expires_at INTEGER NOT NULL
+) STRICT;
+CREATE INDEX issued_credentials_by_parent ON issued_credentials (parent_id, id);
+CREATE INDEX issued_credentials_by_subject ON issued_credentials (subject_issuer, subject, id);
+CREATE INDEX issued_credentials_by_task ON issued_credentials (task_id, id);
+CREATE INDEX issued_credentials_by_spiffe_id ON issued_credentials (spiffe_id, id);
+)sql";
+
+constexpr std::array<SqliteMigration, 9> kMigrations = {{
     {1, "entries, nodes, join tokens", kV1Sql},
     {2, "previous node certificate serial", kV2Sql},
     {3, "TPM boot counters per EK", kV3Sql},
@@ -213,6 +234,7 @@ constexpr std::array<SqliteMigration, 8> kMigrations = {{
     {6, "audit checkpoints", kV6Sql},
     {7, "policy counters", kV7Sql},
     {8, "approvals", kV8Sql},
+    {9, "credential index", kV9Sql},
 }};
 
 }  // namespace

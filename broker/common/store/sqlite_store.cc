@@ -17,6 +17,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/string_view.h"
 #include "broker/common/store/approval_rules.h"
+#include "broker/common/store/credential_index.h"
 #include "broker/common/util/status_macros.h"
 
 namespace mandate::store {
@@ -1467,6 +1468,13 @@ std::string AuditListSql(const AuditQuery& q) {
 }  // namespace
 
 absl::Status SqliteStore::AppendAuditRecords(const std::vector<AuditRecord>& records) {
+  static const std::vector<IssuedCredential> kNoCredentials;
+  return AppendAuditBatch(records, kNoCredentials);
+}
+
+absl::Status SqliteStore::AppendAuditBatch(const std::vector<AuditRecord>& records,
+                                           const std::vector<IssuedCredential>& credentials) {
+  for (const IssuedCredential& c : credentials) RETURN_IF_ERROR(ValidateIssuedCredential(c));
   for (const AuditRecord& r : records) {
     if (r.chain_id.empty() || r.event.empty() || r.outcome.empty() || r.hash.empty()) {
       return absl::InvalidArgumentError(
@@ -1474,7 +1482,7 @@ absl::Status SqliteStore::AppendAuditRecords(const std::vector<AuditRecord>& rec
     }
     if (r.seq < 1) return absl::InvalidArgumentError("audit record seq must be >= 1");
   }
-  if (records.empty()) return absl::OkStatus();
+  if (records.empty() && credentials.empty()) return absl::OkStatus();
   absl::MutexLock lock(&audit_mu_);
   ASSIGN_OR_RETURN(Transaction txn, Transaction::BeginWrite(audit_db_));
   {
@@ -1508,7 +1516,105 @@ absl::Status SqliteStore::AppendAuditRecords(const std::vector<AuditRecord>& rec
       stmt.Reset();
     }
   }
+  if (!credentials.empty()) {
+    ASSIGN_OR_RETURN(Statement stmt,
+                     Statement::Prepare(audit_db_,
+                                        "INSERT INTO issued_credentials (id, kind, spiffe_id, "
+                                        "node_id, subject_issuer, subject, task_id, parent_id, "
+                                        "issued_at, expires_at) "
+                                        "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"));
+    for (const IssuedCredential& c : credentials) {
+      RETURN_IF_ERROR(stmt.BindText(1, c.id));
+      RETURN_IF_ERROR(stmt.BindText(2, c.kind));
+      RETURN_IF_ERROR(stmt.BindText(3, c.spiffe_id));
+      RETURN_IF_ERROR(stmt.BindText(4, c.node_id));
+      RETURN_IF_ERROR(stmt.BindText(5, c.subject_issuer));
+      RETURN_IF_ERROR(stmt.BindText(6, c.subject));
+      RETURN_IF_ERROR(stmt.BindText(7, c.task_id));
+      RETURN_IF_ERROR(stmt.BindText(8, c.parent_id));
+      RETURN_IF_ERROR(stmt.BindInt64(9, c.issued_at));
+      RETURN_IF_ERROR(stmt.BindInt64(10, c.expires_at));
+      absl::Status status = stmt.Run();
+      if (absl::IsAlreadyExists(status)) {
+        return absl::AlreadyExistsError(
+            absl::StrCat("a credential with id '", c.id, "' is already recorded"));
+      }
+      RETURN_IF_ERROR(status);
+      stmt.Reset();
+    }
+  }
   return txn.Commit();
+}
+
+namespace {
+
+constexpr char kCredentialColumns[] =
+    "id, kind, spiffe_id, node_id, subject_issuer, subject, task_id, parent_id, issued_at, "
+    "expires_at";
+
+IssuedCredential ReadCredential(const Statement& stmt) {
+  IssuedCredential c;
+  c.id = stmt.ColumnText(0);
+  c.kind = stmt.ColumnText(1);
+  c.spiffe_id = stmt.ColumnText(2);
+  c.node_id = stmt.ColumnText(3);
+  c.subject_issuer = stmt.ColumnText(4);
+  c.subject = stmt.ColumnText(5);
+  c.task_id = stmt.ColumnText(6);
+  c.parent_id = stmt.ColumnText(7);
+  c.issued_at = stmt.ColumnInt64(8);
+  c.expires_at = stmt.ColumnInt64(9);
+  return c;
+}
+
+// One statement text per combination of filters (prepared once, cached); values always bound.
+std::string CredentialListSql(const CredentialQuery& q) {
+  std::string sql =
+      absl::StrCat("SELECT ", kCredentialColumns, " FROM issued_credentials WHERE id > ?1");
+  if (!q.spiffe_id.empty()) sql += " AND spiffe_id = ?2";
+  if (!q.subject.empty()) sql += " AND subject = ?3";
+  if (!q.subject_issuer.empty()) sql += " AND subject_issuer = ?4";
+  if (!q.task_id.empty()) sql += " AND task_id = ?5";
+  if (!q.parent_id.empty()) sql += " AND parent_id = ?6";
+  sql += " ORDER BY id LIMIT ?7";
+  return sql;
+}
+
+}  // namespace
+
+absl::StatusOr<IssuedCredential> SqliteStore::GetCredential(std::string_view id) {
+  absl::MutexLock lock(&audit_mu_);
+  ASSIGN_OR_RETURN(Statement stmt,
+                   Statement::Prepare(audit_db_, absl::StrCat("SELECT ", kCredentialColumns,
+                                                              " FROM issued_credentials "
+                                                              "WHERE id = ?1")));
+  RETURN_IF_ERROR(stmt.BindText(1, id));
+  ASSIGN_OR_RETURN(bool has_row, stmt.Step());
+  if (!has_row) {
+    return absl::NotFoundError(absl::StrCat("no credential '", AbslView(id), "' is recorded"));
+  }
+  return ReadCredential(stmt);
+}
+
+absl::StatusOr<std::vector<IssuedCredential>> SqliteStore::ListCredentials(
+    const CredentialQuery& query) {
+  RETURN_IF_ERROR(ValidateCredentialQuery(query));
+  absl::MutexLock lock(&audit_mu_);
+  ASSIGN_OR_RETURN(Statement stmt, Statement::Prepare(audit_db_, CredentialListSql(query)));
+  RETURN_IF_ERROR(stmt.BindText(1, query.after_id));
+  if (!query.spiffe_id.empty()) RETURN_IF_ERROR(stmt.BindText(2, query.spiffe_id));
+  if (!query.subject.empty()) RETURN_IF_ERROR(stmt.BindText(3, query.subject));
+  if (!query.subject_issuer.empty()) RETURN_IF_ERROR(stmt.BindText(4, query.subject_issuer));
+  if (!query.task_id.empty()) RETURN_IF_ERROR(stmt.BindText(5, query.task_id));
+  if (!query.parent_id.empty()) RETURN_IF_ERROR(stmt.BindText(6, query.parent_id));
+  RETURN_IF_ERROR(stmt.BindInt64(7, query.limit));
+  std::vector<IssuedCredential> out;
+  while (true) {
+    ASSIGN_OR_RETURN(bool has_row, stmt.Step());
+    if (!has_row) break;
+    out.push_back(ReadCredential(stmt));
+  }
+  return out;
 }
 
 absl::StatusOr<AuditRecord> SqliteStore::LastAuditRecord(std::string_view chain_id) {

@@ -111,6 +111,11 @@ class SqliteStore final : public Store {
   absl::StatusOr<std::vector<Approval>> ListApprovals(std::string_view status) override;
 
   absl::Status AppendAuditRecords(const std::vector<AuditRecord>& records) override;
+  absl::Status AppendAuditBatch(const std::vector<AuditRecord>& records,
+                                const std::vector<IssuedCredential>& credentials) override;
+  absl::StatusOr<IssuedCredential> GetCredential(std::string_view id) override;
+  absl::StatusOr<std::vector<IssuedCredential>> ListCredentials(
+      const CredentialQuery& query) override;
   absl::StatusOr<AuditRecord> LastAuditRecord(std::string_view chain_id) override;
   absl::StatusOr<std::vector<AuditRecord>> ListAuditRecords(const AuditQuery& query) override;
   absl::StatusOr<std::vector<std::string>> ListAuditChains() override;

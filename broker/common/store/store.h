@@ -213,6 +213,18 @@ struct AuditQuery {
   int64_t limit = 1000;  // At most this many (1..10000).
 };
 
+// Which rows of the credential index ListCredentials returns; empty fields do not filter.
+// Rows come ordered by id; page with after_id (the last id of the previous page).
+struct CredentialQuery {
+  std::string spiffe_id;
+  std::string subject;
+  std::string subject_issuer;
+  std::string task_id;
+  std::string parent_id;
+  std::string after_id;
+  int64_t limit = 100;  // 1..kMaxCredentialListLimit (credential_index.h)
+};
+
 // Thread-safety: every method may be called concurrently from any thread; each call is atomic
 // (it sees and leaves a consistent state). Implementations are not copyable; the owner (the
 // broker's `main()`) keeps one instance alive for as long as any module uses it.
@@ -367,6 +379,20 @@ class Store {
   // or seq < 1. AlreadyExists: a record with the same (chain_id, seq) is stored (another writer
   // extended the chain: the caller's view of the chain head is stale).
   virtual absl::Status AppendAuditRecords(const std::vector<AuditRecord>& records) = 0;
+
+  // Appends `records` and the credential index rows `credentials` in one transaction, or nothing.
+  // Errors as AppendAuditRecords; also InvalidArgument for a row ValidateIssuedCredential refuses
+  // and AlreadyExists when a row's id is already stored (a jti/serial collision is never
+  // silent). With no credentials it costs what AppendAuditRecords costs.
+  virtual absl::Status AppendAuditBatch(const std::vector<AuditRecord>& records,
+                                        const std::vector<IssuedCredential>& credentials) = 0;
+
+  // The credential index row with `id`; NotFound when none.
+  virtual absl::StatusOr<IssuedCredential> GetCredential(std::string_view id) = 0;
+
+  // Rows matching `query`; InvalidArgument for a limit outside 1..kMaxCredentialListLimit.
+  virtual absl::StatusOr<std::vector<IssuedCredential>> ListCredentials(
+      const CredentialQuery& query) = 0;
 
   // The record with the highest seq of `chain_id`; NotFound when the chain has no record.
   virtual absl::StatusOr<AuditRecord> LastAuditRecord(std::string_view chain_id) = 0;
