@@ -121,6 +121,7 @@ absl::Status AuditLog::RecordAll(std::vector<AuditEvent> events) {
     record.task_id = std::move(event.task_id);
     record.credential_id = std::move(event.credential_id);
     record.detail = event.detail.empty() ? "{}" : std::move(event.detail);
+    if (event.credential.has_value()) self.credentials.push_back(std::move(*event.credential));
   }
   const size_t mine = self.records.size();
 
@@ -148,11 +149,13 @@ absl::Status AuditLog::RecordAll(std::vector<AuditEvent> events) {
   }
   std::vector<store::AuditRecord> batch;
   batch.reserve(records);
+  std::vector<store::IssuedCredential> credentials;
   for (size_t i = 0; i < waiters; ++i) {
     for (store::AuditRecord& r : queue_[i]->records) batch.push_back(std::move(r));
+    for (store::IssuedCredential& c : queue_[i]->credentials) credentials.push_back(std::move(c));
   }
   mu_.Unlock();
-  absl::Status status = WriteBatch(batch);
+  absl::Status status = WriteBatch(batch, credentials);
   if (!status.ok()) {
     spdlog::error("audit log: {} record(s) not stored, their requests fail: {}", records,
                   std::string(status.message()));
@@ -176,7 +179,8 @@ absl::Status AuditLog::RecordAll(std::vector<AuditEvent> events) {
   return status;
 }
 
-absl::Status AuditLog::WriteBatch(std::vector<store::AuditRecord>& records) {
+absl::Status AuditLog::WriteBatch(std::vector<store::AuditRecord>& records,
+                                  const std::vector<store::IssuedCredential>& credentials) {
   if (head_stale_) RETURN_IF_ERROR(ReloadStaleHead());
   int64_t seq = head_seq_;
   const std::string* prev = &head_hash_;
@@ -186,7 +190,7 @@ absl::Status AuditLog::WriteBatch(std::vector<store::AuditRecord>& records) {
     r.hash = AuditRecordHash(r);
     prev = &r.hash;
   }
-  absl::Status status = store_.AppendAuditRecords(records);
+  absl::Status status = store_.AppendAuditBatch(records, credentials);
   if (!status.ok()) {
     // Perhaps nothing was stored, perhaps another writer moved the chain: ask the store again.
     head_stale_ = true;

@@ -130,6 +130,7 @@ class AuditLog {
   // A waiting caller; lives on its stack.
   struct Waiter {
     std::vector<store::AuditRecord> records;
+    std::vector<store::IssuedCredential> credentials;  // index rows of the issued ones
     // A CheckStoredHead call: never batched with others, it runs alone at the front.
     bool head_check = false;
     bool done = false;
@@ -138,8 +139,10 @@ class AuditLog {
 
   AuditLog(store::Store& store, std::string chain_id, const Clock& clock, AuditLogOptions options)
       : store_(store), chain_id_(std::move(chain_id)), clock_(clock), options_(options) {}
-  // Numbers, hashes and stores `records`; advances the chain head only when stored.
-  absl::Status WriteBatch(std::vector<store::AuditRecord>& records);
+  // Numbers, hashes and stores `records` with the index rows `credentials` (one transaction);
+  // advances the chain head only when stored.
+  absl::Status WriteBatch(std::vector<store::AuditRecord>& records,
+                          const std::vector<store::IssuedCredential>& credentials);
   absl::Status LoadHead();
   // LoadHead after a failed write: records past the head this process knew that are not its
   // failed batch (which may have been stored after all) join `found_`.

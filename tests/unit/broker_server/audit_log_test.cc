@@ -295,5 +295,49 @@ TEST(AuditChainIdTest, RefusesAFileThatIsNotAnId) {
   EXPECT_TRUE(absl::IsFailedPrecondition(LoadOrCreateAuditChainId(dir.path()).status()));
 }
 
+// The credential index row travels with its audit record: both stored in one transaction.
+store::IssuedCredential IndexRow(int i) {
+  return {.id = absl::StrCat("jti-", i),
+          .kind = "jwt_svid",
+          .spiffe_id = "spiffe://example.org/agent/bot",
+          .issued_at = kNow,
+          .expires_at = kNow + 300};
+}
+
+TEST_F(AuditLogTest, IndexRowsAreStoredWithTheirRecords) {
+  auto log = testing::OpenAuditLog(*store_, clock_);
+  AuditEvent with_row = Event(1);
+  with_row.credential = IndexRow(1);
+  std::vector<AuditEvent> events;
+  events.push_back(std::move(with_row));
+  events.push_back(Event(2));  // a record without a row (e.g. a refusal)
+  ASSERT_TRUE(log->RecordAll(std::move(events)).ok());
+  EXPECT_EQ(All().size(), 2u);
+  auto row = store_->GetCredential("jti-1");
+  ASSERT_TRUE(row.ok()) << row.status();
+  EXPECT_EQ(*row, IndexRow(1));
+  EXPECT_TRUE(absl::IsNotFound(store_->GetCredential("jti-2").status()));
+  EXPECT_TRUE(Verify().ok());
+}
+
+TEST_F(AuditLogTest, ABatchWhoseRowCannotBeStoredStoresNothingAndTheChainGoesOn) {
+  auto log = testing::OpenAuditLog(*store_, clock_);
+  AuditEvent first = Event(1);
+  first.credential = IndexRow(1);
+  ASSERT_TRUE(log->Record(std::move(first)).ok());
+  AuditEvent colliding = Event(2);
+  colliding.credential = IndexRow(1);  // the same id again: refused
+  absl::Status status = log->Record(std::move(colliding));
+  EXPECT_TRUE(absl::IsUnavailable(status)) << status;
+  EXPECT_EQ(All().size(), 1u);
+  // The next record continues the chain from the last stored one.
+  AuditEvent next = Event(3);
+  next.credential = IndexRow(3);
+  ASSERT_TRUE(log->Record(std::move(next)).ok());
+  EXPECT_EQ(All().size(), 2u);
+  EXPECT_TRUE(store_->GetCredential("jti-3").ok());
+  EXPECT_TRUE(Verify().ok());
+}
+
 }  // namespace
 }  // namespace mandate::broker
