@@ -8,6 +8,7 @@
 #include "absl/strings/str_cat.h"
 #include "broker/common/crypto/keys.h"
 #include "broker/common/log/log.h"
+#include "broker/common/store/credential_index.h"
 #include "broker/server/audit/audit_detail.h"
 
 namespace mandate::broker::issuance {
@@ -37,6 +38,20 @@ std::string Clip(std::string_view id) {
   size_t end = kMaxRecordedIdBytes;
   while (end > 0 && (static_cast<unsigned char>(id[end]) & 0xC0) == 0x80) --end;
   return std::string(id.substr(0, end));
+}
+
+// The credential index row of an issued workload credential, stored with its audit record.
+store::IssuedCredential IndexRow(std::string_view kind, const std::string& id,
+                                 const std::string& spiffe_id, const std::string& node_id,
+                                 const std::string& task_id, int64_t issued_at,
+                                 int64_t expires_at) {
+  return {.id = id,
+          .kind = std::string(kind),
+          .spiffe_id = spiffe_id,
+          .node_id = node_id,
+          .task_id = task_id,
+          .issued_at = issued_at,
+          .expires_at = expires_at};
 }
 
 // A caller-supplied ID for an audit record's detail: clipped and escaped, so no byte of it can
@@ -476,12 +491,15 @@ Result<Issued> IssuancePipeline::Run(const X509SvidRequest& request) const {
     }
     nlohmann::json detail = {{"entry_id", entry->id}, {"expires_at", cert->not_after}};
     AddPolicyDetail(detail, *decision, asked);
-    events.push_back({.event = "x509_svid",
-                      .outcome = "issued",
-                      .spiffe_id = entry->spiffe_id,
-                      .node_id = subject.node_id,
-                      .credential_id = cert->serial_hex,
-                      .detail = AuditDetail(detail)});
+    events.push_back(
+        {.event = "x509_svid",
+         .outcome = "issued",
+         .spiffe_id = entry->spiffe_id,
+         .node_id = subject.node_id,
+         .credential_id = cert->serial_hex,
+         .detail = AuditDetail(detail),
+         .credential = IndexRow(store::kCredentialKindX509Svid, cert->serial_hex, entry->spiffe_id,
+                                subject.node_id, "", deps_.clock->NowSeconds(), cert->not_after)});
     out.push_back(IssuedX509Svid{entry->id, entry->spiffe_id, std::move(*cert)});
   }
   if (auto s = deps_.audit->RecordAll(std::move(events)); !s.ok()) {
@@ -534,12 +552,16 @@ Result<Issued> IssuancePipeline::Run(const JwtSvidRequest& request) const {
   nlohmann::json detail = {
       {"entry_id", entry->id}, {"aud", request.audiences}, {"expires_at", jwt->expires_at}};
   AddPolicyDetail(detail, *decision, PolicyAsked(deps_.policy));
-  if (auto s = deps_.audit->Record({.event = "jwt_svid",
-                                    .outcome = "issued",
-                                    .spiffe_id = entry->spiffe_id,
-                                    .node_id = subject.node_id,
-                                    .credential_id = jwt->jti,
-                                    .detail = AuditDetail(detail)});
+  if (auto s =
+          deps_.audit->Record({.event = "jwt_svid",
+                               .outcome = "issued",
+                               .spiffe_id = entry->spiffe_id,
+                               .node_id = subject.node_id,
+                               .credential_id = jwt->jti,
+                               .detail = AuditDetail(detail),
+                               .credential = IndexRow(store::kCredentialKindJwtSvid, jwt->jti,
+                                                      entry->spiffe_id, subject.node_id, "",
+                                                      deps_.clock->NowSeconds(), jwt->expires_at)});
       !s.ok()) {
     return RecordFailed(subject, s);
   }
@@ -714,13 +736,17 @@ Result<Issued> IssuancePipeline::Run(const TaskTokenRequest& request) const {
                            {"jkt", grant.jkt},
                            {"expires_at", token->expires_at}};
   AddPolicyDetail(detail, *decision, PolicyAsked(deps_.policy));
-  if (auto s = deps_.audit->Record({.event = "task_token",
-                                    .outcome = "issued",
-                                    .spiffe_id = grant.spiffe_id,
-                                    .node_id = Clip(subject.node_id),
-                                    .task_id = grant.task.id,
-                                    .credential_id = token->jti,
-                                    .detail = AuditDetail(detail)});
+  if (auto s = deps_.audit->Record(
+          {.event = "task_token",
+           .outcome = "issued",
+           .spiffe_id = grant.spiffe_id,
+           .node_id = Clip(subject.node_id),
+           .task_id = grant.task.id,
+           .credential_id = token->jti,
+           .detail = AuditDetail(detail),
+           .credential = IndexRow(store::kCredentialKindTaskToken, token->jti, grant.spiffe_id,
+                                  Clip(subject.node_id), grant.task.id, deps_.clock->NowSeconds(),
+                                  token->expires_at)});
       !s.ok()) {
     return RecordFailed(subject, s);
   }

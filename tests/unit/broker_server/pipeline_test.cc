@@ -492,6 +492,28 @@ TEST_F(PipelineTest, EveryIssuanceIsAuditedWithItsCredentialIdAndNeverTheCredent
     EXPECT_EQ(r.detail.find(jwt->token), std::string::npos);
     EXPECT_EQ(r.detail.find(token->token.token), std::string::npos);
   }
+  // Each workload credential has its index row; node SVIDs are tracked by the node row.
+  auto rows = store_->ListCredentials({});
+  ASSERT_TRUE(rows.ok()) << rows.status();
+  ASSERT_EQ(rows->size(), 3u);
+  auto x509_row = store_->GetCredential((*x509)[0].certificate.serial_hex);
+  ASSERT_TRUE(x509_row.ok()) << x509_row.status();
+  EXPECT_EQ(x509_row->kind, "x509_svid");
+  EXPECT_EQ(x509_row->spiffe_id, kBot);
+  EXPECT_EQ(x509_row->node_id, kNode);
+  EXPECT_EQ(x509_row->expires_at, (*x509)[0].certificate.not_after);
+  auto jwt_row = store_->GetCredential(jwt->jti);
+  ASSERT_TRUE(jwt_row.ok()) << jwt_row.status();
+  EXPECT_EQ(jwt_row->kind, "jwt_svid");
+  EXPECT_EQ(jwt_row->expires_at, jwt->expires_at);
+  auto token_row = store_->GetCredential(token->token.jti);
+  ASSERT_TRUE(token_row.ok()) << token_row.status();
+  EXPECT_EQ(token_row->kind, "task_token");
+  EXPECT_EQ(token_row->task_id, task_id);
+  EXPECT_EQ(token_row->spiffe_id, kBot);
+  EXPECT_EQ(token_row->expires_at, token->token.expires_at);
+  EXPECT_TRUE(token_row->parent_id.empty());
+  EXPECT_TRUE(absl::IsNotFound(store_->GetCredential(node->certificate.SerialHex()).status()));
   // Renewal: the node must present the new SVID, and the old one stays good until it does.
   auto stored = store_->GetNode(kNode);
   EXPECT_EQ(stored->cert_serial, node->certificate.SerialHex());
@@ -531,6 +553,7 @@ TEST_F(PipelineTest, NoCredentialLeavesWithoutItsAuditRecord) {
     EXPECT_TRUE(absl::IsUnavailable(r->status)) << r->status;
     EXPECT_EQ(r->step, Step::kRecord);
   }
+  EXPECT_TRUE(store_->ListCredentials({})->empty());
 }
 
 }  // namespace
