@@ -776,6 +776,26 @@ TEST_F(RulesFileTest, BrokenFileAtStartNamesLineAndKey) {
   EXPECT_THAT(Msg(broker.status()), HasSubstr("exited during start"));
 }
 
+TEST_F(PolicyTest, PolicyTimeoutOutsideItsRangeInTheConfigFileIsRefusedAtStart) {
+  for (const char* value : {"0", "60001", "-5"}) {
+    const std::string path = temp_dir() + "/broker-" + value + ".toml";
+    ASSERT_TRUE(WriteFile(path, absl::StrCat("policy_timeout_ms = ", value, "\n")).ok());
+    BrokerOptions options;
+    options.extra_args = {"--config", path};
+    auto broker = StartBroker(options);
+    ASSERT_FALSE(broker.ok()) << value;
+    EXPECT_THAT(Msg(broker.status()), HasSubstr("policy_timeout_ms must be between 1 and 60000"))
+        << value;
+  }
+  // The edges of the range are accepted.
+  const std::string path = temp_dir() + "/broker-edge.toml";
+  ASSERT_TRUE(WriteFile(path, "policy_timeout_ms = 60000\n").ok());
+  BrokerOptions options;
+  options.extra_args = {"--config", path};
+  auto broker = StartBroker(options);
+  EXPECT_TRUE(broker.ok()) << broker.status();
+}
+
 TEST_F(RulesFileTest, RulesNarrowCapAndReload) {
   const std::string path = temp_dir() + "/policy.toml";
   ASSERT_TRUE(WriteFile(path, Rules(OwnUidSelector(), 300)).ok());
