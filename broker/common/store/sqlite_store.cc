@@ -1567,7 +1567,7 @@ IssuedCredential ReadCredential(const Statement& stmt) {
   return c;
 }
 
-// One statement text per combination of filters (prepared once, cached); values always bound.
+// One statement text per combination of filters; values are always bound, never spliced.
 std::string CredentialListSql(const CredentialQuery& q) {
   std::string sql =
       absl::StrCat("SELECT ", kCredentialColumns, " FROM issued_credentials WHERE id > ?1");
